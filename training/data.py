@@ -190,7 +190,7 @@ def train_tokenizer(cfg: PretrainConfig, files: list[Path], out_dir: Path):
         bos_token=SPECIAL_TOKENS["bos_token"],
         eos_token=SPECIAL_TOKENS["eos_token"],
         pad_token=SPECIAL_TOKENS["pad_token"],
-        model_max_length=cfg.data.seq_len,
+        model_max_length=cfg.model.max_position_embeddings,
     )
     fast.save_pretrained(out_dir)
     return fast
@@ -291,7 +291,7 @@ def prepare_data(cfg: PretrainConfig, log=print) -> PreparedData:
     batch: list[tuple[str, str]] = []
 
     def flush_batch() -> None:
-        encoded = tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]
+        encoded = tokenizer([text for _, text in batch], add_special_tokens=False, verbose=False)["input_ids"]
         for (split, _), ids in zip(batch, encoded):
             writers[split].add(ids + [eos])
             setattr(stats, f"{split}_tokens", getattr(stats, f"{split}_tokens") + len(ids) + 1)

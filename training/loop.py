@@ -132,6 +132,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
 
     state = {"step": 0, "tokens_seen": 0}
+    resumed_from_step = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
@@ -143,6 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
             engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
             state = saved
+            resumed_from_step = state["step"]
         if rank == 0:
             print(f"[raylm] resumed from step {state['step']} ({checkpoint.path})", flush=True)
 
@@ -188,11 +190,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "tokens_seen": state["tokens_seen"],
             "tokens_per_s": window_steps * tokens_per_step / elapsed,
             "step_time_s": elapsed / window_steps,
-            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "num_params": n_params,
             "world_size": world,
             "max_steps": optim.max_steps,
         }
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            metrics["grad_norm"] = float(grad_norm)  # DeepSpeed only tracks it when ZeRO clips
+        if resumed_from_step is not None:
+            metrics["resumed_from_step"] = resumed_from_step
         if want_eval:
             if val_blocks is None:
                 val_blocks = load_validation_blocks(val_shard, cfg, rank, world, torch, device)

@@ -1,0 +1,133 @@
+"""Run configs: shipped YAMLs validate, bad ones fail naming the key, DeepSpeed JSON follows the fields."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.config import ConfigError, PretrainConfig, load_config, validate_config
+from training.deepspeed_config import build_deepspeed_config
+from training.schedule import lr_multiplier
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+MINIMAL = {"data": {"train_files": ["corpus.txt"]}}
+
+
+def with_change(section: str, key: str, value) -> dict:
+    raw = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    raw.setdefault(section, {})[key] = value
+    return raw
+
+
+def test_shipped_configs_exist_and_validate():
+    assert len(SHIPPED) >= 3, SHIPPED
+    for path in SHIPPED:
+        cfg = load_config(path)
+        assert isinstance(cfg, PretrainConfig)
+        assert cfg.run.name, path
+
+
+@pytest.mark.parametrize(
+    "raw, key, words",
+    [
+        (with_change("optim", "lrr", 1e-3), "optim.lrr", ["unknown key", "Did you mean 'lr'"]),
+        ({**MINIMAL, "trainer": {}}, "trainer", ["unknown key", "Allowed keys here"]),
+        (with_change("optim", "lr", -1.0), "optim.lr", ["greater than 0", "-1.0"]),
+        (with_change("optim", "lr", "fast"), "optim.lr", ["valid number", "'fast'"]),
+        (with_change("deepspeed", "zero_stage", 4), "deepspeed.zero_stage", ["0, 1, 2 or 3", "4"]),
+        ({**MINIMAL, "deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, "deepspeed.offload_optimizer", ["zero_stage"]),
+        ({**MINIMAL, "deepspeed": {"zero_stage": 2, "offload_params": True}}, "deepspeed.offload_params", ["stage 3"]),
+        (with_change("scaling", "num_workers", 0), "scaling.num_workers", ["greater than or equal to 1"]),
+        ({**MINIMAL, "scaling": {"resources_per_worker": {"GPU": 1}}}, "scaling.resources_per_worker.GPU", ["use_gpu"]),
+        (with_change("model", "num_heads", 5), "model.hidden_size", ["not divisible", "num_heads=5"]),
+        ({**MINIMAL, "optim": {"warmup_steps": 50, "max_steps": 10}}, "optim.warmup_steps", ["smaller than optim.max_steps"]),
+        (with_change("data", "seq_len", 4096), "data.seq_len", ["max_position_embeddings"]),
+        (with_change("model", "source", "gguf"), "model.path", ["required"]),
+        ({"optim": {"lr": 1e-3}}, "data", ["required but missing"]),
+        (with_change("run", "name", "bad name/with slash"), "run.name", ["pattern"]),
+        ({**MINIMAL, "deepspeed": {"precision": "fp16"}}, "deepspeed.precision", ["needs GPUs"]),
+    ],
+)
+def test_bad_config_names_the_key(raw, key, words):
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    message = str(info.value)
+    assert key in message, message
+    for word in words:
+        assert word in message, message
+
+
+def test_all_problems_reported_at_once():
+    raw = {"data": {"train_files": ["x.txt"], "seq_len": -1}, "optim": {"lr": 0, "lrr": 1}, "scaling": {"num_workers": 0}}
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    problems = info.value.problems
+    assert len(problems) == 4, problems
+    for key in ("data.seq_len", "optim.lr", "optim.lrr", "scaling.num_workers"):
+        assert any(p.startswith(key) for p in problems), (key, problems)
+
+
+def test_set_overrides_are_validated_by_the_same_schema(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    cfg = load_config(path, ["optim.lr=0.02", "deepspeed.zero_stage=3", "scaling.resources_per_worker={CPU: 2}"])
+    assert cfg.optim.lr == 0.02 and cfg.deepspeed.zero_stage == 3
+    assert cfg.scaling.worker_resources == {"CPU": 2.0}
+    with pytest.raises(ConfigError, match=r"optim\.momentum: unknown key"):
+        load_config(path, ["optim.momentum=0.9"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["optim.lr"])
+
+
+def test_yaml_syntax_error_is_reported_with_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data:\n  train_files: [a.txt\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_config_module_imports_without_torch():
+    code = "import sys, training.config, training.deepspeed_config, training.schedule; " \
+           "print(sorted(m for m in ('torch', 'ray', 'transformers', 'deepspeed') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_json_comes_from_the_typed_fields(stage):
+    raw = {**MINIMAL, "optim": {"lr": 0.003, "micro_batch_size": 3, "grad_accum_steps": 5, "grad_clip": 0.5,
+                                 "weight_decay": 0.01, "beta2": 0.99},
+           "deepspeed": {"zero_stage": stage}}
+    cfg = validate_config(raw)
+    ds = build_deepspeed_config(cfg, world_size=4)
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["train_batch_size"] == 3 * 5 * 4
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
+    assert ds["gradient_clipping"] == 0.5
+    params = ds["optimizer"]["params"]
+    assert params["lr"] == 0.003 and params["betas"] == [0.9, 0.99] and params["weight_decay"] == 0.01
+    assert "bf16" not in ds and "fp16" not in ds
+
+
+def test_deepspeed_json_offload_and_precision():
+    cfg = validate_config({**MINIMAL, "deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True,
+                                                    "precision": "bf16"}})
+    ds = build_deepspeed_config(cfg, world_size=2)
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["bf16"] == {"enabled": True}
+    # Offload uses DeepSpeed's CPU Adam, not torch's.
+    assert "torch_adam" not in ds["optimizer"]["params"]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    optim = validate_config({**MINIMAL, "optim": {"warmup_steps": 10, "max_steps": 110, "min_lr_ratio": 0.1}}).optim
+    factors = [lr_multiplier(s, optim) for s in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(factors[:10], factors[1:10]))
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_multiplier(110, optim) == pytest.approx(0.1)
+    assert factors[60] == pytest.approx(0.1 + 0.9 * 0.5)  # cosine midpoint
