@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from training import pretrain
+from training.checkpoints import list_checkpoints
 from training.config import load_config
 from training.export import export_checkpoint
 from training.model import build_model
@@ -85,7 +86,7 @@ def reference_losses(config_path: str, steps: int) -> list[float]:
 
 @pytest.fixture(scope="module")
 def clean_run(local_ray, workdir):
-    path = write_config(workdir, "clean")
+    path = write_config(workdir, "clean", run={"mlflow_tracking_uri": f"file:{workdir / 'mlruns'}"})
     assert pretrain.main(["--config", path]) == 0
     return path
 
@@ -125,7 +126,7 @@ def test_crashed_run_continues_from_its_last_checkpoint_when_rerun(local_ray, wo
     path = write_config(workdir, "resume", run={"max_failures": 0})
     monkeypatch.setenv("RAYLM_TEST_FAULT", f"0:10:{workdir / 'resume.marker'}")
     assert pretrain.main(["--config", path]) == 1  # no restarts allowed: the run stops at step 10
-    assert sorted(p.name for p in (workdir / "resume").glob("checkpoint_*")) == ["checkpoint_0000004", "checkpoint_0000008"]
+    assert [p.name for p in list_checkpoints(workdir / "resume")] == ["checkpoint_0000004", "checkpoint_0000008"]
     monkeypatch.delenv("RAYLM_TEST_FAULT")
     capsys.readouterr()
 
@@ -138,6 +139,17 @@ def test_crashed_run_continues_from_its_last_checkpoint_when_rerun(local_ray, wo
     summary = json.loads((workdir / "resume" / "results.json").read_text())
     assert summary["final_step"] == 12 and (workdir / "resume" / "loss_curve.png").stat().st_size > 1000
     assert list((workdir / "resume" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_clean_run_is_tracked_in_mlflow_and_tensorboard(workdir, clean_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"file:{workdir / 'mlruns'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, 13))
+    assert run.data.params["optim.lr"] == "0.01" and run.info.status == "FINISHED"
+    assert list((workdir / "clean" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_changed_model_shape_is_refused_on_resume(workdir, clean_run, capsys):

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from training.checkpoints import list_checkpoints
 from training.config import read_yaml
 
 EXPORT_FORMAT_VERSION = 1
@@ -25,7 +26,7 @@ def find_checkpoint(path: Path) -> Path:
     """A checkpoint directory itself, or the latest `checkpoint_*` inside a run directory."""
     if (path / "model").is_dir() and (path / "trainer_state.json").is_file():
         return path
-    candidates = sorted(p for p in path.glob("checkpoint_*") if (p / "model").is_dir())
+    candidates = [p for p in list_checkpoints(path) if (p / "model").is_dir()]
     if not candidates:
         raise FileNotFoundError(
             f"{path}: neither a raylm checkpoint (model/ + trainer_state.json) nor a run directory holding one"

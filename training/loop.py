@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from training.checkpoints import checkpoint_dir_name
 from training.config import PretrainConfig
 from training.deepspeed_config import build_deepspeed_config
 from training.model import build_model, count_parameters
@@ -209,7 +210,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
-                checkpoint_dir_name=f"checkpoint_{step:07d}",
+                checkpoint_dir_name=checkpoint_dir_name(step),
                 delete_local_checkpoint_after_upload=True,
             )
         else:

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from training.checkpoints import list_checkpoints
 from training.config import ConfigError, PretrainConfig, load_config, read_yaml
 
 FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_resume(cfg: PretrainConfig) -> str | None:
     """Refuse to mix a new config into an old run's checkpoints; return the latest checkpoint if any."""
-    checkpoints = sorted(cfg.run_dir.glob("checkpoint_*"))
+    checkpoints = list_checkpoints(cfg.run_dir)
     if not checkpoints:
         return None
     if not cfg.run.resume:

@@ -7,6 +7,7 @@ is lost if the driver dies); the driver tails that file to draw progress and fee
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -82,20 +83,20 @@ class ProgressMonitor:
 
         self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         if self.mlflow_uri:
-            self._mlflow = _start_mlflow(self.mlflow_uri, self.run_dir.name, self.config_dict)
+            self._mlflow = _MlflowRun(self.mlflow_uri, self.run_dir.name, self.config_dict)
         self._thread.start()
         return self
 
     def stop(self, status: str = "FINISHED") -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join()  # the loop wakes at once; a slow final emit must finish before end_run
         self._drain()
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
         if self._mlflow is not None:
-            self._mlflow.end_run(status=status)
+            self._mlflow.finish(status)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -127,7 +128,7 @@ class ProgressMonitor:
             self._tb.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}", value, step)
         self._tb.flush()
         if self._mlflow is not None:
-            self._mlflow.log_metrics(scalars, step=step)
+            self._mlflow.log(scalars, step)
         line = format_progress(rec, self._started, self._first_step)
         if sys.stdout.isatty():
             if self._bar is None:
@@ -140,20 +141,35 @@ class ProgressMonitor:
             print(f"[raylm] {line}", flush=True)
 
 
-def _start_mlflow(uri: str, run_name: str, config_dict: dict):
-    try:
-        import mlflow
-    except ImportError:
-        raise RuntimeError("run.mlflow_tracking_uri is set but mlflow is not installed: pip install 'raylm[mlflow]'") from None
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("raylm")
-    mlflow.start_run(run_name=run_name)
-    flat = {}
-    for section, values in config_dict.items():
-        if isinstance(values, dict):
-            flat.update({f"{section}.{k}": str(v)[:250] for k, v in values.items()})
-    mlflow.log_params(flat)
-    return mlflow
+class _MlflowRun:
+    """One MLflow run addressed by id (no implicit global 'active run' to leak into later runs)."""
+
+    def __init__(self, uri: str, run_name: str, config_dict: dict):
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise RuntimeError("run.mlflow_tracking_uri is set but mlflow is not installed: pip install 'raylm[mlflow]'") from None
+        if uri.startswith("file:"):
+            # MLflow 3 keeps the offline file store behind an explicit opt-in; a file: URI in the
+            # run config is that opt-in.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(uri)
+        experiment = self.client.get_experiment_by_name("raylm")
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment("raylm")
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        for section, values in config_dict.items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    self.client.log_param(self.run_id, f"{section}.{key}", str(value)[:250])
+
+    def log(self, scalars: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now_ms, step) for k, v in scalars.items()])
+
+    def finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 def plot_loss_curve(records: list[dict], png_path: Path) -> Path | None:
