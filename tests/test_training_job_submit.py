@@ -43,7 +43,7 @@ def head_node(tmp_path_factory):
     yield address, client_env
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
 
