@@ -48,6 +48,7 @@ def test_shipped_configs_exist_and_validate():
         (with_change("model", "source", "gguf"), "model.path", ["required"]),
         ({"optim": {"lr": 1e-3}}, "data", ["required but missing"]),
         (with_change("run", "name", "bad name/with slash"), "run.name", ["pattern"]),
+        (with_change("run", "storage_path", "s3://bucket/runs"), "run.storage_path", ["mount the bucket"]),
         ({**MINIMAL, "deepspeed": {"precision": "fp16"}}, "deepspeed.precision", ["needs GPUs"]),
     ],
 )

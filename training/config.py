@@ -204,6 +204,16 @@ class RunSection(_Section):
     resume: bool = Field(True, description="Continue from the run's latest checkpoint when one exists.")
     mlflow_tracking_uri: str | None = Field(None, description="e.g. file:./runs/mlruns; needs the 'mlflow' extra.")
 
+    @model_validator(mode="after")
+    def _check(self) -> "RunSection":
+        if "://" in self.storage_path:
+            raise ValueError(
+                f"run.storage_path: {self.storage_path!r} is a URI; raylm writes prepared data, metrics and "
+                "checkpoints through the filesystem, so mount the bucket (s3fs, gcsfuse) or use NFS/EFS/Filestore "
+                "and give that mount's path"
+            )
+        return self
+
 
 class PretrainConfig(_Section):
     """A whole pretraining run."""

@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     if resume_from:
         print(f"[raylm] resuming {cfg.run_dir} from {resume_from}")
 
+    attached = args.address or os.environ.get("RAY_ADDRESS")
+    if attached and not Path(cfg.run.storage_path).expanduser().is_absolute():
+        print(f"[raylm] warning: run.storage_path {cfg.run.storage_path!r} is relative while attached to a cluster; "
+              f"under `ray job submit` that is the job's temporary working directory ({cfg.run_dir}). "
+              "Use an absolute path on storage every node sees (--set run.storage_path=/shared/runs).", file=sys.stderr)
     start_ray(cfg, args.address)
     trainer = build_trainer(cfg, prepared)
     monitor = ProgressMonitor(cfg.run_dir, cfg.model_dump(mode="json"), cfg.run.mlflow_tracking_uri).start()

@@ -1,0 +1,480 @@
+"""A real multi-node Ray cluster on one machine: a head and N worker nodes, each its own `ray start`.
+
+    python -m cluster.local up --workers 1          # head + 1 worker node on 127.0.0.1, token auth on
+    python -m cluster.local status
+    python -m cluster.local stop-node worker-1      # simulate losing a node (SIGKILL, like a dead VM)
+    python -m cluster.local start-node worker-1     # bring it back
+    python -m cluster.local down
+
+Every node runs `ray start --block` in its own session with its own temp dir and its own ports, so
+`down` ends exactly the processes of this cluster by signalling the members of those sessions: it never runs
+`ray stop`, which would kill every Ray process on the machine. The state lives in `--dir`
+(default /tmp/raylm-cluster-<base port>): cluster.json, the auth token, and each node's logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cluster.auth import Token, auth_headers
+
+DEFAULT_BASE_PORT = 26200
+# Every port a node opens is derived from the base port, so two clusters with different bases never collide
+# (and none collides with a default `ray start` on 6379/8265). Layout, relative to the base:
+#   +0 GCS, +1 Ray client server, +65 dashboard, then a block of PORTS_PER_NODE per node from +100.
+PORTS_PER_NODE = 50
+NODE_BLOCK_START = 100
+MAX_PORT = 26999
+STATE_FILE = "cluster.json"
+TOKEN_FILE = "auth_token"
+
+
+@dataclass
+class NodePorts:
+    node_manager: int
+    object_manager: int
+    metrics_export: int
+    dashboard_agent_listen: int
+    dashboard_agent_grpc: int
+    runtime_env_agent: int
+    min_worker: int
+    max_worker: int
+
+
+@dataclass
+class NodeRecord:
+    name: str
+    index: int
+    num_cpus: float
+    resources: dict[str, float]
+    pid: int | None = None  # the `ray start --block` process: leader of the session holding the whole node
+    log: str = ""
+
+
+@dataclass
+class ClusterState:
+    dir: str
+    base_port: int
+    gcs_address: str
+    dashboard_url: str
+    token_path: str
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+
+    def save(self) -> None:
+        path = Path(self.dir) / STATE_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ClusterState":
+        path = Path(directory) / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no local cluster in {directory} ({STATE_FILE} missing); start one with `python -m cluster.local up`")
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw["nodes"] = {name: NodeRecord(**node) for name, node in raw["nodes"].items()}
+        return cls(**raw)
+
+    @property
+    def token(self) -> Token:
+        return Token(Path(self.token_path).read_text(encoding="utf-8").strip(), self.token_path)
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for a client (job submission, `ray` CLI) talking to this cluster."""
+        return {
+            "RAY_ADDRESS": self.dashboard_url,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.token_path,
+        }
+
+
+def default_dir(base_port: int) -> Path:
+    # Short on purpose: Ray puts Unix sockets under the temp dir, and socket paths are limited to 107 bytes.
+    return Path(f"/tmp/raylm-cluster-{base_port}")
+
+
+def node_ports(base_port: int, index: int) -> NodePorts:
+    start = base_port + NODE_BLOCK_START + PORTS_PER_NODE * index
+    return NodePorts(
+        node_manager=start,
+        object_manager=start + 1,
+        metrics_export=start + 2,
+        dashboard_agent_listen=start + 3,
+        dashboard_agent_grpc=start + 4,
+        runtime_env_agent=start + 5,
+        min_worker=start + 10,
+        max_worker=start + PORTS_PER_NODE - 1,
+    )
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live PIDs in session `sid` (Linux /proc).
+
+    A node's `ray start` runs in a session of its own, and every process of that node stays in it: GCS,
+    raylet, dashboard, agents, and the workers, which the raylet puts in process groups of their own.
+    """
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command name: state, ppid, pgrp, session, ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class LocalCluster:
+    """A head plus worker nodes, each a separate `ray start --block` in its own session, on 127.0.0.1."""
+
+    def __init__(
+        self,
+        directory: str | Path | None = None,
+        base_port: int = DEFAULT_BASE_PORT,
+        head_cpus: float = 4,
+        worker_cpus: float = 4,
+        extra_env: dict[str, str] | None = None,
+    ):
+        self.base_port = base_port
+        self.dir = Path(directory or default_dir(base_port)).resolve()
+        self.head_cpus = head_cpus
+        self.worker_cpus = worker_cpus
+        self.extra_env = dict(extra_env or {})
+        self.state: ClusterState | None = None
+
+    # ---------------------------------------------------------------------------------------------
+    # Lifecycle
+
+    def up(self, workers: int = 1, timeout_s: float = 120) -> ClusterState:
+        """Start the head and `workers` worker nodes; return once all of them are ALIVE."""
+        problems = self._check_up(workers)
+        if problems:
+            raise ValueError("cannot start the local cluster:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        token_path = self._write_token()
+        self.state = ClusterState(
+            dir=str(self.dir),
+            base_port=self.base_port,
+            gcs_address=f"127.0.0.1:{self.base_port}",
+            dashboard_url=f"http://127.0.0.1:{self.base_port + 65}",
+            token_path=str(token_path),
+        )
+        self.state.nodes["head"] = NodeRecord("head", 0, self.head_cpus, {"raylm_head_node": 1.0})
+        for i in range(1, workers + 1):
+            self.state.nodes[f"worker-{i}"] = NodeRecord(f"worker-{i}", i, self.worker_cpus, {"raylm_worker_node": 1.0})
+        self.state.save()
+        try:
+            self.start_node("head", wait=False)
+            self.wait_for_nodes(1, timeout_s)
+            for name in list(self.state.nodes)[1:]:
+                self.start_node(name, wait=False)
+            self.wait_for_nodes(1 + workers, timeout_s)
+        except BaseException:
+            self.down()
+            raise
+        return self.state
+
+    def down(self, grace_s: float = 5) -> None:
+        """Stop every node of this cluster (workers first, then the head), and nothing else."""
+        state = self.state or (ClusterState.load(self.dir) if (self.dir / STATE_FILE).exists() else None)
+        if state is None:
+            return
+        self.state = state
+        for name in sorted(state.nodes, key=lambda n: n == "head"):
+            self.stop_node(name, grace_s=grace_s)
+
+    def start_node(self, name: str, wait: bool = True, timeout_s: float = 120) -> NodeRecord:
+        """Start (or restart) one node of the cluster as its own process group."""
+        state = self._require_state()
+        node = state.nodes[name]
+        if _process_alive(node.pid):
+            raise RuntimeError(f"node {name} is already running (pid {node.pid}); stop it first")
+        log_path = self.dir / f"{name}.log"
+        log = open(log_path, "ab")
+        # A new session makes `ray start` the leader of a session that holds every Ray process of this node
+        # (GCS, raylet, dashboard, workers in their own process groups): signalling it stops this node only.
+        process = subprocess.Popen(
+            self._start_command(node),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._node_env(),
+            start_new_session=True,
+        )
+        log.close()
+        node.pid = process.pid
+        node.log = str(log_path)
+        state.save()
+        if wait:
+            self.wait_for_nodes(self.running_node_count(), timeout_s)
+        return node
+
+    def stop_node(self, name: str, grace_s: float = 5, kill: bool = False) -> None:
+        """Stop one node: SIGTERM to its `ray start`, SIGKILL to what is left of its session after `grace_s`.
+
+        kill=True sends SIGKILL to every process of the node at once, like a machine that disappears.
+        """
+        state = self._require_state()
+        node = state.nodes[name]
+        if not node.pid:
+            return
+        session = node.pid
+        if kill:
+            _signal_all(_session_members(session), signal.SIGKILL)
+        else:
+            # Every process of the node gets SIGTERM at once (raylet, GCS and workers shut down cleanly on it);
+            # whatever is left after the grace period gets SIGKILL (the GCS and `ray start` itself linger on SIGTERM).
+            _signal_all(_session_members(session), signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while _session_members(session) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            _signal_all(_session_members(session), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _session_members(session) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        try:  # reap the `ray start` process if we are its parent
+            os.waitpid(session, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        node.pid = None
+        state.save()
+
+    # ---------------------------------------------------------------------------------------------
+    # Queries
+
+    def nodes(self) -> list[dict]:
+        """The cluster's nodes as Ray's state API reports them (id, ip, state, resources_total, ...)."""
+        from ray.util.state import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        state = self._require_state()
+        client = StateApiClient(address=state.dashboard_url, headers=auth_headers(state.token))
+        listed = client.list(StateResource.NODES, options=ListApiOptions(detail=True), raise_on_missing_output=False)
+        return [n if isinstance(n, dict) else asdict(n) for n in listed]
+
+    def running_node_count(self) -> int:
+        """Nodes of this cluster whose `ray start` process is running (what Ray should report ALIVE)."""
+        return sum(1 for n in self._require_state().nodes.values() if _process_alive(n.pid))
+
+    def alive_node_count(self) -> int:
+        try:
+            return sum(1 for n in self.nodes() if n["state"] == "ALIVE")
+        except Exception:  # dashboard not up yet
+            return 0
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 120) -> None:
+        """Block until exactly `count` nodes are ALIVE; fail with the node logs' tails otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.alive_node_count() == count:
+                return
+            dead = [n for n in self._require_state().nodes.values() if n.pid and not _process_alive(n.pid)]
+            if dead:
+                raise RuntimeError(self._failure_report(f"node {dead[0].name} exited while starting", dead[0]))
+            time.sleep(1)
+        raise TimeoutError(self._failure_report(f"{count} alive node(s) not reached within {timeout_s:.0f} s", None))
+
+    # ---------------------------------------------------------------------------------------------
+    # Internals
+
+    def _require_state(self) -> ClusterState:
+        if self.state is None:
+            self.state = ClusterState.load(self.dir)
+        return self.state
+
+    def _check_up(self, workers: int) -> list[str]:
+        problems = []
+        if workers < 0:
+            problems.append(f"--workers: {workers} must be >= 0")
+        last = node_ports(self.base_port, workers).max_worker
+        if self.base_port < 1024 or last > MAX_PORT:
+            problems.append(
+                f"--base-port {self.base_port} with {workers} worker node(s) needs ports up to {last}; "
+                f"keep them <= {MAX_PORT}: lower --base-port or --workers"
+            )
+        if (self.dir / STATE_FILE).exists():
+            existing = ClusterState.load(self.dir)
+            running = [n.name for n in existing.nodes.values() if _process_alive(n.pid)]
+            if running:
+                problems.append(
+                    f"a cluster is already running in {self.dir} (nodes: {', '.join(running)}); "
+                    f"stop it with `python -m cluster.local down --dir {self.dir}` or use another --dir/--base-port"
+                )
+        if len(str(self.dir)) > 60:
+            problems.append(f"--dir {self.dir} is too long for Ray's Unix socket paths; use a shorter path (<= 60 chars)")
+        return problems
+
+    def _write_token(self) -> Path:
+        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+        path = self.dir / TOKEN_FILE
+        if not path.exists():
+            path.write_text(generate_new_authentication_token(), encoding="utf-8")
+        path.chmod(0o600)
+        return path
+
+    def _node_env(self) -> dict[str, str]:
+        state = self._require_state()
+        env = dict(os.environ)
+        # The token file is the one source of truth for this cluster: a stray RAY_AUTH_TOKEN from the
+        # caller's shell would otherwise win over it.
+        env.pop("RAY_AUTH_TOKEN", None)
+        # Jobs run `python ...`: make that the interpreter this cluster runs on, as an activated venv would.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=state.token_path,
+            RAY_USAGE_STATS_ENABLED="0",
+            # Processes on these nodes that call ray.init() without an address (Ray Train's helpers do) must
+            # join this cluster, not whichever other Ray instance runs on the machine.
+            RAY_ADDRESS=state.gcs_address,
+            # A node killed on one machine is noticed in ~3 s instead of ~30 s (GCS health checks).
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_timeout_ms="1000",
+            RAY_health_check_failure_threshold="3",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def _start_command(self, node: NodeRecord) -> list[str]:
+        state = self._require_state()
+        ports = node_ports(state.base_port, node.index)
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        command = [
+            ray_cli, "start", "--block",
+            "--node-ip-address", "127.0.0.1",
+            f"--num-cpus={node.num_cpus:g}",
+            "--num-gpus=0",
+            f"--resources={json.dumps(node.resources)}",
+            f"--temp-dir={self.dir / ('n' + str(node.index))}",
+            f"--node-manager-port={ports.node_manager}",
+            f"--object-manager-port={ports.object_manager}",
+            f"--metrics-export-port={ports.metrics_export}",
+            f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
+            f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
+            f"--runtime-env-agent-port={ports.runtime_env_agent}",
+            f"--min-worker-port={ports.min_worker}",
+            f"--max-worker-port={ports.max_worker}",
+            "--disable-usage-stats",
+        ]
+        if node.name == "head":
+            command += [
+                "--head",
+                f"--port={state.base_port}",
+                f"--ray-client-server-port={state.base_port + 1}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={state.base_port + 65}",
+            ]
+        else:
+            command += [f"--address={state.gcs_address}"]
+        return command
+
+    def _failure_report(self, what: str, node: NodeRecord | None) -> str:
+        lines = [what]
+        for n in [node] if node else self._require_state().nodes.values():
+            if n and n.log and Path(n.log).exists():
+                tail = Path(n.log).read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+                lines.append(f"--- last lines of {n.log}:")
+                lines.extend(tail)
+        return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cluster.local", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT, help="first of this cluster's ports (default %(default)s)")
+    parser.add_argument("--dir", default=None, help="state, token and logs (default /tmp/raylm-cluster-<base port>)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start a head and worker nodes on 127.0.0.1")
+    up.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default %(default)s)")
+    up.add_argument("--head-cpus", type=float, default=4, help="logical CPUs of the head (default %(default)s)")
+    up.add_argument("--worker-cpus", type=float, default=4, help="logical CPUs of each worker node (default %(default)s)")
+    sub.add_parser("down", help="stop every node of this cluster (and nothing else)")
+    sub.add_parser("status", help="print the nodes, the dashboard address and the client environment")
+    for name, text in (("start-node", "start (again) one node, e.g. worker-1"), ("stop-node", "kill one node, e.g. worker-1")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("node")
+    return parser.parse_args(argv)
+
+
+def _print_status(cluster: LocalCluster) -> None:
+    state = cluster._require_state()
+    print(f"dashboard: {state.dashboard_url}   GCS: {state.gcs_address}   token: {state.token_path}")
+    try:
+        listed = cluster.nodes()
+    except Exception as exc:  # noqa: BLE001 - status must still print the local view
+        listed = []
+        print(f"(cluster not reachable: {exc.__class__.__name__}: {exc})")
+    for n in listed:
+        role = "head  " if n.get("is_head_node") else "worker"
+        print(f"  {role} {n['node_id'][:12]} {n['state']:5} {n.get('resources_total')}")
+    print("Client environment (for python -m cluster.submit / ray job ...):")
+    for key, value in state.client_env().items():
+        print(f"  export {key}={value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    cluster = LocalCluster(
+        args.dir,
+        base_port=args.base_port,
+        head_cpus=getattr(args, "head_cpus", 4),
+        worker_cpus=getattr(args, "worker_cpus", 4),
+    )
+    try:
+        if args.command == "up":
+            cluster.up(workers=args.workers)
+            _print_status(cluster)
+        elif args.command == "down":
+            cluster.down()
+            print(f"stopped the local cluster in {cluster.dir}")
+        elif args.command == "status":
+            _print_status(cluster)
+        elif args.command == "start-node":
+            cluster.start_node(args.node)
+            print(f"started {args.node}")
+        elif args.command == "stop-node":
+            cluster.stop_node(args.node, kill=True)
+            print(f"killed {args.node}")
+    except (ValueError, RuntimeError, TimeoutError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,511 @@
+"""Check a run config against a Ray cluster before any GPU is requested.
+
+    python -m cluster.preflight --config configs/pretrain/tiny_cpu.yaml --address http://127.0.0.1:26265
+    python -m cluster.preflight --config configs/pretrain/gpt_gpu.yaml --cluster-config cluster/aws.yaml
+
+What it checks, all at once, each problem printed with its fix:
+  config       the config validates (typed schema) and has no incompatible combination of settings
+               (rules in cluster/preflight_rules.yaml, e.g. quantized LoRA with ZeRO-3)
+  capacity     scaling.num_workers x the resources per worker fit what the cluster has now (--address)
+               or can autoscale to (--cluster-config: a `ray up` YAML or a KubeRay RayCluster manifest)
+  gpus         GPUs are requested but no node offers any (e.g. a head without GPUs and no GPU workers)
+  storage      run.storage_path is shared by all nodes when the run spans more than one machine
+  working_dir  the job upload stays under the job server's 100 MiB cap
+
+Exit codes: 0 no problem; 1 problems found; 2 bad arguments or unreadable files; 3 cluster unreachable.
+Torch-free: it runs on a laptop next to `cluster.submit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.auth import auth_headers, find_token
+from cluster.workdir import measure_working_dir
+
+RULES_FILE = Path(__file__).with_name("preflight_rules.yaml")
+REMOTE_STORAGE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "az://", "hdfs://", "oss://")
+NETWORK_FS_TYPES = {"nfs", "nfs4", "cifs", "smb3", "lustre", "ceph", "glusterfs", "beegfs", "gpfs", "efs", "9p"}
+EXIT_OK, EXIT_PROBLEMS, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+@dataclass
+class Finding:
+    """One check's verdict. `problem` None means the check passed; `detail` says what was seen."""
+
+    check: str
+    detail: str
+    problem: str | None = None
+    fix: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+# -------------------------------------------------------------------------------------------------
+# The cluster as preflight sees it
+
+
+@dataclass
+class NodeShape:
+    """A kind of node: its Ray resources, how many exist now and how many the autoscaler may run."""
+
+    name: str
+    resources: dict[str, float]
+    now: int
+    max: int
+    is_head: bool = False
+    host: str | None = None  # node IP for live nodes; None for a node type (each node its own machine)
+
+
+@dataclass
+class ClusterView:
+    source: str
+    shapes: list[NodeShape] = field(default_factory=list)
+    shared_paths: list[str] = field(default_factory=list)  # paths every node mounts (declared by the cluster config)
+
+    @property
+    def hosts_max(self) -> int:
+        """How many distinct machines the cluster can span."""
+        live_hosts = {s.host for s in self.shapes if s.host is not None}
+        typed = sum(s.max for s in self.shapes if s.host is None)
+        return len(live_hosts) + typed
+
+    def describe(self) -> str:
+        parts = []
+        for s in self.shapes:
+            count = f"{s.now}" if s.now == s.max else f"{s.now}..{s.max}"
+            parts.append(f"{s.name} x{count} {_fmt_resources(s.resources)}")
+        return f"{self.source}: " + "; ".join(parts)
+
+
+def _fmt_resources(res: dict[str, float]) -> str:
+    shown = {k: v for k, v in res.items() if k in ("CPU", "GPU") or not (k.startswith("node:") or k in ("memory", "object_store_memory"))}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
+
+
+def cluster_from_live(address: str, token_file: str | None = None) -> ClusterView:
+    """The alive nodes of a running cluster, from its dashboard's state API."""
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    client = StateApiClient(address=address, headers=auth_headers(find_token(token_file)))
+    nodes = client.list(StateResource.NODES, options=ListApiOptions(detail=True), raise_on_missing_output=False)
+    view = ClusterView(source=f"cluster at {address}")
+    for n in nodes:
+        n = n if isinstance(n, dict) else n.__dict__
+        if n["state"] != "ALIVE":
+            continue
+        res = {k: float(v) for k, v in (n.get("resources_total") or {}).items()}
+        head = bool(n.get("is_head_node"))
+        view.shapes.append(NodeShape(("head " if head else "node ") + n["node_id"][:8], res, 1, 1, head, n.get("node_ip")))
+    return view
+
+
+def cluster_from_launcher_yaml(raw: dict, source: str) -> ClusterView:
+    """Node types of a `ray up` cluster config: the head plus each worker type up to its max_workers."""
+    declared = ((raw.get("metadata") or {}).get("raylm") or {}).get("shared_paths") or []
+    view = ClusterView(source=source, shared_paths=[str(p) for p in declared])
+    types = raw.get("available_node_types") or {}
+    head_type = raw.get("head_node_type")
+    global_max = raw.get("max_workers")
+    for name, spec in types.items():
+        res = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
+        if name == head_type:
+            view.shapes.append(NodeShape(f"{name} (head)", res, 1, 1, True))
+            continue
+        most = int(spec.get("max_workers", global_max if global_max is not None else 0))
+        if global_max is not None:
+            most = min(most, int(global_max))
+        view.shapes.append(NodeShape(name, res, int(spec.get("min_workers", 0)), most, False))
+    return view
+
+
+_QUANTITY = re.compile(r"^([0-9.]+)(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
+
+
+def _k8s_quantity(value: Any) -> float:
+    match = _QUANTITY.match(str(value))
+    if not match:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    number, suffix = float(match[1]), match[2]
+    return number / 1000 if suffix == "m" else number * {None: 1, "k": 1e3, "Ki": 2**10, "M": 1e6, "Mi": 2**20, "G": 1e9, "Gi": 2**30, "T": 1e12, "Ti": 2**40}[suffix]
+
+
+def _group_resources(group: dict) -> dict[str, float]:
+    """Ray resources of a KubeRay group: rayStartParams win, else the Ray container's limits (as KubeRay does)."""
+    params = group.get("rayStartParams") or {}
+    container = ((group.get("template") or {}).get("spec") or {}).get("containers", [{}])[0]
+    limits = {**((container.get("resources") or {}).get("requests") or {}), **((container.get("resources") or {}).get("limits") or {})}
+    res: dict[str, float] = {}
+    if "num-cpus" in params:
+        res["CPU"] = float(params["num-cpus"])
+    elif "cpu" in limits:
+        res["CPU"] = float(math.floor(_k8s_quantity(limits["cpu"])) or _k8s_quantity(limits["cpu"]))
+    if "num-gpus" in params:
+        res["GPU"] = float(params["num-gpus"])
+    elif "nvidia.com/gpu" in limits:
+        res["GPU"] = _k8s_quantity(limits["nvidia.com/gpu"])
+    if "resources" in params:
+        res.update({k: float(v) for k, v in yaml.safe_load(str(params["resources"]).strip("'\"")).items()})
+    return res
+
+
+def _shared_mounts(group: dict) -> list[str]:
+    """Mount paths of the Ray container backed by network volumes (PVC, NFS, CSI): what every pod can share."""
+    pod = (group.get("template") or {}).get("spec") or {}
+    network = {v["name"] for v in pod.get("volumes") or [] if {"persistentVolumeClaim", "nfs", "csi"} & set(v)}
+    container = (pod.get("containers") or [{}])[0]
+    return [m["mountPath"] for m in container.get("volumeMounts") or [] if m.get("name") in network]
+
+
+def cluster_from_raycluster(raw: dict, source: str) -> ClusterView:
+    """Groups of a KubeRay RayCluster (or the rayClusterSpec of a RayJob/RayService)."""
+    spec = raw.get("spec") or {}
+    spec = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    view = ClusterView(source=source, shared_paths=_shared_mounts(spec.get("headGroupSpec") or {}))
+    view.shapes.append(NodeShape("head", _group_resources(spec.get("headGroupSpec") or {}), 1, 1, True))
+    autoscaling = bool(spec.get("enableInTreeAutoscaling"))
+    for group in spec.get("workerGroupSpecs") or []:
+        replicas = int(group.get("replicas", 0)) * int(group.get("numOfHosts", 1))
+        most = int(group.get("maxReplicas", replicas)) * int(group.get("numOfHosts", 1)) if autoscaling else replicas
+        view.shapes.append(NodeShape(group.get("groupName", "workers"), _group_resources(group), replicas, most, False))
+    return view
+
+
+def cluster_from_file(path: str | Path) -> ClusterView:
+    """A ClusterView from a `ray up` YAML or a KubeRay manifest (first RayCluster/RayJob/RayService in it)."""
+    text = Path(path).read_text(encoding="utf-8")
+    for doc in yaml.safe_load_all(text):
+        if not isinstance(doc, dict):
+            continue
+        if doc.get("kind") in ("RayCluster", "RayJob", "RayService"):
+            return cluster_from_raycluster(doc, f"{doc['kind']} {path}")
+        if "available_node_types" in doc:
+            return cluster_from_launcher_yaml(doc, f"cluster config {path}")
+    raise ValueError(f"{path}: neither a `ray up` cluster config (available_node_types) nor a KubeRay RayCluster/RayJob/RayService")
+
+
+# -------------------------------------------------------------------------------------------------
+# Incompatible combinations: data-driven rules over the raw YAML
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    any_of: list[str] = Field(min_length=1)
+    enabled: bool | None = None
+    equals: Any = None
+    in_: list[Any] | None = Field(None, alias="in")
+    default: Any = None
+
+    @model_validator(mode="after")
+    def _one_test(self) -> "Condition":
+        tests = [self.enabled is not None, "equals" in self.model_fields_set, self.in_ is not None]
+        if sum(tests) != 1:
+            raise ValueError(f"condition on {self.any_of}: give exactly one of enabled / equals / in")
+        return self
+
+    def holds(self, raw: dict) -> bool:
+        value = next((v for v in (_dotted(raw, p) for p in self.any_of) if v is not _MISSING), _MISSING)
+        if value is _MISSING:
+            if self.default is None:
+                return False
+            value = self.default
+        if self.enabled is not None:
+            return _is_enabled(value) == self.enabled
+        if "equals" in self.model_fields_set:
+            return value == self.equals
+        return value in (self.in_ or [])
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    when: list[Condition] = Field(min_length=1)
+    problem: str
+    fix: str
+
+
+class RuleBook(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rules: list[Rule]
+
+
+_MISSING = object()
+
+
+def _dotted(raw: dict, path: str) -> Any:
+    node: Any = raw
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _is_enabled(value: Any) -> bool:
+    if isinstance(value, dict):
+        return bool(value) and value.get("enabled", True) is not False
+    return bool(value) and value not in ("none", "off", "false")
+
+
+def load_rules(path: str | Path = RULES_FILE) -> list[Rule]:
+    return RuleBook.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8"))).rules
+
+
+def check_combinations(raw: dict, rules: list[Rule] | None = None) -> list[Finding]:
+    """Every rule whose conditions all hold on the raw config, as a problem with its fix."""
+    rules = load_rules() if rules is None else rules
+    fired = [Finding("config", f"rule {r.id}", r.problem, r.fix) for r in rules if all(c.holds(raw) for c in r.when)]
+    return fired or [Finding("config", f"no incompatible combination ({len(rules)} rules checked)")]
+
+
+# -------------------------------------------------------------------------------------------------
+# Checks against the cluster
+
+
+def worker_resources(raw: dict) -> tuple[int, dict[str, float], str]:
+    """(num_workers, resources per worker, placement strategy) from a raw config, with the typed defaults."""
+    from training.config import ScalingSection
+
+    scaling = ScalingSection.model_validate(raw.get("scaling") or {})
+    return scaling.num_workers, scaling.worker_resources, scaling.placement_strategy
+
+
+def _fits_on(node: dict[str, float], need: dict[str, float]) -> int:
+    counts = [math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
+    return min(counts) if counts else 10**6
+
+
+def room_for(view: ClusterView, need: dict[str, float], strategy: str, at_max: bool) -> int:
+    """How many workers of shape `need` the cluster holds (now, or at its autoscaling max)."""
+    per_node = [(_fits_on(s.resources, need), s.max if at_max else s.now) for s in view.shapes]
+    if strategy == "STRICT_SPREAD":
+        return sum(min(fit, 1) * count for fit, count in per_node)
+    if strategy == "STRICT_PACK":
+        return max((fit for fit, count in per_node if count > 0), default=0)
+    return sum(fit * count for fit, count in per_node)
+
+
+def check_capacity(raw: dict, view: ClusterView) -> list[Finding]:
+    workers, need, strategy = worker_resources(raw)
+    asked = f"{workers} worker(s) x {_fmt_resources(need)} ({strategy})"
+    findings: list[Finding] = []
+    gpu_nodes = [s for s in view.shapes if s.resources.get("GPU", 0) > 0 and s.max > 0]
+    if need.get("GPU", 0) > 0 and not gpu_nodes:
+        head_only = all(s.is_head or s.max == 0 for s in view.shapes)
+        if head_only:
+            problem = f"GPUs requested ({asked}) but the cluster is a head without GPUs and has no worker nodes that could bring any"
+            fix = "add a GPU worker node type (see cluster/aws.yaml `gpu_worker` or the k8s RayCluster `gpu-workers` group), or set scaling.use_gpu: false for a CPU run"
+        else:
+            problem = f"GPUs requested ({asked}) but no node in {view.source} has GPUs, now or after autoscaling"
+            fix = "give a worker node type GPUs (resources: {GPU: N} / nvidia.com/gpu limits), or set scaling.use_gpu: false"
+        findings.append(Finding("gpus", asked, problem, fix))
+        return findings  # capacity for GPU workers is moot without GPU nodes
+    else:
+        findings.append(Finding("gpus", "no GPUs requested" if not need.get("GPU") else f"GPU nodes available: {', '.join(s.name for s in gpu_nodes)}"))
+
+    missing = [k for k, v in need.items() if v > 0 and k != "GPU" and not any(s.resources.get(k, 0) > 0 for s in view.shapes)]
+    if missing:
+        findings.append(Finding("capacity", asked, f"no node offers resource(s) {', '.join(missing)}", "remove them from scaling.resources_per_worker or add them to a node type's resources"))
+        return findings
+    now, most = room_for(view, need, strategy, at_max=False), room_for(view, need, strategy, at_max=True)
+    if workers <= now:
+        findings.append(Finding("capacity", f"{asked} fit now (room for {now})"))
+    elif workers <= most:
+        findings.append(Finding("capacity", f"{asked}: room for {now} now, {most} once the autoscaler adds nodes; the job waits for them"))
+    else:
+        per_node = max((_fits_on(s.resources, need) for s in view.shapes if s.max > 0), default=0)
+        fix = (
+            f"lower scaling.num_workers to {most}" if most > 0 else "lower scaling.resources_per_worker so that one worker fits on a node"
+        ) + (
+            f", or raise the max workers of the node types (one node holds {per_node})" if per_node else ", or add a node type large enough for one worker"
+        )
+        if strategy == "STRICT_SPREAD" and most < workers:
+            fix += ", or use scaling.placement_strategy: SPREAD/PACK"
+        findings.append(
+            Finding("capacity", asked, f"{asked} do not fit {view.source}: room for {now} now and at most {most} after autoscaling ({view.describe()})", fix)
+        )
+    return findings
+
+
+def _mount_fs_type(path: Path) -> str | None:
+    """Filesystem type of the mount holding `path` on this machine (Linux /proc/mounts), or None."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    path = path.resolve()
+    best = max((m for m in mounts if path == Path(m[0]) or Path(m[0]) in path.parents), key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
+
+
+def check_storage(raw: dict, view: ClusterView, shared_paths: list[str]) -> Finding:
+    """A multi-machine run needs run.storage_path on storage that every node sees (checkpoints, restore)."""
+    storage = str(_dotted(raw, "run.storage_path") if _dotted(raw, "run.storage_path") is not _MISSING else "./runs")
+    workers, need, strategy = worker_resources(raw)
+    # STRICT_PACK puts every worker on one node when one node can hold them all.
+    hosts = 1 if strategy == "STRICT_PACK" and room_for(view, need, strategy, at_max=True) >= workers else view.hosts_max
+    if workers <= 1 or hosts <= 1:
+        return Finding("storage", f"run.storage_path {storage!r}: one machine ({workers} worker(s), {hosts} host(s)), local disk is shared")
+    if storage.startswith(REMOTE_STORAGE_SCHEMES):
+        return Finding(
+            "storage", f"run.storage_path {storage!r} is an object-storage URI",
+            f"run.storage_path {storage!r}: raylm reads and writes run data through the filesystem, not object-store URIs",
+            "mount the bucket on every node at the same path (s3fs, gcsfuse) and set run.storage_path to that path",
+        )
+    path = Path(storage).expanduser()
+    shared = list(shared_paths) + view.shared_paths
+    if path.is_absolute() and any(path == Path(p) or Path(p) in path.parents for p in shared):
+        return Finding("storage", f"run.storage_path {storage!r} is under a shared mount ({', '.join(shared)}); every node must mount it")
+    fs = _mount_fs_type(path) if path.is_absolute() else None
+    if fs and (fs in NETWORK_FS_TYPES or fs.startswith("fuse.")):
+        return Finding("storage", f"run.storage_path {storage!r} is on a {fs} mount here; make sure every node mounts it at the same path")
+    where = "relative to each node's working dir" if not path.is_absolute() else f"on a local {fs or 'unknown'} filesystem"
+    return Finding(
+        "storage",
+        f"{workers} workers over up to {hosts} machines",
+        f"run.storage_path {storage!r} is {where}: with workers on several machines each node writes its own "
+        "checkpoint shards and a restarted worker cannot find the others' checkpoints",
+        "set run.storage_path to a path every node mounts at the same place: NFS/EFS/Filestore, or a bucket "
+        "mounted with s3fs/gcsfuse (declare it with --shared-path PATH)",
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# Typed config validation (reuses training.config; configs of kinds it does not know are checked by rules only)
+
+
+def check_typed_config(raw: dict, path: str) -> list[Finding]:
+    from training.config import ConfigError, PretrainConfig, validate_config
+
+    unknown = set(raw) - set(PretrainConfig.model_fields)
+    if unknown:
+        return [Finding("config", f"sections {sorted(unknown)} are not pretrain sections: typed validation skipped, rules applied")]
+    try:
+        validate_config(raw, PretrainConfig, path)
+    except ConfigError as err:
+        return [Finding("config", "typed validation", p, "edit the YAML or pass --set KEY=VALUE") for p in err.problems]
+    return [Finding("config", "validates as a pretrain config")]
+
+
+# -------------------------------------------------------------------------------------------------
+# CLI: parse -> validate -> build -> run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.preflight",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="run YAML (pretrain, or any raylm run config)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override like the entry point's --set")
+    parser.add_argument("--address", help="dashboard URL of a running cluster (default: $RAY_ADDRESS when it is an http URL)")
+    parser.add_argument("--cluster-config", help="`ray up` YAML or KubeRay RayCluster/RayJob manifest: the autoscaling envelope")
+    parser.add_argument("--working-dir", default=".", help="what cluster.submit would upload (default: current dir)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="left out of the upload, as for cluster.submit")
+    parser.add_argument("--shared-path", action="append", default=[], metavar="PATH", help="a path every node mounts (NFS, EFS, Filestore)")
+    parser.add_argument("--token-file", help="file holding the cluster's auth token (else RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+    return parser.parse_args(argv)
+
+
+def run_preflight(
+    raw: dict,
+    config_path: str,
+    live: ClusterView | None,
+    envelope: ClusterView | None,
+    working_dir: Path | None,
+    excludes: list[str] | None = None,
+    shared_paths: list[str] | None = None,
+) -> list[Finding]:
+    """All checks on one config; the cluster checks run against the envelope (else the live view) when given."""
+    findings = check_typed_config(raw, config_path) + check_combinations(raw)
+    view = _merge(live, envelope)
+    if view is None:
+        findings.append(Finding("capacity", "no cluster given (--address / --cluster-config): capacity, GPU and storage checks skipped"))
+    else:
+        findings += check_capacity(raw, view)
+        findings.append(check_storage(raw, view, shared_paths or []))
+    if working_dir is not None:
+        report = measure_working_dir(working_dir, excludes)
+        size = f"{report.upload_bytes / 2**20:.1f} MiB in {report.file_count} files"
+        found = report.problem_and_fix()
+        findings.append(Finding("working_dir", size, *found) if found else Finding("working_dir", f"upload {size} (cap 100 MiB)"))
+    return findings
+
+
+def _merge(live: ClusterView | None, envelope: ClusterView | None) -> ClusterView | None:
+    """Live nodes tell what exists now; a cluster config tells what the autoscaler may add."""
+    if live and envelope:
+        merged = ClusterView(f"{live.source} + {envelope.source}", list(live.shapes), list(envelope.shared_paths))
+        for shape in envelope.shapes:
+            if not shape.is_head:
+                merged.shapes.append(NodeShape(shape.name, shape.resources, 0, shape.max, False))
+        return merged
+    return live or envelope
+
+
+def format_report(findings: list[Finding], config_path: str) -> str:
+    problems = [f for f in findings if not f.ok]
+    lines = [f"preflight {config_path}:"]
+    for f in findings:
+        if f.ok:
+            lines.append(f"  ok      {f.check:11} {f.detail}")
+        else:
+            lines.append(f"  PROBLEM {f.check:11} {f.problem}")
+            if f.fix:
+                lines.append(f"          {'':11} fix: {f.fix}")
+    lines.append(f"{len(problems)} problem(s)" + (" - fix them before requesting GPUs" if problems else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from training.config import ConfigError, apply_overrides, read_yaml
+
+    try:
+        raw = apply_overrides(read_yaml(args.config), args.overrides)
+    except ConfigError as err:
+        print(f"preflight: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    address = args.address or (os.environ.get("RAY_ADDRESS") if str(os.environ.get("RAY_ADDRESS", "")).startswith("http") else None)
+    envelope = None
+    if args.cluster_config:
+        try:
+            envelope = cluster_from_file(args.cluster_config)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            print(f"preflight: --cluster-config: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+    working_dir = Path(args.working_dir)
+    if not working_dir.is_dir():
+        print(f"preflight: --working-dir {args.working_dir!r} is not a directory", file=sys.stderr)
+        return EXIT_INVALID
+    live = None
+    if address:
+        try:
+            live = cluster_from_live(address, args.token_file)
+        except Exception as exc:  # noqa: BLE001 - connection/auth errors from Ray's client
+            from cluster.submit import explain_connection_error
+
+            print(f"preflight: {explain_connection_error(address, find_token(args.token_file), exc)}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+    findings = run_preflight(raw, args.config, live, envelope, working_dir, args.exclude, args.shared_path)
+    print(format_report(findings, args.config))
+    return EXIT_PROBLEMS if any(not f.ok for f in findings) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

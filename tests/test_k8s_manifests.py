@@ -1,0 +1,368 @@
+"""Every manifest under k8s/ validates against the schemas of what will run it.
+
+- RayCluster / RayJob / RayService: KubeRay v1.7.0's CRD `openAPIV3Schema` (../shared/kuberay-crds-v1.7.0),
+  made strict the way `kubectl --validate=strict` is (unknown fields are errors, not silently pruned).
+- Core kinds (PersistentVolumeClaim, ConfigMap): Kubernetes' own JSON schemas (kubernetes-validate, strict).
+- PodMonitor / ServiceMonitor: no offline package ships prometheus-operator's schema, so a structural
+  schema of the fields we use, closed to unknown fields, stands in for it.
+- kustomization.yaml: built by kustomize itself (`kubectl kustomize`), which rejects unknown fields.
+- RayService.serveConfigV2: Ray Serve's own `ServeDeploySchema`, and it must be the serving config.
+- RayJob entrypoints: a real module and an existing config that validates.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from cluster.entrypoints import check_entrypoint, config_path, module_path
+from cluster.preflight import cluster_from_raycluster
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+CRD_DIR = REPO.parent / "shared" / "kuberay-crds-v1.7.0"
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
+KUBERNETES_VERSION = "1.32.0"
+OVERLAYS = ["cpu-dev", "gpu-prod"]
+SERVING_CONFIG_OF = {"base": "serving/configs/causal_lm_gpu.yaml", "gpu-prod": "serving/configs/causal_lm_gpu.yaml", "cpu-dev": "serving/configs/causal_lm_cpu.yaml"}
+
+
+# -------------------------------------------------------------------------------------------------
+# Schemas
+
+
+def _strict(schema):
+    """Close every object schema that lists its properties, as the API server's strict field validation does."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@lru_cache(maxsize=None)
+def crd_validator(kind: str) -> jsonschema.protocols.Validator:
+    schema = crd_schema(kind)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    return cls(schema)
+
+
+@lru_cache(maxsize=None)
+def crd_schema(kind: str) -> dict:
+    path = CRD_DIR / CRD_FILES[kind]
+    if not path.is_file():
+        pytest.fail(
+            f"KubeRay CRD {path} is missing: the manifests are validated against KubeRay v1.7.0's CRDs, expected at "
+            f"<repo>/../shared/kuberay-crds-v1.7.0/ (a read-only copy sits beside the clone in CI)"
+        )
+    crd = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+_RELABEL = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "action": {"enum": ["replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep", "lowercase", "uppercase", "keepequal", "dropequal"]},
+        "sourceLabels": {"type": "array", "items": {"type": "string", "pattern": r"^[a-zA-Z_][a-zA-Z0-9_]*$"}},
+        "targetLabel": {"type": "string"},
+        "regex": {"type": "string"},
+        "replacement": {"type": "string"},
+        "separator": {"type": "string"},
+        "modulus": {"type": "integer"},
+    },
+}
+_ENDPOINT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["port"],
+    "properties": {
+        "port": {"type": "string"},
+        "path": {"type": "string"},
+        "scheme": {"enum": ["http", "https"]},
+        "interval": {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+        "scrapeTimeout": {"type": "string"},
+        "honorLabels": {"type": "boolean"},
+        "relabelings": {"type": "array", "items": _RELABEL},
+        "metricRelabelings": {"type": "array", "items": _RELABEL},
+    },
+}
+_LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}, "matchExpressions": {"type": "array"}},
+}
+_MONITOR_META = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}, "labels": {"type": "object"}, "namespace": {"type": "string"}}}
+# The fields of monitoring.coreos.com/v1 that these manifests use, as prometheus-operator defines them.
+MONITOR_SCHEMAS = {
+    "ServiceMonitor": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "ServiceMonitor"},
+            "metadata": _MONITOR_META,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", "endpoints"],
+                "properties": {
+                    "jobLabel": {"type": "string"},
+                    "selector": _LABEL_SELECTOR,
+                    "namespaceSelector": {"type": "object"},
+                    "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+                    "targetLabels": {"type": "array", "items": {"type": "string"}},
+                    "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+    "PodMonitor": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "PodMonitor"},
+            "metadata": _MONITOR_META,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", "podMetricsEndpoints"],
+                "properties": {
+                    "jobLabel": {"type": "string"},
+                    "selector": _LABEL_SELECTOR,
+                    "namespaceSelector": {"type": "object"},
+                    "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+                    "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+
+
+def validate_manifest(doc: dict) -> None:
+    """Raise with the path of the first schema violation of one Kubernetes object."""
+    kind = doc.get("kind")
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), f"{kind}: name is not DNS-1123"
+    if kind in CRD_FILES:
+        assert doc.get("apiVersion") == "ray.io/v1", f"{kind} {doc['metadata']['name']}: apiVersion must be ray.io/v1"
+        crd_validator(kind).validate(doc)
+    elif kind in MONITOR_SCHEMAS:
+        jsonschema.validate(doc, MONITOR_SCHEMAS[kind])
+    else:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Manifests as files and as kustomize builds
+
+
+def kustomize(target: Path) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed: it builds the kustomize overlays (apt-get install kubectl)")
+    result = subprocess.run([kubectl, "kustomize", str(target)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"kubectl kustomize {target} failed:\n{result.stderr}"
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@lru_cache(maxsize=None)
+def built(name: str) -> tuple:
+    target = K8S / "base" if name == "base" else K8S / "overlays" / name
+    return tuple(kustomize(target))
+
+
+def manifest_files() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and "overlays" not in p.parts)
+
+
+def docs_of_kind(kind: str, build: str) -> list[dict]:
+    return [d for d in built(build) if d["kind"] == kind]
+
+
+def cluster_specs(doc: dict) -> dict:
+    spec = doc["spec"]
+    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[doc["kind"]]
+
+
+def containers(cluster_spec: dict) -> list[tuple[str, dict]]:
+    groups = [("head", cluster_spec["headGroupSpec"])] + [(g["groupName"], g) for g in cluster_spec.get("workerGroupSpecs", [])]
+    return [(name, c) for name, g in groups for c in g["template"]["spec"]["containers"]]
+
+
+# -------------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_kuberay_crds_are_present():
+    for kind in CRD_FILES:
+        assert crd_schema(kind)["properties"]["spec"]["type"] == "object"
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
+def test_base_manifest_files_validate(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
+    assert docs, f"{path} holds no manifest"
+    for doc in docs:
+        validate_manifest(doc)
+
+
+@pytest.mark.parametrize("build", ["base"] + OVERLAYS)
+def test_kustomize_builds_validate(build):
+    docs = built(build)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(["ConfigMap", "PersistentVolumeClaim", "PodMonitor", "RayCluster", "RayJob", "RayService", "ServiceMonitor"])
+    for doc in docs:
+        validate_manifest(doc)
+    if build != "base":
+        assert {d["metadata"].get("namespace") for d in docs} == {"raylm-dev" if build == "cpu-dev" else "raylm"}
+
+
+def test_strict_validation_rejects_a_misspelled_field():
+    """The CRD check is not vacuous: a typo in a nested field is an error, as it would be for the API server."""
+    doc = copy.deepcopy(docs_of_kind("RayCluster", "base")[0])
+    doc["spec"]["workerGroupSpecs"][0]["maxReplica"] = 4
+    with pytest.raises(jsonschema.ValidationError, match="maxReplica"):
+        validate_manifest(doc)
+    doc = copy.deepcopy(docs_of_kind("RayCluster", "base")[0])
+    doc["spec"]["authOptions"]["mode"] = "tokens"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_manifest(doc)
+
+
+@pytest.mark.parametrize("build", ["base"] + OVERLAYS)
+def test_rayjob_entrypoints_name_real_modules_and_valid_configs(build):
+    from training.config import load_config
+
+    jobs = docs_of_kind("RayJob", build)
+    assert jobs
+    for job in jobs:
+        entrypoint = job["spec"]["entrypoint"]
+        assert check_entrypoint(entrypoint, REPO) == [], entrypoint
+        assert module_path(REPO, "training.pretrain") is not None
+        config = config_path(entrypoint)
+        assert config and (REPO / config).is_file()
+        load_config(REPO / config)  # raises ConfigError listing every problem
+        runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+        assert runtime_env["working_dir"] == "/opt/raylm", "the image keeps the repository at /opt/raylm"
+    expected = {"cpu-dev": "configs/pretrain/demo_cpu.yaml"}.get(build, "configs/pretrain/llama_125m_gpu.yaml")
+    assert config_path(jobs[0]["spec"]["entrypoint"]) == expected
+
+
+def _without_k8s_deltas(serve: dict) -> dict:
+    serve = copy.deepcopy(serve)
+    serve["http_options"].pop("host")
+    for app in serve["applications"]:
+        app["args"].pop("export_dir")
+        app["args"].pop("adapters_dir")
+    return serve
+
+
+@pytest.mark.parametrize("build", ["base"] + OVERLAYS)
+def test_serve_config_v2_is_the_serving_config_and_validates(build):
+    from ray.serve.schema import ServeDeploySchema
+
+    (service,) = docs_of_kind("RayService", build)
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve)
+    for app in serve["applications"]:
+        module, _, attr = app["import_path"].partition(":")
+        source = module_path(REPO, module)
+        assert source is not None, f"import_path {app['import_path']}: no module {module}"
+        assert re.search(rf"^def {attr}\(", source.read_text(encoding="utf-8"), re.M), f"{module} has no {attr}()"
+    assert serve["http_options"]["host"] == "0.0.0.0", "the proxy must listen on the pod IP for the serve Service"
+    assert all(a["args"]["export_dir"].startswith("/mnt/shared/") for a in serve["applications"])
+    reference = yaml.safe_load((REPO / SERVING_CONFIG_OF[build]).read_text(encoding="utf-8"))
+    assert _without_k8s_deltas(serve) == _without_k8s_deltas(reference), f"serveConfigV2 drifted from {SERVING_CONFIG_OF[build]}"
+
+
+@pytest.mark.parametrize("build", ["base"] + OVERLAYS)
+def test_every_ray_cluster_is_secure_autoscaled_and_scraped(build):
+    for doc in [d for d in built(build) if d["kind"] in CRD_FILES]:
+        spec = cluster_specs(doc)
+        where = f"{build} {doc['kind']} {doc['metadata']['name']}"
+        assert spec["authOptions"] == {"mode": "token"}, f"{where}: token auth must be on"
+        assert spec["rayVersion"] == "2.60.0", where
+        assert spec["enableInTreeAutoscaling"] is True, where
+        head = spec["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress"), f"{where}: dashboard must not be public"
+        assert head["rayStartParams"]["num-cpus"] == "0", f"{where}: the head runs no training"
+        for group in spec["workerGroupSpecs"]:
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], f"{where} {group['groupName']}"
+        for name, container in containers(spec):
+            ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+            assert ports.get("metrics") == 8080, f"{where} {name}: the monitors scrape the port named metrics"
+            assert container["image"].split("/")[-1].startswith("raylm:"), f"{where} {name}: {container['image']}"
+            assert any(m["mountPath"] == "/mnt/shared" for m in container.get("volumeMounts", [])), f"{where} {name}: no shared volume"
+        gpus = [g for g in spec["workerGroupSpecs"] for _, c in containers({"headGroupSpec": head, "workerGroupSpecs": [g]})[1:] if "nvidia.com/gpu" in c["resources"].get("limits", {})]
+        head_limits = head["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert "nvidia.com/gpu" not in head_limits, f"{where}: the head is a CPU node"
+        if build == "cpu-dev":
+            assert not gpus, f"{where}: cpu-dev must not ask for GPUs"
+        else:
+            assert gpus, f"{where}: a GPU worker group is expected"
+
+
+def test_gpu_prod_cluster_holds_the_gpu_configs():
+    """The preflight capacity check agrees: the gpu-prod RayCluster autoscales to the 1B config's 16 GPU workers."""
+    from cluster.preflight import check_capacity
+
+    (cluster,) = docs_of_kind("RayCluster", "gpu-prod")
+    view = cluster_from_raycluster(cluster, "gpu-prod RayCluster")
+    assert view.shared_paths == ["/mnt/shared"]
+    for config in ("llama_125m_gpu", "llama_1b_gpu"):
+        raw = yaml.safe_load((REPO / f"configs/pretrain/{config}.yaml").read_text(encoding="utf-8"))
+        findings = check_capacity(raw, view)
+        assert [f for f in findings if not f.ok] == [], findings
+
+
+def test_monitors_select_the_pods_kuberay_labels():
+    (service_monitor,) = docs_of_kind("ServiceMonitor", "base")
+    (pod_monitor,) = docs_of_kind("PodMonitor", "base")
+    assert service_monitor["spec"]["selector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    assert pod_monitor["spec"]["selector"]["matchLabels"] == {"ray.io/node-type": "worker"}
+    assert [e["port"] for e in service_monitor["spec"]["endpoints"]] == ["metrics"]
+    assert [e["port"] for e in pod_monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+
+def _metric_names_known() -> str:
+    """Source text in which Ray's and raylm's metric names are defined."""
+    import ray
+
+    ray_dir = Path(ray.__file__).parent
+    sources = [REPO / "serving" / "metrics.py"]
+    for sub in ("dashboard/modules/reporter", "train/v2/_internal/metrics", "serve/_private"):
+        sources += sorted((ray_dir / sub).rglob("*.py"))
+    return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sources)
+
+
+def test_grafana_dashboard_shows_training_and_serving_with_real_metrics():
+    (config_map,) = docs_of_kind("ConfigMap", "base")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["raylm-dashboard.json"])
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert any("Training" in r for r in rows) and any("Serving" in r for r in rows), rows
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 10
+    known = _metric_names_known()
+    for expr in exprs:
+        for metric in re.findall(r"\b(ray_[a-z0-9_]+)\{", expr):
+            base = re.sub(r"_(total|bucket|sum|count)$", "", metric.removeprefix("ray_"))
+            assert f'"{base}"' in known, f"{metric} in {expr!r} is not a metric Ray or raylm defines"
