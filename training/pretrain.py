@@ -20,6 +20,7 @@ from training.checkpoints import list_checkpoints
 from training.config import ConfigError, PretrainConfig, load_config, read_yaml
 
 FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")
+MATERIALIZE_MAX_BYTES = 256 * 2**20
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,6 +86,21 @@ def start_ray(cfg: PretrainConfig, address: str | None):
              dashboard_host="127.0.0.1")
 
 
+def block_dataset(parquet_path: str):
+    """A Ray Data stream of packed blocks; small files are read once into the object store.
+
+    Every rank iterates the whole (unsplit) stream, once per epoch. For a corpus of a few hundred
+    MB, re-running the Parquet read for each rank and epoch costs more than the data itself, so
+    it is materialized once; larger corpora stream from Parquet on every pass.
+    """
+    import ray.data
+
+    dataset = ray.data.read_parquet(parquet_path)
+    if os.path.getsize(parquet_path) <= MATERIALIZE_MAX_BYTES:
+        dataset = dataset.materialize()
+    return dataset
+
+
 def build_trainer(cfg: PretrainConfig, prepared: dict):
     """A TorchTrainer whose workers run `training.loop.train_loop_per_worker`."""
     import ray.data
@@ -97,9 +113,9 @@ def build_trainer(cfg: PretrainConfig, prepared: dict):
 
     # Ray Data's per-operator bars would drown raylm's own progress line in the driver log.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = {"train": ray.data.read_parquet(prepared["train_path"])}
+    datasets = {"train": block_dataset(prepared["train_path"])}
     if prepared.get("val_path"):
-        datasets["val"] = ray.data.read_parquet(prepared["val_path"])
+        datasets["val"] = block_dataset(prepared["val_path"])
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
