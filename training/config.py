@@ -200,7 +200,11 @@ class RunSection(_Section):
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint; -1 = unlimited.")
     eval_every_steps: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1, description="Validation batches per worker per evaluation.")
-    log_every_steps: int = Field(1, ge=1)
+    log_every_steps: int = Field(
+        10, ge=1,
+        description="Report metrics every N steps. Ray Train's controller takes one report per health-check "
+        "interval (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s): reporting more often than that stalls the workers.",
+    )
     resume: bool = Field(True, description="Continue from the run's latest checkpoint when one exists.")
     mlflow_tracking_uri: str | None = Field(None, description="e.g. file:./runs/mlruns; needs the 'mlflow' extra.")
 

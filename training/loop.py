@@ -207,6 +207,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
         if want_ckpt:
             ckpt_dir = _save_checkpoint(engine, cfg, dict(state), prepared, rank, torch, dist)
+        # Evaluation and checkpoint writing are not training throughput; the report itself is
+        # (it can block until the controller takes the previous one), so the next window starts here.
+        window_start, window_steps = time.perf_counter(), 0
+        if want_ckpt:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
@@ -216,7 +220,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             ray.train.report(metrics)
         reported = True
-        window_start, window_steps = time.perf_counter(), 0
 
     if not reported:
         # Rerun of a finished run: nothing to train, but the driver still gets the final state.
