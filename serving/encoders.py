@@ -1,0 +1,130 @@
+"""Sequence classification and NER (BIO token classification) on an encoder export, batched with padding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serving.export_format import ModelExport
+from serving.generation import quantize_linear_int8
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A named entity as a character span of the input text."""
+
+    entity: str
+    start: int
+    end: int
+    text: str
+    score: float
+
+
+class EncoderEngine:
+    """Runs a classification or NER export on lists of texts (one padded forward pass per batch)."""
+
+    def __init__(
+        self,
+        export: ModelExport,
+        *,
+        quantize_int8: bool = False,
+        device: str = "cpu",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+    ):
+        from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+        self.export = export
+        self.labels = export.manifest.labels
+        self.device = torch.device(device)
+        model_cls = (
+            AutoModelForSequenceClassification
+            if export.task == "sequence-classification"
+            else AutoModelForTokenClassification
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(export.path, trust_remote_code=trust_remote_code)
+        self.model = model_cls.from_pretrained(
+            export.path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype)
+        ).to(self.device)
+        self.model.eval()
+        if quantize_int8:
+            self.model = quantize_linear_int8(self.model)
+        self.max_seq_len = export.manifest.max_seq_len
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def _encode(self, texts: list[str], offsets: bool = False):
+        return self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_seq_len,
+            return_tensors="pt",
+            return_offsets_mapping=offsets,
+        )
+
+    def classify(self, texts: list[str]) -> list[dict[str, float]]:
+        """Label probabilities per text, in label order."""
+        encoded = self._encode(texts)
+        with torch.inference_mode():
+            logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits.float()
+        probs = torch.softmax(logits, dim=-1).tolist()
+        return [dict(zip(self.labels, row)) for row in probs]
+
+    def ner(self, texts: list[str]) -> list[list[Entity]]:
+        """Entities per text, with character offsets into that text."""
+        encoded = self._encode(texts, offsets=True)
+        offsets = encoded.pop("offset_mapping").tolist()
+        with torch.inference_mode():
+            logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        scores, tag_ids = probs.max(dim=-1)
+        results = []
+        for i, text in enumerate(texts):
+            tokens = [
+                (self.labels[tag], start, end, score)
+                for tag, (start, end), score, attended in zip(
+                    tag_ids[i].tolist(), offsets[i], scores[i].tolist(), encoded["attention_mask"][i].tolist()
+                )
+                if attended and end > start  # special and padding tokens have empty offsets
+            ]
+            results.append(bio_spans(text, tokens))
+        return results
+
+    def check_health(self) -> None:
+        """One forward pass on a short text: raises if the model cannot answer."""
+        encoded = self._encode(["ok"])
+        with torch.inference_mode():
+            logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("model produced non-finite logits")
+
+
+def bio_spans(text: str, tagged_tokens: list[tuple[str, int, int, float]]) -> list[Entity]:
+    """Merge (BIO tag, start, end, score) tokens into entity spans.
+
+    B-X starts an entity; I-X continues an open X entity (or starts one, if none is open, as most
+    taggers do for a stray I-); O or another type closes it. The score is the mean token score.
+    """
+    entities: list[Entity] = []
+    current: tuple[str, int, int, list[float]] | None = None
+
+    def close():
+        if current is not None:
+            kind, start, end, scores = current
+            entities.append(Entity(kind, start, end, text[start:end], sum(scores) / len(scores)))
+
+    for tag, start, end, score in tagged_tokens:
+        prefix, _, kind = tag.partition("-")
+        if tag == "O" or not kind:
+            close()
+            current = None
+        elif prefix == "I" and current is not None and current[0] == kind:
+            current = (kind, current[1], end, current[3] + [score])
+        else:
+            close()
+            current = (kind, start, end, [score])
+    close()
+    return entities

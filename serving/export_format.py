@@ -1,0 +1,174 @@
+"""Serving's reader of the export contract written by `python -m training.export`.
+
+An export directory holds `config.json` + `model.safetensors` (transformers `save_pretrained`),
+the tokenizer files of `tokenizer.save_pretrained`, `raylm.json` (the manifest below) and,
+informationally, `resolved_config.yaml`. A LoRA adapter directory holds `adapter_config.json`,
+`adapter_model.safetensors` and a `raylm.json` with `"adapter": true`.
+
+This module imports neither torch nor transformers, so configs can be validated anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EXPORT_FORMAT = "raylm-export"
+SUPPORTED_FORMAT_VERSIONS = (1,)
+Task = Literal["causal-lm", "sequence-classification", "token-classification"]
+
+MODEL_FILES = ("config.json", "model.safetensors")
+TOKENIZER_FILES = ("tokenizer_config.json",)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class ExportFormatError(ValueError):
+    """The directory does not follow the export contract; the message names the file and the fix."""
+
+
+class ExportManifest(BaseModel):
+    """`raylm.json` of a full model export."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    format: Literal["raylm-export"]
+    format_version: int
+    task: Task
+    model_name: str = Field(min_length=1)
+    max_seq_len: int = Field(gt=0)
+    labels: list[str] = Field(default_factory=list)
+    adapter: Literal[False] = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExportManifest":
+        if self.format_version not in SUPPORTED_FORMAT_VERSIONS:
+            raise ValueError(
+                f"format_version {self.format_version} is not supported by this serving version "
+                f"(supports {list(SUPPORTED_FORMAT_VERSIONS)}); re-export with a matching raylm"
+            )
+        if self.task != "causal-lm" and not self.labels:
+            raise ValueError(f"labels: required (non-empty) for task '{self.task}'")
+        if self.task == "token-classification":
+            bad = [t for t in self.labels if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2)]
+            if bad:
+                raise ValueError(f"labels: NER labels must be BIO tags ('O', 'B-X', 'I-X'); got {bad}")
+        return self
+
+
+class AdapterManifest(BaseModel):
+    """`raylm.json` of a LoRA adapter directory."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    format: Literal["raylm-export"] = "raylm-export"
+    format_version: int = 1
+    adapter: Literal[True]
+    task: Task
+    base_model: str = Field(min_length=1)
+
+
+class ModelExport(BaseModel):
+    """A validated export directory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    manifest: ExportManifest
+    id2label: dict[int, str] = Field(default_factory=dict)
+    has_chat_template: bool = False
+
+    @property
+    def task(self) -> Task:
+        return self.manifest.task
+
+
+class AdapterExport(BaseModel):
+    """A validated LoRA adapter directory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    path: Path
+    manifest: AdapterManifest
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportFormatError(f"{path}: missing {what}") from None
+    except json.JSONDecodeError as exc:
+        raise ExportFormatError(f"{path}: not valid JSON ({exc}); re-run the export") from None
+
+
+def _require_files(directory: Path, names: tuple[str, ...], why: str) -> None:
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise ExportFormatError(
+            f"{directory}: missing {', '.join(missing)} ({why}); point the path at a directory written by "
+            "`python -m training.export <checkpoint> <out_dir>`"
+        )
+
+
+def _validation_message(path: Path, exc: ValidationError) -> str:
+    problems = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()]
+    return f"{path}: " + "; ".join(problems)
+
+
+def read_export(directory: str | Path) -> ModelExport:
+    """Validate an export directory and return its manifest; raises ExportFormatError naming what is wrong."""
+    path = Path(directory).expanduser().resolve()
+    if not path.is_dir():
+        raise ExportFormatError(f"{path}: export directory does not exist")
+    raw = _read_json(path / "raylm.json", "raylm.json (the export manifest)")
+    try:
+        manifest = ExportManifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ExportFormatError(_validation_message(path / "raylm.json", exc)) from None
+    _require_files(path, MODEL_FILES, "model weights and architecture; weights load from safetensors only")
+    _require_files(path, TOKENIZER_FILES, "tokenizer from tokenizer.save_pretrained")
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file() or (path / "vocab.txt").is_file()):
+        raise ExportFormatError(f"{path}: missing tokenizer.json (or tokenizer.model / vocab.txt)")
+    config = _read_json(path / "config.json", "config.json")
+    id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
+    if manifest.task != "causal-lm":
+        ordered = [id2label.get(i) for i in range(len(manifest.labels))]
+        if ordered != manifest.labels:
+            raise ExportFormatError(
+                f"{path}: raylm.json labels {manifest.labels} differ from config.json id2label {id2label}; "
+                "they must list the same labels in the same order"
+            )
+    tokenizer_config = _read_json(path / "tokenizer_config.json", "tokenizer_config.json")
+    has_template = bool(tokenizer_config.get("chat_template")) or (path / "chat_template.jinja").is_file()
+    return ModelExport(path=path, manifest=manifest, id2label=id2label, has_chat_template=has_template)
+
+
+def read_adapter(directory: str | Path) -> AdapterExport:
+    """Validate a LoRA adapter directory (peft files + raylm.json with adapter: true)."""
+    path = Path(directory).expanduser().resolve()
+    if not path.is_dir():
+        raise ExportFormatError(f"{path}: adapter directory does not exist")
+    _require_files(path, ADAPTER_FILES, "peft LoRA adapter saved with save_pretrained")
+    raw = _read_json(path / "raylm.json", "raylm.json (the adapter manifest)")
+    try:
+        manifest = AdapterManifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ExportFormatError(_validation_message(path / "raylm.json", exc)) from None
+    return AdapterExport(name=path.name, path=path, manifest=manifest)
+
+
+def list_adapters(adapters_dir: str | Path | None) -> list[str]:
+    """Names of the complete adapter directories present now (a training run may add more at any time)."""
+    if not adapters_dir:
+        return []
+    root = Path(adapters_dir).expanduser()
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and all((p / n).is_file() for n in (*ADAPTER_FILES, "raylm.json"))
+    )

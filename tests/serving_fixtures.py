@@ -1,0 +1,131 @@
+"""Shared helpers of the serving tests: a Ray instance per module, tiny exports, `serve run` of a config.
+
+Every helper drives the real system: a local Ray, the `serve run` CLI on a real config file,
+HTTP on 127.0.0.1. Ports: Serve HTTP 18000-18099, metrics export 18100-18199.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "serving" / "configs"
+API_KEYS = ("test-key-alpha", "test-key-beta")
+
+
+def start_ray(num_cpus: int, metrics_port: int):
+    """A local Ray for one test module; env set so replicas inherit API keys and report metrics fast."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYLM_API_KEYS"] = ",".join(API_KEYS)
+    # Replicas push metrics to the export port every second instead of every 10 s.
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    import ray
+
+    return ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
+                    log_to_driver=False)
+
+
+def stop_ray() -> None:
+    """Shut down only what this module started: its Serve instance, then its Ray."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def config_for_test(config_name: str, *, http_port: int, app_args: dict, deployment_overrides: dict | None = None,
+                route_prefix: str | None = None) -> dict:
+    """A shipped Serve config with args pointed at test exports and test-sized deployment options."""
+    config = yaml.safe_load((CONFIGS / config_name).read_text())
+    config["http_options"]["port"] = http_port
+    config["http_options"]["host"] = "127.0.0.1"
+    for app in config["applications"]:
+        app["args"].update(app_args)
+        if route_prefix is not None:
+            app["route_prefix"] = route_prefix
+        for deployment in app.get("deployments", []):
+            for key, value in (deployment_overrides or {}).items():
+                if isinstance(value, dict) and isinstance(deployment.get(key), dict):
+                    deployment[key].update(value)
+                else:
+                    deployment[key] = value
+    return config
+
+
+def serve_run_config(config: dict, tmp_dir: Path, gcs_address: str, timeout_s: float = 120) -> None:
+    """Deploy with the real `serve run --non-blocking <config.yaml>` CLI and wait until every app runs."""
+    from ray import serve
+
+    path = Path(tmp_dir) / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "ray.serve.scripts", "run", "--non-blocking", "--address", gcs_address, str(path)],
+        capture_output=True, text=True, timeout=timeout_s, cwd=REPO,
+    )
+    assert result.returncode == 0, f"serve run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    wait_apps_running([app["name"] for app in config["applications"]], timeout_s)
+
+
+def wait_apps_running(names: list[str], timeout_s: float = 120) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {n: apps[n].status if n in apps else None for n in names}
+        failed = {n: apps[n].message for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"}
+        assert not failed, f"deploy failed: {failed}"
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"apps not RUNNING after {timeout_s}s: {states}")
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def auth(key: str = API_KEYS[0]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def scrape(metrics_port: int) -> str:
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+
+
+def metric_samples(text: str, name: str) -> list[tuple[str, float]]:
+    """(label block, value) of every sample of one metric name in Prometheus text format."""
+    samples = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, _, value = line.rpartition(" ")
+            samples.append((labels, float(value)))
+    return samples
+
+
+def shared_exports(tmp_path_factory) -> dict[str, Path]:
+    """The tiny exports every serving module uses, built once per pytest session (a few seconds).
+    Modules that write into the adapters directory copy it first."""
+    from serving.tiny_exports import build_demo_tree
+
+    root = tmp_path_factory.getbasetemp() / "serving-exports"
+    if not (root / ".complete").exists():
+        build_demo_tree(root)
+        (root / ".complete").touch()
+    return {"causal_lm": root / "causal-lm", "classifier": root / "classifier", "ner": root / "ner",
+            "adapters": root / "adapters"}

@@ -1,0 +1,269 @@
+"""Serving without Ray: the export contract, typed args, shipped configs, PII masking, NER spans,
+padding-aware decoding, int8 switch, health checks, the dashboard, and the no-`training` rule."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.args import ServingArgs
+from serving.encoders import bio_spans
+from serving.export_format import ExportFormatError, list_adapters, read_adapter, read_export
+from serving.security import ApiKeyConfigError, ApiKeyGuard, _luhn_valid, mask_pii
+from serving.tiny_exports import NER_LABELS, build_lora_adapter
+from serving_fixtures import shared_exports
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "serving" / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    return shared_exports(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def causal_export(exports):
+    return exports["causal_lm"]
+
+
+def _copy_export(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---- export contract -------------------------------------------------------------------------------
+def test_valid_export_is_read_with_its_manifest(causal_export):
+    export = read_export(causal_export)
+    assert export.task == "causal-lm"
+    assert export.manifest.max_seq_len == 256
+    assert export.has_chat_template is False  # the fixture has none: serving falls back to ChatML
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "config.json", "raylm.json", "tokenizer_config.json"])
+def test_missing_file_is_named_in_the_error(causal_export, tmp_path, missing):
+    broken = _copy_export(causal_export, tmp_path / "broken")
+    (broken / missing).unlink()
+    with pytest.raises(ExportFormatError, match=missing.replace(".", r"\.")):
+        read_export(broken)
+
+
+def test_manifest_problems_name_the_field(causal_export, tmp_path):
+    broken = _copy_export(causal_export, tmp_path / "v2")
+    manifest = json.loads((broken / "raylm.json").read_text())
+    (broken / "raylm.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(ExportFormatError, match="format_version 2 is not supported"):
+        read_export(broken)
+    (broken / "raylm.json").write_text(json.dumps({**manifest, "task": "translation"}))
+    with pytest.raises(ExportFormatError, match="task"):
+        read_export(broken)
+
+
+def test_labels_must_match_config_id2label(exports, tmp_path):
+    ner = _copy_export(exports["ner"], tmp_path / "ner")
+    assert read_export(ner).manifest.labels == NER_LABELS
+    manifest = json.loads((ner / "raylm.json").read_text())
+    (ner / "raylm.json").write_text(json.dumps({**manifest, "labels": list(reversed(NER_LABELS))}))
+    with pytest.raises(ExportFormatError, match="same order"):
+        read_export(ner)
+    (ner / "raylm.json").write_text(json.dumps({**manifest, "labels": ["O", "PERSON"]}))
+    with pytest.raises(ExportFormatError, match="BIO"):
+        read_export(ner)
+
+
+def test_adapters_are_listed_only_when_complete(causal_export, tmp_path):
+    adapters = tmp_path / "adapters"
+    build_lora_adapter(causal_export, adapters / "support", seed=1)
+    (adapters / "half-written").mkdir()
+    (adapters / "half-written" / "adapter_config.json").write_text("{}")
+    assert list_adapters(adapters) == ["support"]
+    assert read_adapter(adapters / "support").manifest.base_model == "tiny-llama"
+    with pytest.raises(ExportFormatError, match="adapter_model.safetensors"):
+        read_adapter(adapters / "half-written")
+
+
+# ---- typed args and shipped configs ----------------------------------------------------------------
+def test_unknown_arg_is_rejected_with_its_name():
+    with pytest.raises(ValueError, match="max_batch"):
+        ServingArgs.model_validate({"export_dir": "/x", "max_batch": 4})
+    with pytest.raises(ValueError, match="quantize_int8"):
+        ServingArgs.model_validate({"export_dir": "/x", "quantize_int8": True, "adapters_dir": "/a"})
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_validates_with_serve_schema_and_builder_args(config_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(config_path.read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    assert schema.http_options.host == "127.0.0.1"
+    for app in schema.applications:
+        assert app.import_path == "serving.app:build"
+        args = ServingArgs.model_validate(app.args)
+        expected = "CausalLMServer" if "causal_lm" in config_path.name else "EncoderServer"
+        assert [d.name for d in app.deployments] == [expected]
+        deployment = app.deployments[0]
+        assert deployment.max_ongoing_requests >= args.max_batch_size
+        assert deployment.autoscaling_config["min_replicas"] <= deployment.autoscaling_config["max_replicas"]
+        assert (args.device == "cuda") == ("gpu" in config_path.name)
+        assert bool(deployment.ray_actor_options.num_gpus) == ("gpu" in config_path.name)
+
+
+def test_builder_validates_export_before_deploying(causal_export, tmp_path):
+    from ray.serve.deployment import Application
+
+    from serving.app import build
+
+    assert isinstance(build({"export_dir": str(causal_export)}), Application)
+    with pytest.raises(ExportFormatError, match="export directory does not exist"):
+        build({"export_dir": str(tmp_path / "nope")})
+
+
+def test_serving_never_imports_training():
+    for path in (REPO / "serving").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "training" or n.startswith("training.") for n in names), path
+    code = "import sys, serving.app, serving.generation, serving.encoders; print('training' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_dashboard_plots_every_exported_metric():
+    from serving.metrics import EXPORTED_NAMES
+
+    dashboard = json.loads((REPO / "serving" / "dashboards" / "raylm-serving.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    for name in EXPORTED_NAMES:
+        base = name.removesuffix("_bucket")
+        assert base in exprs, f"{name} has no panel"
+
+
+# ---- security --------------------------------------------------------------------------------------
+def test_api_key_guard_statuses(tmp_path, monkeypatch):
+    key_file = tmp_path / "keys"
+    key_file.write_text("# ops keys\nfile-key\n")
+    monkeypatch.setenv("TEST_RAYLM_KEYS", "env-key-1, env-key-2")
+    guard = ApiKeyGuard.from_sources("TEST_RAYLM_KEYS", str(key_file), required=True)
+    assert guard.check(None).status == 401
+    assert guard.check("Basic abc").status == 401
+    assert guard.check("Bearer wrong").status == 403
+    assert guard.check("Bearer env-key-2") is None and guard.check("Bearer file-key") is None
+    with pytest.raises(ApiKeyConfigError, match="require_api_key"):
+        ApiKeyGuard.from_sources("TEST_RAYLM_UNSET", None, required=True)
+
+
+def _valid_card(prefix: str) -> str:
+    return next(prefix + str(d) for d in range(10) if _luhn_valid(prefix + str(d)))
+
+
+def test_pii_masking_english_formats():
+    card = _valid_card("411111111111111")
+    text = f"Mail jane.doe@example.co.uk, call +1 (415) 555-0132 or 415-555-0199, card {card}."
+    masked = mask_pii(text)
+    assert masked == "Mail [EMAIL], call [PHONE] or [PHONE], card [BANK_CARD]."
+    # Not PII: dates, versions, prices, short numbers, and digit runs that fail the Luhn check.
+    keep = "On 2024-05-01 v1.2.3 cost 12.50 for 3 items; order 4111111111111112."
+    assert mask_pii(keep) == keep
+
+
+def test_pii_masking_chinese_formats():
+    card = _valid_card("622202020000123456")
+    grouped = " ".join(card[i:i + 4] for i in range(0, len(card), 4))
+    text = f"身份证11010519491231002X，手机13812345678，另一个+86 139-1234-5678，座机010-62345678，银行卡{grouped}。"
+    assert mask_pii(text) == "身份证[CN_ID]，手机[PHONE]，另一个[PHONE]，座机[PHONE]，银行卡[BANK_CARD]。"
+    assert mask_pii("订单号20240501，价格399元") == "订单号20240501，价格399元"
+
+
+# ---- NER spans -------------------------------------------------------------------------------------
+def test_bio_spans_merge_tokens_into_character_spans():
+    text = "张三在北京工作 at Acme Corp"
+    tokens = [("B-PER", 0, 1, 0.9), ("I-PER", 1, 2, 0.7), ("O", 2, 3, 0.99), ("B-LOC", 3, 4, 0.8),
+              ("I-LOC", 4, 5, 0.6), ("O", 5, 6, 0.9), ("O", 6, 7, 0.9), ("I-ORG", 11, 15, 0.5), ("I-ORG", 16, 20, 0.7)]
+    spans = bio_spans(text, tokens)
+    assert [(e.entity, e.start, e.end, e.text) for e in spans] == [
+        ("PER", 0, 2, "张三"), ("LOC", 3, 5, "北京"), ("ORG", 11, 20, "Acme Corp")]
+    assert spans[0].score == pytest.approx(0.8)
+
+
+# ---- decoding, quantization, health ----------------------------------------------------------------
+def test_batched_greedy_equals_one_by_one_in_process(causal_export):
+    import torch
+
+    from serving.generation import CausalLMEngine, GenerationJob, SamplingParams
+
+    torch.set_num_threads(1)
+    engine = CausalLMEngine(read_export(causal_export))
+    prompts = ["The quick brown fox", "Hi", "def f(x): return x * 2 and then call it many times", "很好的酒店，服务不错"]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    jobs = lambda: [GenerationJob(engine.encode(p), greedy) for p in prompts]  # noqa: E731
+    batched = engine.generate(jobs())
+    alone = [engine.generate([job])[0] for job in jobs()]
+    assert [b[0] for b in batched] == [a[0] for a in alone]
+    assert all(len(b[0]) > 0 for b in batched)
+    seeded = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=7)
+    twice = engine.generate([GenerationJob(engine.encode("Hello"), seeded), GenerationJob(engine.encode("Hello"), seeded)])
+    assert twice[0][0] == twice[1][0]
+
+
+def test_stop_strings_end_generation_and_are_not_returned(causal_export):
+    from serving.generation import CausalLMEngine, GenerationJob, SamplingParams
+
+    engine = CausalLMEngine(read_export(causal_export))
+    full = engine.generate([GenerationJob(engine.encode("Hello"), SamplingParams(max_tokens=20, temperature=0))])[0][1]
+    stop = full[3:5]
+    assert stop, "the greedy continuation is too short to pick a stop string"
+    _, text, reason = engine.generate(
+        [GenerationJob(engine.encode("Hello"), SamplingParams(max_tokens=20, temperature=0, stop=(stop,)))])[0]
+    assert reason == "stop" and text == full[: full.find(stop)]
+
+
+def test_int8_switch_quantizes_linear_layers(causal_export):
+    from serving.generation import CausalLMEngine, GenerationJob, SamplingParams
+
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    engine = CausalLMEngine(read_export(causal_export), quantize_int8=True)
+    modules = list(engine.model.modules())
+    assert engine.quantized and any(isinstance(m, DynamicInt8Linear) for m in modules)
+    assert not any(type(m) is torch.nn.Linear for m in modules)  # every float Linear was replaced
+    ids, _, _ = engine.generate([GenerationJob(engine.encode("Hello"), SamplingParams(max_tokens=4, temperature=0))])[0]
+    assert len(ids) == 4
+
+
+def test_health_check_fails_when_model_cannot_answer(causal_export):
+    import torch
+
+    from serving.generation import CausalLMEngine
+
+    engine = CausalLMEngine(read_export(causal_export))
+    engine.check_health()
+    with torch.no_grad():
+        engine.model.get_input_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        engine.check_health()
+
+
+@pytest.mark.gpu
+def test_gpu_engine_batched_greedy_equals_one_by_one(causal_export):
+    """The GPU configs' settings (device cuda, bf16) keep batched and single greedy decoding equal."""
+    import torch
+
+    from serving.generation import CausalLMEngine, GenerationJob, SamplingParams
+
+    assert torch.cuda.is_available(), "a gpu-marked test needs a CUDA device"
+    engine = CausalLMEngine(read_export(causal_export), device="cuda", dtype="bfloat16")
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    prompts = ["The quick brown fox", "Hi", "很好的酒店，服务不错"]
+    batched = engine.generate([GenerationJob(engine.encode(p), greedy) for p in prompts])
+    alone = [engine.generate([GenerationJob(engine.encode(p), greedy)])[0] for p in prompts]
+    assert [b[0] for b in batched] == [a[0] for a in alone]
+    engine.check_health()
