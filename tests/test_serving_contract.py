@@ -226,17 +226,36 @@ def test_stop_strings_end_generation_and_are_not_returned(causal_export):
 
 
 def test_int8_switch_quantizes_linear_layers(causal_export):
-    from serving.generation import CausalLMEngine, GenerationJob, SamplingParams
+    from serving.generation import CausalLMEngine, GenerationJob, Int8DynamicLinear, SamplingParams
 
     import torch
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
     engine = CausalLMEngine(read_export(causal_export), quantize_int8=True)
     modules = list(engine.model.modules())
-    assert engine.quantized and any(isinstance(m, DynamicInt8Linear) for m in modules)
-    assert not any(type(m) is torch.nn.Linear for m in modules)  # every float Linear was replaced
+    assert engine.quantized and any(isinstance(m, Int8DynamicLinear) for m in modules)
+    assert not any(type(m) is torch.nn.Linear for m in modules)  # every float Linear was replaced, lm_head too
     ids, _, _ = engine.generate([GenerationJob(engine.encode("Hello"), SamplingParams(max_tokens=4, temperature=0))])[0]
     assert len(ids) == 4
+
+
+def test_int8_linear_is_per_token_and_keeps_outlier_channels_in_float():
+    import torch
+
+    from serving.generation import Int8DynamicLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(2, 5, 64) * 0.5
+    x[0, 0, 3] = 200.0  # one outlier channel in one token of one sequence
+    want = linear(x)
+    for threshold in (3.0, None):
+        got = Int8DynamicLinear(linear, threshold)(x)
+        assert got.shape == want.shape
+        # per-token scales: the outlier token does not flatten the other tokens / sequences
+        rest = (got - want)[1].norm() / want[1].norm()
+        assert rest < 0.02, (threshold, rest)
+    whole = Int8DynamicLinear(linear, 3.0)(x)
+    assert ((whole - want).norm() / want.norm()) < 0.02
 
 
 def test_health_check_fails_when_model_cannot_answer(causal_export):
