@@ -26,7 +26,7 @@ demo: install
 	$(PY) -m training.pretrain --config configs/pretrain/demo_cpu.yaml
 
 test: install
-	$(PY) -m pytest -m "not gpu" tests
+	$(PY) -m pytest -m "not gpu" --durations=15 tests
 
 test-gpu: install
 	$(PY) -m pytest -m gpu tests
