@@ -230,14 +230,17 @@ class _ModelServer:
         return api
 
 
-@serve.deployment(
-    name="CausalLMServer",
+# Shared by both servers; the Serve config YAML overrides any of these per deployment.
+_DEPLOYMENT_DEFAULTS = dict(
     max_ongoing_requests=64,
     graceful_shutdown_wait_loop_s=1.0,
     graceful_shutdown_timeout_s=60.0,
     health_check_period_s=10.0,
     health_check_timeout_s=30.0,
 )
+
+
+@serve.deployment(name="CausalLMServer", **_DEPLOYMENT_DEFAULTS)
 @serve.ingress()
 class CausalLMServer(_ModelServer):
     """Causal-LM export behind OpenAI-compatible endpoints, batched decoding, multiplexed LoRA adapters."""
@@ -471,14 +474,7 @@ class CausalLMServer(_ModelServer):
         return api
 
 
-@serve.deployment(
-    name="EncoderServer",
-    max_ongoing_requests=64,
-    graceful_shutdown_wait_loop_s=1.0,
-    graceful_shutdown_timeout_s=60.0,
-    health_check_period_s=10.0,
-    health_check_timeout_s=30.0,
-)
+@serve.deployment(name="EncoderServer", **_DEPLOYMENT_DEFAULTS)
 @serve.ingress()
 class EncoderServer(_ModelServer):
     """Classification (/v1/classify) or NER (/v1/ner) export, batched across concurrent requests."""
