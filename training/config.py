@@ -138,7 +138,6 @@ class DeepSpeedSection(_Section):
     offload_optimizer: bool = Field(False, description="Optimizer states and step on CPU (ZeRO-Offload); stage >= 1.")
     offload_params: bool = Field(False, description="Parameters on CPU between uses (ZeRO-Infinity); stage 3 only.")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_init: bool = Field(False, description="Build the model already partitioned (deepspeed.zero.Init); stage 3 only.")
 
     @model_validator(mode="after")
     def _check(self) -> "DeepSpeedSection":
@@ -150,8 +149,6 @@ class DeepSpeedSection(_Section):
                 f"deepspeed.offload_params: only ZeRO stage 3 partitions parameters (zero_stage is {self.zero_stage}); "
                 "set deepspeed.zero_stage: 3 or offload_params: false"
             )
-        if self.zero_init and self.zero_stage != 3:
-            problems.append(f"deepspeed.zero_init: only meaningful with zero_stage 3 (got {self.zero_stage}); set zero_init: false")
         if problems:
             raise ValueError("; ".join(problems))
         return self
