@@ -111,6 +111,11 @@ def test_deepspeed_json_comes_from_the_typed_fields(stage):
     params = ds["optimizer"]["params"]
     assert params["lr"] == 0.003 and params["betas"] == [0.9, 0.99] and params["weight_decay"] == 0.01
     assert "bf16" not in ds and "fp16" not in ds
+    if stage >= 1:
+        assert ds["zero_optimization"]["reduce_bucket_size"] == cfg.deepspeed.bucket_elements == 50_000_000
+    small = build_deepspeed_config(validate_config({**raw, "deepspeed": {"zero_stage": stage, "bucket_elements": 200_000}}), 4)
+    if stage >= 1:
+        assert small["zero_optimization"]["allgather_bucket_size"] == 200_000
 
 
 def test_deepspeed_json_offload_and_precision():

@@ -138,6 +138,12 @@ class DeepSpeedSection(_Section):
     offload_optimizer: bool = Field(False, description="Optimizer states and step on CPU (ZeRO-Offload); stage >= 1.")
     offload_params: bool = Field(False, description="Parameters on CPU between uses (ZeRO-Infinity); stage 3 only.")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    bucket_elements: int = Field(
+        50_000_000, ge=10_000,
+        description="ZeRO reduce/all-gather bucket size in elements. The default suits GPUs and large models; a "
+        "bucket bigger than the model holds every gradient until the end of backward (benchmarks/zero_memory), "
+        "so lower it for small models or tight memory.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "DeepSpeedSection":

@@ -10,9 +10,6 @@ from typing import Any
 
 from training.config import PretrainConfig
 
-# Buckets sized for 2026-era GPUs (tens of GB); on CPU they simply bound message sizes.
-_BUCKET_ELEMENTS = 50_000_000
-
 
 def build_deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict[str, Any]:
     """DeepSpeed config dict for `deepspeed.initialize(config=...)`.
@@ -29,12 +26,12 @@ def build_deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict[str, An
             contiguous_gradients=True,
             overlap_comm=on_gpu,
             reduce_scatter=True,
-            reduce_bucket_size=_BUCKET_ELEMENTS,
-            allgather_bucket_size=_BUCKET_ELEMENTS,
+            reduce_bucket_size=ds.bucket_elements,
+            allgather_bucket_size=ds.bucket_elements,
         )
     if ds.zero_stage == 3:
         zero.update(
-            stage3_prefetch_bucket_size=_BUCKET_ELEMENTS // 10,
+            stage3_prefetch_bucket_size=max(10_000, ds.bucket_elements // 10),
             stage3_param_persistence_threshold=10_000,
             # Export and checkpoints consolidate from the shards; no 16-bit copy is gathered on save.
             stage3_gather_16bit_weights_on_model_save=False,
