@@ -182,7 +182,7 @@ def train_tokenizer(cfg: PretrainConfig, files: list[Path], out_dir: Path):
         show_progress=False,
     )
     stats = CorpusStats()
-    docs = (d for i, d in enumerate(_limited(iter_documents(files, cfg.data.format, cfg.data.text_field, stats), cfg.data.max_documents))
+    docs = (d for i, d in enumerate(itertools.islice(iter_documents(files, cfg.data.format, cfg.data.text_field, stats), cfg.data.max_documents))
             if not _is_validation(i, cfg.run.seed, cfg.data.val_fraction))
     tok.train_from_iterator(docs, trainer=trainer)
     fast = PreTrainedTokenizerFast(
@@ -194,10 +194,6 @@ def train_tokenizer(cfg: PretrainConfig, files: list[Path], out_dir: Path):
     )
     fast.save_pretrained(out_dir)
     return fast
-
-
-def _limited(it: Iterator[str], limit: int | None) -> Iterator[str]:
-    return itertools.islice(it, limit)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -297,7 +293,7 @@ def prepare_data(cfg: PretrainConfig, log=print) -> PreparedData:
             setattr(stats, f"{split}_tokens", getattr(stats, f"{split}_tokens") + len(ids) + 1)
         batch.clear()
 
-    docs = _limited(iter_documents(files, cfg.data.format, cfg.data.text_field, stats), cfg.data.max_documents)
+    docs = itertools.islice(iter_documents(files, cfg.data.format, cfg.data.text_field, stats), cfg.data.max_documents)
     for i, doc in enumerate(docs):
         split = "val" if _is_validation(i, cfg.run.seed, cfg.data.val_fraction) else "train"
         setattr(stats, f"{split}_documents", getattr(stats, f"{split}_documents") + 1)

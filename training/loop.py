@@ -35,7 +35,7 @@ def _maybe_inject_fault(spec: str | None, rank: int, step: int) -> None:
         os._exit(1)
 
 
-def global_batches(iterator_factory, batch_rows: int, start_batch: int):
+def global_batches(shard, batch_rows: int, start_batch: int):
     """Yield global batches (numpy dicts) forever, epoch after epoch, starting at `start_batch`.
 
     Every rank reads the same unsplit, order-preserving stream and takes its own slice, so the
@@ -45,7 +45,7 @@ def global_batches(iterator_factory, batch_rows: int, start_batch: int):
     skip = start_batch
     while True:
         produced = 0
-        for batch in iterator_factory().iter_batches(batch_size=batch_rows, batch_format="numpy", drop_last=True):
+        for batch in shard.iter_batches(batch_size=batch_rows, batch_format="numpy", drop_last=True):
             produced += 1
             if skip:
                 skip -= 1
@@ -132,7 +132,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr_scheduler=lambda_scheduler(cfg.optim),
     )
 
-    state = {"step": 0, "tokens_seen": 0}
+    state = {"step": 0, "tokens_seen": 0, "world_size": world}
     resumed_from_step = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -155,7 +155,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if prepared.get("val_path") else None
     val_blocks = None
-    batches = global_batches(lambda: train_shard, per_rank * world, state["step"] * gas)
+    batches = global_batches(train_shard, per_rank * world, state["step"] * gas)
 
     window_start, window_steps, reported = time.perf_counter(), 0, False
     while state["step"] < optim.max_steps:
@@ -169,7 +169,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss_sum += loss.detach().float()
         state["step"] += 1
         state["tokens_seen"] += tokens_per_step
-        state["world_size"] = world
         window_steps += 1
         step = state["step"]
         _maybe_inject_fault(loop_config.get("test_fault"), rank, step)
