@@ -1,6 +1,6 @@
 """Every manifest under k8s/ validates against the schemas of what will run it.
 
-- RayCluster / RayJob / RayService: KubeRay v1.7.0's CRD `openAPIV3Schema` (../shared/kuberay-crds-v1.7.0),
+- RayCluster / RayJob / RayService: KubeRay v1.7.0's CRD `openAPIV3Schema` (tests/data/kuberay-crds-v1.7.0),
   made strict the way `kubectl --validate=strict` is (unknown fields are errors, not silently pruned).
 - Core kinds (PersistentVolumeClaim, ConfigMap): Kubernetes' own JSON schemas (kubernetes-validate, strict).
 - PodMonitor / ServiceMonitor: no offline package ships prometheus-operator's schema, so a structural
@@ -30,7 +30,7 @@ from cluster.preflight import cluster_from_raycluster
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
-CRD_DIR = REPO.parent / "shared" / "kuberay-crds-v1.7.0"
+CRD_DIR = REPO / "tests" / "data" / "kuberay-crds-v1.7.0"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
 KUBERNETES_VERSION = "1.32.0"
 OVERLAYS = ["cpu-dev", "gpu-prod"]
@@ -65,8 +65,8 @@ def crd_schema(kind: str) -> dict:
     path = CRD_DIR / CRD_FILES[kind]
     if not path.is_file():
         pytest.fail(
-            f"KubeRay CRD {path} is missing: the manifests are validated against KubeRay v1.7.0's CRDs, expected at "
-            f"<repo>/../shared/kuberay-crds-v1.7.0/ (a read-only copy sits beside the clone in CI)"
+            f"KubeRay CRD {path} is missing: the manifests are validated against KubeRay v1.7.0's CRDs, which the "
+            "repository carries in tests/data/kuberay-crds-v1.7.0/ (see its README for the source)"
         )
     crd = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
