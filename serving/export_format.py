@@ -67,7 +67,15 @@ class AdapterManifest(BaseModel):
     format_version: int = 1
     adapter: Literal[True]
     task: Task
-    base_model: str = Field(min_length=1)
+    base_model: str = Field(min_length=1, description="model_name of the export the adapter was trained on.")
+    peft_type: Literal["LORA", "PROMPT_TUNING", "PREFIX_TUNING"] = Field(
+        "LORA", description="peft's PeftType; serving batches LoRA adapters only."
+    )
+    base_shape: dict[str, int | str] = Field(
+        default_factory=dict,
+        description="Facts of the base's config.json the adapter depends on (model_type, hidden_size, "
+        "num_hidden_layers, vocab_size); serving refuses an adapter whose facts differ from the served model's.",
+    )
 
 
 class ModelExport(BaseModel):
