@@ -214,6 +214,23 @@ def smollm2_gguf() -> Path:
     return sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0]
 
 
+def dequantized_hf_dir(gguf: Path, out: Path) -> Path:
+    """The GGUF model dequantized once and re-saved as a plain HF directory (safetensors + tokenizer), so each
+    later load takes seconds instead of a dequantization (cpu-stack-facts.md)."""
+    if (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = out.with_name(out.name + ".partial")
+    model.save_pretrained(staging, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(staging)
+    staging.rename(out)
+    return out
+
+
 def unk_share(model_dir: Path, texts: list[str]) -> float:
     """Share of the tokens of `texts` that the tokenizer maps to its unknown token."""
     from transformers import AutoTokenizer
@@ -314,7 +331,7 @@ def uptime() -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tasks = args.tasks.split(",")
     methods = [m for m in args.methods.split(",") if m] if not args.baselines_only else []
@@ -328,6 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
                       "ner": {"train": len(ner_train), "test": len(ner_test),
                               "test_entities": sum(len(entity_spans(t)) for _, t in ner_test)}}
     model = choose_model(args, [t for t, _ in cls_train[:500]] + ["".join(c) for c, _ in ner_train[:500]])
+    if methods and model["source"] == "gguf":  # dequantize once; every fine-tune then loads it in seconds
+        model.update(gguf=model["path"], source="hf_dir",
+                     path=str(dequantized_hf_dir(Path(model["path"]), workdir / "smollm2-hf").resolve()))
     result["model"] = model
     print(f"[bench] model: {model['name']}" + (f" ({model['why']})" if model.get("why") else ""), flush=True)
 
