@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cls-test", type=int, default=1000)
     p.add_argument("--ner-train", type=int, default=1500)
     p.add_argument("--ner-test", type=int, default=500)
-    p.add_argument("--max-chars", type=int, default=64, help="reviews / sentences longer than this are cut / dropped")
+    p.add_argument("--max-chars", type=int, default=48, help="reviews / sentences longer than this are cut / dropped")
     p.add_argument("--methods", default="lora,full")
     p.add_argument("--tasks", default="cls,ner")
     p.add_argument("--model", choices=("auto", "smollm2", "minilm"), default="auto")
