@@ -221,9 +221,13 @@ def dequantized_hf_dir(gguf: Path, out: Path) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # A model loaded from GGUF refuses save_pretrained: copy its (dequantized fp32) weights into a plain one.
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
     staging = out.with_name(out.name + ".partial")
     model.save_pretrained(staging, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(staging)
