@@ -364,8 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.time()
         scores["ner_baseline"] = {**ner_baseline(ner_train, ner_test, args.seed), "seconds": round(time.time() - started, 1)}
         print(f"[bench] NER baseline: {scores['ner_baseline']}", flush=True)
-    for task in tasks:
-        for method in methods:
+    for method in methods:  # each method on every task before the next method
+        for task in tasks:
             train_file, test_file = files[task]
             n_train = len(cls_train) if task == "cls" else len(ner_train)
             try:
@@ -373,20 +373,8 @@ def main(argv: list[str] | None = None) -> dict:
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 scores[f"{task}_{method}"] = {"error": str(exc)[-2000:]}
             print(f"[bench] {task} {method}: {scores[f'{task}_{method}']}", flush=True)
-    result["scores"] = scores
-    result["load_after"] = uptime()
-
-    def best(task: str, metric: str) -> tuple[float | None, str | None]:
-        found = [(s["metrics"][metric], m) for m in methods if "metrics" in (s := scores.get(f"{task}_{m}", {}))]
-        return max(found) if found else (None, None)
-
-    cls_acc, cls_method = best("cls", "accuracy")
-    ner_f1, ner_method = best("ner", "f1")
-    result["summary"] = {"cls_acc": cls_acc, "cls_method": cls_method, "ner_f1": ner_f1, "ner_method": ner_method,
-                         "cls_baseline": scores.get("cls_baseline", {}).get("accuracy"),
-                         "ner_baseline": scores.get("ner_baseline", {}).get("f1"), "target_points_above": 3}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False))
+            write_result(result, scores, methods, args.out)  # after every run: a stopped benchmark keeps its figures
+    write_result(result, scores, methods, args.out)
     print(f"[bench] load: before {result['load_before']} | after {result['load_after']}")
 
     def fmt(v):
@@ -396,6 +384,24 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"cls_acc={fmt(s['cls_acc'])} cls_baseline={fmt(s['cls_baseline'])} "
           f"ner_f1={fmt(s['ner_f1'])} ner_baseline={fmt(s['ner_baseline'])}")
     return result
+
+
+def write_result(result: dict, scores: dict, methods: list[str], out: str) -> None:
+    """The summary (the better fine-tuning method per task) and the JSON file, as far as the runs got."""
+
+    def best(task: str, metric: str) -> tuple[float | None, str | None]:
+        found = [(s["metrics"][metric], m) for m in methods if "metrics" in (s := scores.get(f"{task}_{m}", {}))]
+        return max(found) if found else (None, None)
+
+    cls_acc, cls_method = best("cls", "accuracy")
+    ner_f1, ner_method = best("ner", "f1")
+    result["scores"] = scores
+    result["load_after"] = uptime()
+    result["summary"] = {"cls_acc": cls_acc, "cls_method": cls_method, "ner_f1": ner_f1, "ner_method": ner_method,
+                         "cls_baseline": scores.get("cls_baseline", {}).get("accuracy"),
+                         "ner_baseline": scores.get("ner_baseline", {}).get("f1"), "target_points_above": 3}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":
