@@ -47,7 +47,7 @@ def test_finetune_quality_baselines_only_end_to_end(tmp_path):
     out = tmp_path / "fq.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.finetune_quality", "--quick", "--baselines-only",
                            "--workdir", str(tmp_path / "work"), "--out", str(out)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = dict(item.split("=", 1) for item in proc.stdout.strip().splitlines()[-1].split())
     assert set(last) == {"cls_acc", "cls_baseline", "ner_f1", "ner_baseline"} and last["cls_acc"] == "na"
@@ -65,7 +65,7 @@ def test_lora_efficiency_on_a_tiny_llama(tmp_path):
     out = tmp_path / "le.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.lora_efficiency", "--base", str(base), "--repeats", "2",
                            "--micro-batch", "2", "--seq-len", "16", "--threads", "1", "--out", str(out)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = dict(item.split("=", 1) for item in proc.stdout.strip().splitlines()[-1].split())
     assert set(last) == {"trainable_frac", "adapter_frac", "step_ratio"}
