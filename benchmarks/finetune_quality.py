@@ -315,8 +315,14 @@ def finetune_and_evaluate(args, task: str, method: str, model: dict, train_file:
     export_dir = workdir / "exports" / f"{task}-{method}"
     started = time.time()
     if not (export_dir / "raylm.json").is_file():
-        run_logged([sys.executable, "-m", "training.finetune", "--config", str(config_path)],
-                   workdir / f"{task}-{method}.finetune.log", timeout=args.timeout)
+        for attempt in range(2):  # on a crowded machine Ray's own start can time out; a rerun resumes the run
+            try:
+                run_logged([sys.executable, "-m", "training.finetune", "--config", str(config_path)],
+                           workdir / f"{task}-{method}.finetune{'.retry' if attempt else ''}.log", timeout=args.timeout)
+                break
+            except RuntimeError:
+                if attempt:
+                    raise
         run_logged([sys.executable, "-m", "training.export", str(run_dir), str(export_dir), "--replace"],
                    workdir / f"{task}-{method}.export.log", timeout=args.timeout)
     train_s = time.time() - started
