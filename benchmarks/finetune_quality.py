@@ -294,7 +294,8 @@ def run_logged(cmd: list[str], log_path: Path, timeout: float) -> None:
     """Run a command with its output in log_path; raise with the log's tail when it fails."""
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                              # A crowded machine starts Ray's dashboard in minutes, not in Ray's default 60 s.
+                              env={"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600", **os.environ, "PYTHONPATH": str(REPO_ROOT)})
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}); log {log_path}:\n{tail}")
