@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.time()
         scores["ner_baseline"] = {**ner_baseline(ner_train, ner_test, args.seed), "seconds": round(time.time() - started, 1)}
         print(f"[bench] NER baseline: {scores['ner_baseline']}", flush=True)
+    write_result(result, scores, methods, args.out)
     for method in methods:  # each method on every task before the next method
         for task in tasks:
             train_file, test_file = files[task]
