@@ -276,11 +276,34 @@ def check_combinations(raw: dict, rules: list[Rule] | None = None) -> list[Findi
 
 
 def worker_resources(raw: dict) -> tuple[int, dict[str, float], str]:
-    """(num_workers, resources per worker, placement strategy) from a raw config, with the typed defaults."""
-    from training.config import ScalingSection
+    """(num_workers, resources per worker, placement strategy) from a raw config, with the typed defaults.
 
-    scaling = ScalingSection.model_validate(raw.get("scaling") or {})
+    Raises ConfigError naming each bad `scaling.*` key (checked on its own: configs of kinds that
+    training.config does not know still carry a scaling section).
+    """
+    from pydantic import ValidationError
+
+    from training.config import ConfigError, ScalingSection, format_validation_error
+
+    class ScalingOnly(BaseModel):
+        scaling: ScalingSection = Field(default_factory=ScalingSection)
+
+    try:
+        scaling = ScalingOnly.model_validate({"scaling": raw.get("scaling") or {}}).scaling
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, ScalingOnly), "scaling") from None
     return scaling.num_workers, scaling.worker_resources, scaling.placement_strategy
+
+
+def check_scaling(raw: dict) -> list[Finding]:
+    """The scaling section's problems, each with its fix (empty when it validates)."""
+    from training.config import ConfigError
+
+    try:
+        worker_resources(raw)
+    except ConfigError as err:
+        return [Finding("scaling", "scaling section", p, "edit the YAML or pass --set scaling.KEY=VALUE") for p in err.problems]
+    return []
 
 
 def _fits_on(node: dict[str, float], need: dict[str, float]) -> int:
@@ -434,7 +457,14 @@ def run_preflight(
     """All checks on one config; the cluster checks run against the envelope (else the live view) when given."""
     findings = check_typed_config(raw, config_path) + check_combinations(raw)
     view = _merge(live, envelope)
-    if view is None:
+    scaling_problems = check_scaling(raw)
+    if scaling_problems:
+        # A typed pretrain config already reported them; other kinds of config did not.
+        reported = {f.problem for f in findings}
+        findings += [f for f in scaling_problems if f.problem not in reported]
+        if view is not None:
+            findings.append(Finding("capacity", "scaling section invalid: capacity, GPU and storage checks skipped until it validates"))
+    elif view is None:
         findings.append(Finding("capacity", "no cluster given (--address / --cluster-config): capacity, GPU and storage checks skipped"))
     else:
         findings += check_capacity(raw, view)
