@@ -18,6 +18,10 @@ Torch-free: it runs on a laptop next to `cluster.submit`.
 
 from __future__ import annotations
 
+from cluster.requirements_check import check_requirements
+
+check_requirements("cluster.preflight", run_as_main=__name__ == "__main__")  # before any third-party import
+
 import argparse
 import math
 import os

@@ -17,6 +17,10 @@ while waiting (the job keeps running).
 
 from __future__ import annotations
 
+from cluster.requirements_check import check_requirements
+
+check_requirements("cluster.submit", run_as_main=__name__ == "__main__")  # before any third-party import
+
 import argparse
 import asyncio
 import json

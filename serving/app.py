@@ -8,6 +8,11 @@ classification export gets /v1/classify and an NER export /v1/ner. Every app has
 /openapi.json. Requests are batched with @serve.batch, adapters multiplexed with serve.multiplexed.
 """
 
+from cluster.requirements_check import check_requirements
+
+# Replicas import this first: a node whose Python lacks raylm's dependencies fails with one line naming them.
+check_requirements("serving.app", run_as_main=False)
+
 import asyncio
 import json
 import logging

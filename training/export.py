@@ -9,6 +9,10 @@ and `raylm.json` (task, labels, max length): the contract `serving` reads. No pi
 
 from __future__ import annotations
 
+from cluster.requirements_check import check_requirements
+
+check_requirements("training.export", run_as_main=__name__ == "__main__")  # before any third-party import
+
 import argparse
 import json
 import shutil

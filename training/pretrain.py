@@ -9,6 +9,10 @@ build the trainer -> fit -> write results. Rerunning the same command resumes th
 
 from __future__ import annotations
 
+from cluster.requirements_check import check_requirements
+
+check_requirements("training.pretrain", run_as_main=__name__ == "__main__")  # before any third-party import
+
 import argparse
 import json
 import math
