@@ -3,7 +3,7 @@
 - RayCluster / RayJob / RayService: KubeRay v1.7.0's CRD `openAPIV3Schema` (tests/data/kuberay-crds-v1.7.0),
   made strict the way `kubectl --validate=strict` is (unknown fields are errors, not silently pruned).
 - Core kinds (PersistentVolumeClaim, ConfigMap): Kubernetes' own JSON schemas (kubernetes-validate, strict).
-- PodMonitor / ServiceMonitor: no offline package ships prometheus-operator's schema, so a structural
+- PodMonitor / ServiceMonitor / PrometheusRule: no offline package ships prometheus-operator's schema, so a structural
   schema of the fields we use, closed to unknown fields, stands in for it.
 - kustomization.yaml: built by kustomize itself (`kubectl kustomize`), which rejects unknown fields.
 - RayService.serveConfigV2: Ray Serve's own `ServeDeploySchema`, and it must be the serving config.
@@ -160,6 +160,63 @@ MONITOR_SCHEMAS = {
 }
 
 
+_DURATION = {"type": "string", "pattern": r"^((([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?|0)$"}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+# prometheus-operator's PrometheusRule (monitoring.coreos.com/v1), the fields of its CRD, closed to unknown fields.
+MONITOR_SCHEMAS["PrometheusRule"] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": _MONITOR_META,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "query_offset": _DURATION,
+                            "limit": {"type": "integer"},
+                            "partial_response_strategy": {"type": "string"},
+                            "labels": _STRING_MAP,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["expr"],
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "properties": {
+                                        "alert": {"type": "string", "pattern": r"^[a-zA-Z_][a-zA-Z0-9_]*$"},
+                                        "record": {"type": "string"},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": _DURATION,
+                                        "keep_firing_for": _DURATION,
+                                        "labels": _STRING_MAP,
+                                        "annotations": _STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+        },
+    },
+}
+
+
 def validate_manifest(doc: dict) -> None:
     """Raise with the path of the first schema violation of one Kubernetes object."""
     kind = doc.get("kind")
@@ -193,7 +250,8 @@ def built(name: str) -> tuple:
 
 
 def manifest_files() -> list[Path]:
-    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and "overlays" not in p.parts)
+    # k8s/monitoring holds a plain Prometheus rules file, not a Kubernetes object (tests/test_k8s_alerts.py).
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and not {"overlays", "monitoring"} & set(p.parts))
 
 
 def docs_of_kind(kind: str, build: str) -> list[dict]:
@@ -231,7 +289,7 @@ def test_base_manifest_files_validate(path):
 def test_kustomize_builds_validate(build):
     docs = built(build)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["ConfigMap", "NetworkPolicy", "PersistentVolumeClaim", "PodMonitor", "RayCluster", "RayJob", "RayService", "ServiceMonitor"])
+    assert kinds == sorted(["ConfigMap", "NetworkPolicy", "PersistentVolumeClaim", "PodMonitor", "PrometheusRule", "RayCluster", "RayJob", "RayService", "ServiceMonitor"])
     for doc in docs:
         validate_manifest(doc)
     if build != "base":
@@ -556,3 +614,18 @@ def test_rayjob_runs_are_written_to_the_shared_volume(build):
         assert cfg.run.storage_path.startswith("/mnt/shared/"), f"{build}: run.storage_path {cfg.run.storage_path}"
         for _, container in containers(cluster_specs(job)):
             assert any(m["mountPath"] == "/mnt/shared" and not m.get("readOnly") for m in container["volumeMounts"])
+
+
+def test_prometheus_rule_schema_rejects_what_the_operator_would():
+    (rule,) = docs_of_kind("PrometheusRule", "base")
+    assert rule["metadata"]["labels"]["release"] == "prometheus", "kube-prometheus-stack selects rules by its release label"
+    for breakage in (
+        lambda r: r["spec"]["groups"][0]["rules"][0].update(severity="critical"),  # a label outside `labels`
+        lambda r: r["spec"]["groups"][0]["rules"][0].update(**{"for": "5 minutes"}),
+        lambda r: r["spec"]["groups"][0]["rules"][0].pop("expr"),
+        lambda r: r["spec"]["groups"][0]["rules"][0]["annotations"].update(runbook=3),
+    ):
+        broken = copy.deepcopy(rule)
+        breakage(broken)
+        with pytest.raises(jsonschema.ValidationError):
+            validate_manifest(broken)

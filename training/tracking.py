@@ -19,10 +19,23 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogCallback(UserCallback):
-    """Runs in the Train controller: appends rank 0's metrics (and checkpoint path) as JSON lines."""
+    """Runs in the Train controller: appends rank 0's metrics (and checkpoint path) as JSON lines, and
+    sets the run's Prometheus gauges (training.run_metrics: step, loss, tokens/s, checkpoint age,
+    worker failures) that the alert rules watch."""
 
     def __init__(self, run_dir: str):
         self.path = Path(run_dir) / METRICS_FILE
+        self._gauges = None  # created in the controller, where they are set (not pickled from the driver)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_gauges": None}
+
+    def gauges(self):
+        if self._gauges is None:
+            from training.run_metrics import TrainRunGauges
+
+            self._gauges = TrainRunGauges(self.path.parent.name)
+        return self._gauges
 
     def after_report(self, run_context, metrics, checkpoint):
         record = dict(metrics[0]) if metrics else {}
@@ -32,6 +45,10 @@ class MetricsLogCallback(UserCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        self.gauges().on_report(record, checkpoint is not None, now=record["time"])
+
+    def after_exception(self, run_context, worker_exceptions):
+        self.gauges().on_worker_failure()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
