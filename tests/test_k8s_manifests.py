@@ -545,29 +545,63 @@ def admitted_peers(policy: dict, port: int) -> list[dict | None]:
     return peers
 
 
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+DASHBOARD_CLIENTS = ({"app.kubernetes.io/name": "kuberay-operator"}, {"app.kubernetes.io/component": "ray-job-submitter"})
+
+
+def network_policy_problems(policy: dict) -> list[str]:
+    """Where the policy lets a private Ray port be reached from outside the Ray pods, monitoring (metrics
+    only), the KubeRay operator and the RayJob submitter (dashboard only); or blocks what must get through."""
+    problems = []
+    if policy["spec"].get("podSelector") != RAY_PODS:
+        problems.append(f"podSelector {policy['spec'].get('podSelector')} does not select every pod labelled ray.io/cluster")
+    if "Ingress" not in policy["spec"].get("policyTypes", []):
+        problems.append("policyTypes lacks Ingress")
+    for port, name in PRIVATE_PORTS.items():
+        for peer in admitted_peers(policy, port):
+            if peer == {"podSelector": RAY_PODS}:
+                continue  # pods of the Ray clusters (same namespace: no namespaceSelector)
+            if peer == MONITORING and port == 8080:
+                continue
+            if peer is not None and set(peer) <= {"podSelector", "namespaceSelector"} and port == 8265 \
+                    and (peer.get("podSelector") or {}).get("matchLabels") in DASHBOARD_CLIENTS:
+                continue
+            problems.append(f"{name} port {port} admits {peer or 'every source'}")
+        if {"podSelector": RAY_PODS} not in admitted_peers(policy, port):
+            problems.append(f"{name} port {port}: Ray pods cannot reach each other")
+    if MONITORING not in admitted_peers(policy, 8080):
+        problems.append("the monitoring namespace cannot scrape the metrics port")
+    if None not in admitted_peers(policy, 8000):
+        problems.append("clients cannot reach the Serve port 8000")
+    if None in admitted_peers(policy, 6380):
+        problems.append("a rule opens every port to every source")
+    return problems
+
+
 @pytest.mark.parametrize("build", ["base"] + OVERLAYS)
 def test_network_policy_keeps_ray_ports_inside(build):
     (policy,) = docs_of_kind("NetworkPolicy", build)
-    assert policy["spec"]["podSelector"] == RAY_PODS, "the policy selects every pod KubeRay labels with ray.io/cluster"
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
-    for port, name in PRIVATE_PORTS.items():
-        for peer in admitted_peers(policy, port):
-            where = f"{build}: {name} port {port} admits {peer}"
-            assert peer is not None and "ipBlock" not in peer, where
-            if peer == {"podSelector": RAY_PODS}:
-                continue  # pods of the Ray clusters (same namespace: no namespaceSelector)
-            if "namespaceSelector" in peer and "podSelector" not in peer:
-                assert port == 8080 and peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, where
-                continue
-            labels = peer["podSelector"]["matchLabels"]
-            assert port == 8265 and labels in ({"app.kubernetes.io/name": "kuberay-operator"}, {"app.kubernetes.io/component": "ray-job-submitter"}), where
-        assert {"podSelector": RAY_PODS} in admitted_peers(policy, port), f"{name}: Ray pods must reach each other"
-    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in admitted_peers(policy, 8080)
-    assert None in admitted_peers(policy, 8000), "Serve HTTP (API keys) stays reachable for clients"
-    assert None not in admitted_peers(policy, 6380), "no rule opens other ports to every source"
+    assert network_policy_problems(policy) == []
     # The submitter the policy admits is the RayJob's.
     for job in docs_of_kind("RayJob", build):
         assert job["spec"]["submitterPodTemplate"]["metadata"]["labels"]["app.kubernetes.io/component"] == "ray-job-submitter"
+
+
+def test_network_policy_check_catches_openings():
+    (policy,) = docs_of_kind("NetworkPolicy", "base")
+    opened = copy.deepcopy(policy)
+    opened["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": 8265}]})
+    assert network_policy_problems(opened) == ["dashboard port 8265 admits every source"]
+    opened = copy.deepcopy(policy)
+    opened["spec"]["ingress"][1]["ports"].append({"protocol": "TCP", "port": 6379})  # monitoring may reach the GCS
+    assert network_policy_problems(opened) == [f"GCS port 6379 admits {MONITORING}"]
+    opened = copy.deepcopy(policy)
+    opened["spec"]["ingress"][0]["from"][0]["namespaceSelector"] = {}  # Ray-labelled pods of any namespace
+    assert "GCS port 6379: Ray pods cannot reach each other" in network_policy_problems(opened)
+    assert any(p.startswith("GCS port 6379 admits {'podSelector'") for p in network_policy_problems(opened))
+    opened = copy.deepcopy(policy)
+    opened["spec"]["ingress"].append({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})
+    assert "metrics port 8080 admits {'ipBlock': {'cidr': '0.0.0.0/0'}}" in network_policy_problems(opened)
 
 
 def _mentions_secret(node, name: str) -> bool:
