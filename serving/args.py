@@ -46,7 +46,13 @@ class ServingArgs(BaseModel):
     api_keys_env: str | None = Field("RAYLM_API_KEYS", description="Env var holding comma-separated API keys.")
     api_keys_file: str | None = Field(None, description="File with one API key per line ('#' comments).")
     open_paths: list[str] = Field(["/healthz"], description="Paths served without an API key.")
-    pii_masking: bool = Field(False, description="Mask emails, phones, CN ID cards/mobiles, bank cards in prompts and logs.")
+    pii_masking: bool = Field(
+        False, description="Mask emails, phones, CN ID cards/mobiles, bank cards, IPv4 addresses and IBANs in "
+        "prompts, audit records and logs (exception text included)."
+    )
+    pii_mask_output: bool = Field(
+        False, description="Mask the same PII in generated text too (streams then hold each line back until it ends)."
+    )
     observers: list[str] = Field(
         [], description="Import paths 'module:Class' of request/response observers (see serving.observers)."
     )

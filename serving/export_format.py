@@ -126,6 +126,50 @@ def _validation_message(path: Path, exc: ValidationError) -> str:
     return f"{path}: " + "; ".join(problems)
 
 
+def _id2label(config_path: Path, config: dict) -> dict[int, str]:
+    raw = config.get("id2label") or {}
+    if not isinstance(raw, dict):
+        raise ExportFormatError(f"{config_path}: id2label must be an object {{\"0\": \"label\", ...}}; re-export the model")
+    bad = [k for k in raw if not (isinstance(k, str) and k.strip().lstrip("-").isdigit())]
+    if bad:
+        raise ExportFormatError(
+            f"{config_path}: id2label keys must be integer class ids (\"0\", \"1\", ...); got {bad[:5]}. "
+            "Fix: write id2label as {\"<id>\": \"<label>\"} (transformers: config.id2label = dict(enumerate(labels))) "
+            "and re-export"
+        )
+    return {int(k): str(v) for k, v in raw.items()}
+
+
+def adapter_problems(adapter: AdapterExport, base: ModelExport) -> list[str]:
+    """Why `adapter` cannot be batched on the served `base` (empty when it can): another task, a peft
+    method other than LoRA (prompt/prefix tuning change the sequence, so requests cannot share a
+    batch), or a base whose config.json facts differ from the ones the adapter was trained on."""
+    problems = []
+    manifest = adapter.manifest
+    if manifest.task != base.task:
+        problems.append(f"the adapter is for task '{manifest.task}', the served model is '{base.task}'")
+    peft_config = _read_json(adapter.path / "adapter_config.json", "adapter_config.json")
+    peft_types = {manifest.peft_type, str(peft_config.get("peft_type", "LORA")).upper()}
+    for peft_type in sorted(peft_types - {"LORA"}):
+        problems.append(f"peft_type {peft_type} cannot be batched by this server (LoRA adapters only); "
+                        "serve a merged export of it instead")
+    if manifest.base_shape:
+        config = _read_json(base.path / "config.json", "config.json")
+        differ = [f"{key}: adapter {value!r}, served {config.get(key)!r}"
+                  for key, value in sorted(manifest.base_shape.items()) if config.get(key) != value]
+        if differ:
+            problems.append(f"it was trained on another base model ('{manifest.base_model}'): " + ", ".join(differ))
+    return problems
+
+
+BASE_SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def base_shape_of(config: dict) -> dict[str, int | str]:
+    """The facts of a base's config.json that an adapter records as `base_shape`."""
+    return {key: config[key] for key in BASE_SHAPE_KEYS if key in config}
+
+
 def read_export(directory: str | Path) -> ModelExport:
     """Validate an export directory and return its manifest; raises ExportFormatError naming what is wrong."""
     path = Path(directory).expanduser().resolve()
@@ -141,7 +185,7 @@ def read_export(directory: str | Path) -> ModelExport:
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file() or (path / "vocab.txt").is_file()):
         raise ExportFormatError(f"{path}: missing tokenizer.json (or tokenizer.model / vocab.txt)")
     config = _read_json(path / "config.json", "config.json")
-    id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
+    id2label = _id2label(path / "config.json", config)
     if manifest.task != "causal-lm":
         ordered = [id2label.get(i) for i in range(len(manifest.labels))]
         if ordered != manifest.labels:

@@ -129,3 +129,63 @@ def shared_exports(tmp_path_factory) -> dict[str, Path]:
         (root / ".complete").touch()
     return {"causal_lm": root / "causal-lm", "classifier": root / "classifier", "ner": root / "ner",
             "adapters": root / "adapters"}
+
+
+# ---- bad-body tables ---------------------------------------------------------------------------------
+class Raw:
+    """A request body sent byte for byte (not JSON-encoded by the test)."""
+
+    def __init__(self, content: bytes, content_type: str = "application/json"):
+        self.content, self.content_type = content, content_type
+
+
+def raw_body_rows(model: str | None) -> list[tuple]:
+    """Bodies that are not JSON objects, or not valid JSON/UTF-8, for any POST endpoint."""
+    nested = b"[" * 3000 + b"]" * 3000
+    model_field = f'"model": "{model}", ' if model else ""
+    return [
+        ("not json", Raw(b"{not json"), 422, "not valid JSON"),
+        ("truncated json", Raw(b'{"model": "x", "pro'), 422, "not valid JSON"),
+        ("trailing garbage", Raw(b'{"model": "x"} trailing'), 422, "not valid JSON"),
+        ("empty body", Raw(b""), 422, "field required"),
+        ("json array", Raw(b"[]"), 422, "valid dictionary"),
+        ("json string", Raw(b'"hello"'), 422, "valid dictionary"),
+        ("json null", Raw(b"null"), 422, "field required"),
+        ("json number", Raw(b"123"), 422, "valid dictionary"),
+        ("json NaN", Raw(b"NaN"), 422, "valid dictionary"),
+        ("deeply nested", Raw(nested), 400, "error parsing the body"),
+        ("invalid utf-8", Raw(b'{' + model_field.encode() + b'"prompt": "\xff\xfe\xfa", "input": "\xc3\x28"}'),
+         400, "error parsing the body"),
+        ("lone surrogate", Raw(('{' + model_field + '"prompt": "a\\ud800b", "input": "a\\ud800b", '
+                               '"messages": [{"role": "user", "content": "a\\ud800b"}]}').encode()), 422, "surrogate"),
+        ("plain text content type", Raw(b'{"input": "x"}', "text/plain"), 422, "valid dictionary"),
+        ("5000-digit number", Raw(b'{"max_tokens": 1' + b"0" * 5000 + b"}"), 400, "error parsing the body"),
+    ]
+
+
+def check_error_table(url: str, rows: list[tuple], headers: dict[str, str]) -> list[str]:
+    """POST every (label, body, status, message fragment) row; return every mismatch (wrong status, not
+    OpenAI's error shape, message without the fragment, any 5xx), so one run reports all of them."""
+    import json
+
+    import httpx
+
+    problems = []
+    with httpx.Client(timeout=60) as client:
+        for label, body, status, fragment in rows:
+            if isinstance(body, Raw):
+                response = client.post(url, content=body.content, headers={**headers, "content-type": body.content_type})
+            else:
+                response = client.post(url, content=json.dumps(body).encode(),
+                                       headers={**headers, "content-type": "application/json"})
+            try:
+                error = response.json()["error"]
+                shaped = set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str)
+            except Exception:
+                error, shaped = {"message": response.text[:200]}, False
+            message = str(error.get("message"))
+            if response.status_code != status or not shaped or fragment.lower() not in message.lower() \
+                    or response.status_code >= 500 or len(message) > 2000:
+                problems.append(f"{label}: want {status} ~{fragment!r}, got {response.status_code} "
+                                f"{'' if shaped else '(not OpenAI error shape) '}{message[:300]!r}")
+    return problems
