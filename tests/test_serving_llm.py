@@ -57,6 +57,7 @@ def server(exports, monkeypatch_module):
                 "max_prompt_tokens": 100,
                 "max_body_bytes": 20_000,
                 "pii_masking": True,
+                "pii_mask_output": True,  # streams and whole answers must still agree (line-held masking)
                 "chat_template": STRICT_CHATML,
                 "observers": ["serving.observers:JsonlAuditObserver"],
             },
