@@ -485,3 +485,17 @@ def test_streamed_output_masking_equals_masking_the_whole_text():
         sent = [masker.feed(p, last=i == len(pieces) - 1) for i, p in enumerate(pieces)]
         assert "".join(sent) == mask_pii(text)
         assert not any(raw in s for s in sent for raw in ("555-0132", "jane.doe", "13812345678", "DE8937"))
+
+
+def test_truncated_or_foreign_adapter_weights_are_named(exports, tmp_path):
+    adapter = _copy_export(exports["adapters"] / "support", tmp_path / "a")
+    weights = adapter / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-10])
+    with pytest.raises(ExportFormatError, match="truncated"):
+        read_adapter(adapter)
+    weights.write_bytes(b"PK\x03\x04 a zip file, not safetensors")
+    with pytest.raises(ExportFormatError, match="not a safetensors file"):
+        read_adapter(adapter)
+    weights.write_bytes(good)
+    assert read_adapter(adapter).manifest.peft_type == "LORA"
