@@ -235,8 +235,13 @@ class RunConfigBase(_Section):
             return Path(self.data.prepared_dir).expanduser().resolve()
         return self.run_dir / "data"
 
+    def redacted_dump(self) -> dict:
+        """The config as plain data with credentials in URIs replaced by '***' (for logs, trackers, files)."""
+        return redact_credentials(self.model_dump(mode="json"))
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        """The resolved config written beside checkpoints and exports; never carries credentials."""
+        return yaml.safe_dump(self.redacted_dump(), sort_keys=False, allow_unicode=True)
 
 
 class PretrainConfig(RunConfigBase):
@@ -274,6 +279,24 @@ class PretrainConfig(RunConfigBase):
 
 # --------------------------------------------------------------------------------------------
 # Loading and error reporting
+
+
+# user:password@ (or token@) in a URI's authority, and secret-looking query parameters.
+_URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_SECRET_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|access_token|secret|api_key|apikey|key|sig|signature)=)[^&#\s]+",
+                           re.IGNORECASE)
+
+
+def redact_credentials(value: Any) -> Any:
+    """Replace credentials inside URI strings (e.g. an MLflow tracking URI) with '***', recursively."""
+    if isinstance(value, str):
+        value = _URI_USERINFO.sub(lambda m: f"{m['scheme']}***@", value)
+        return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", value)
+    if isinstance(value, dict):
+        return {k: redact_credentials(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_credentials(v) for v in value]
+    return value
 
 
 def _allowed_keys(model_cls: type[BaseModel], loc: tuple) -> list[str]:

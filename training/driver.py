@@ -160,7 +160,7 @@ def fit_with_progress(cfg, trainer):
     """trainer.fit() with the live progress line, TensorBoard and MLflow; None when the run failed."""
     from training.tracking import ProgressMonitor
 
-    monitor = ProgressMonitor(cfg.run_dir, cfg.model_dump(mode="json"), cfg.run.mlflow_tracking_uri).start()
+    monitor = ProgressMonitor(cfg.run_dir, cfg.redacted_dump(), cfg.run.mlflow_tracking_uri).start()
     try:
         result = trainer.fit()
     except Exception as err:  # the run failed beyond max_failures: say so, keep what was saved
