@@ -280,7 +280,7 @@ def worker_resources(raw: dict) -> tuple[int, dict[str, float], str]:
     from training.config import ScalingSection
 
     scaling = ScalingSection.model_validate(raw.get("scaling") or {})
-    return scaling.num_workers, scaling.worker_resources, scaling.placement_strategy
+    return scaling.min_workers, scaling.worker_resources, scaling.placement_strategy  # elastic runs start at min
 
 
 def _fits_on(node: dict[str, float], need: dict[str, float]) -> int:

@@ -16,22 +16,30 @@ import sys
 import time
 from pathlib import Path
 
-from training.checkpoints import list_checkpoints
+from training.checkpoints import latest_complete_checkpoint, manifest_problem
 from training.config import read_yaml
 
 EXPORT_FORMAT_VERSION = 1
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint directory itself, or the latest `checkpoint_*` inside a run directory."""
+    """A complete checkpoint directory itself, or the latest complete `checkpoint_*` inside a run directory.
+
+    Complete means its manifest verifies (training.checkpoints): a checkpoint half-written when a
+    node died is never exported.
+    """
     if (path / "model").is_dir() and (path / "trainer_state.json").is_file():
+        problem = manifest_problem(path)
+        if problem:
+            raise FileNotFoundError(f"{path}: incomplete checkpoint ({problem}); export an earlier one of the run")
         return path
-    candidates = [p for p in list_checkpoints(path) if (p / "model").is_dir()]
-    if not candidates:
+    latest = latest_complete_checkpoint(path, warn=lambda msg: print(msg, file=sys.stderr))
+    if latest is None:
         raise FileNotFoundError(
-            f"{path}: neither a raylm checkpoint (model/ + trainer_state.json) nor a run directory holding one"
+            f"{path}: neither a complete raylm checkpoint (model/ + trainer_state.json + a verifying "
+            "raylm_manifest.json) nor a run directory holding one"
         )
-    return candidates[-1]
+    return latest
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, verify: bool = True) -> dict:

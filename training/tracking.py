@@ -51,7 +51,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def format_progress(rec: dict, started: float, first_step: int) -> str:
-    """'step 40/200 | loss 5.123 | val 5.3 | 12,345 tok/s | ETA 1m20s'."""
+    """'step 40/200 | loss 5.123 | val 5.3 | 12,345 tok/s | 2 workers | ETA 1m20s'."""
     step, total = rec["step"], rec.get("max_steps", 0)
     elapsed = time.time() - started
     done = max(1, step - first_step)
@@ -59,7 +59,10 @@ def format_progress(rec: dict, started: float, first_step: int) -> str:
     parts = [f"step {step}/{total}", f"loss {rec['loss']:.4f}"]
     if "val_loss" in rec:
         parts.append(f"val {rec['val_loss']:.4f} (ppl {rec['val_perplexity']:.1f})")
-    parts += [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:,.0f} tok/s", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
+    parts += [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:,.0f} tok/s"]
+    if "world_size" in rec:  # elastic runs change it: say how many workers made this step
+        parts.append(f"{rec['world_size']} worker{'s' if rec['world_size'] != 1 else ''}")
+    parts += [f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
     return " | ".join(parts)
 
 
