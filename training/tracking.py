@@ -199,3 +199,56 @@ def plot_loss_curve(records: list[dict], png_path: Path) -> Path | None:
     fig.savefig(png_path)
     plt.close(fig)
     return png_path
+
+
+RAY_LOGS_LINK = "ray_logs"
+
+
+def link_ray_logs(run_dir: Path) -> Path | None:
+    """`<run_dir>/ray_logs` -> this Ray session's log directory, where the full logs of every process go.
+
+    The console shows raylm's progress, warnings and errors only (Ray Train and DeepSpeed at WARNING);
+    everything else, Ray Train's per-report lines included, stays in these files. Returns the link, or
+    None when this process is not connected to Ray.
+    """
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public accessor for the session dir
+    if not ray.is_initialized() or node is None:
+        return None
+    logs = Path(node.get_session_dir_path()) / "logs"
+    link = Path(run_dir) / RAY_LOGS_LINK
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():  # a copy kept by an earlier run of the same run directory
+        import shutil
+
+        shutil.rmtree(link)
+    link.symlink_to(logs, target_is_directory=True)
+    return link
+
+
+def keep_ray_logs(run_dir: Path) -> Path | None:
+    """Replace the `ray_logs` link by a copy of the logs (before a private local Ray shuts down with its session)."""
+    import shutil
+
+    link = Path(run_dir) / RAY_LOGS_LINK
+    if not link.is_symlink():
+        return None
+    source = link.resolve()
+    link.unlink()
+    # Sockets and files that vanish mid-copy are not logs worth failing a finished run for.
+    shutil.copytree(source, link, ignore_dangling_symlinks=True, copy_function=_copy_if_regular,
+                    dirs_exist_ok=True)
+    return link
+
+
+def _copy_if_regular(src: str, dst: str) -> None:
+    import shutil
+
+    try:
+        if os.path.isfile(src):
+            shutil.copy2(src, dst)
+    except OSError:
+        pass

@@ -27,7 +27,13 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.checkpoints import UNIVERSAL_DIR, manifest_info, manifest_problem, write_manifest
+from training.checkpoints import (
+    UNIVERSAL_DIR,
+    latest_complete_checkpoint,
+    manifest_info,
+    manifest_problem,
+    write_manifest,
+)
 
 DS_TAG = "ds"  # fixed DeepSpeed checkpoint tag: one checkpoint per directory
 
@@ -57,6 +63,7 @@ class ResumePlan:
     global_batch_blocks: int
     grad_accum_steps: int  # at the new world size
     load_universal: bool
+    conversion_s: float = 0.0  # seconds spent converting to the universal copy (0 when reused or not needed)
 
     @property
     def load_dir(self) -> Path:
@@ -134,3 +141,33 @@ def convert_to_universal(checkpoint: Path, tag: str = DS_TAG) -> tuple[Path, flo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target, time.perf_counter() - started
+
+
+def prepare_resume(run_dir: Path, world_size: int, micro_batch_size: int, zero_stage: int, rank: int, dist,
+                   log=print) -> ResumePlan | None:
+    """On every rank, before the engine is built: the plan for resuming the run's latest complete checkpoint.
+
+    Rank 0 alone verifies the manifests (sha256 of every file), picks the checkpoint, converts it to
+    the universal copy when the world size changed, and broadcasts the plan, or its error, so
+    every rank raises the same error instead of hanging in a collective. None: nothing to resume.
+    """
+    outcome: list = [None]
+    if rank == 0:
+        try:
+            latest = latest_complete_checkpoint(Path(run_dir), warn=log)
+            plan = plan_resume(latest, world_size, micro_batch_size, zero_stage) if latest else None
+            if plan is not None and plan.load_universal:
+                _, plan.conversion_s = convert_to_universal(plan.checkpoint)
+                log(f"[raylm] {plan.checkpoint.name} was written by {plan.saved_world_size} worker(s), this run has "
+                    f"{world_size}: loading its universal copy ({plan.checkpoint / UNIVERSAL_DIR}"
+                    + (f", converted in {plan.conversion_s:.1f} s)" if plan.conversion_s else ", converted earlier)"))
+            if plan is not None and plan.saved_world_size != world_size:
+                log(f"[raylm] global batch kept at {plan.global_batch_blocks} blocks: gradient accumulation "
+                    f"{plan.grad_accum_steps} x micro-batch {micro_batch_size} x {world_size} worker(s)")
+            outcome = [plan]
+        except Exception as err:  # noqa: BLE001 - every rank must learn about it, not only rank 0
+            outcome = [f"{type(err).__name__}: {err}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], str):
+        raise RuntimeError(f"cannot resume {run_dir}: {outcome[0]}")
+    return outcome[0]
