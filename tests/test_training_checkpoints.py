@@ -30,7 +30,7 @@ def fake_checkpoint(run_dir: Path, step: int, world: int = 2, stage: int = 2, ma
         (ckpt / "ds" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(bytes([rank]) * 5000)
     (ckpt / "ds" / "mp_rank_00_model_states.pt").write_bytes(b"m" * 3000)
     (ckpt / "model" / "model.safetensors").write_bytes(b"w" * 2000)
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": world, "global_batch_blocks": 8}))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": world, "global_batch_rows": 8}))
     (ckpt / "resolved_config.yaml").write_text("run: {}\n")
     if manifest:
         write_manifest(ckpt, {"step": step, "world_size": world, "zero_stage": stage})

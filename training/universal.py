@@ -38,18 +38,18 @@ from training.checkpoints import (
 DS_TAG = "ds"  # fixed DeepSpeed checkpoint tag: one checkpoint per directory
 
 
-def accumulation_for(global_batch_blocks: int, micro_batch_size: int, world_size: int) -> int:
-    """Gradient accumulation steps that keep `global_batch_blocks` at `world_size` workers."""
+def accumulation_for(global_batch_rows: int, micro_batch_size: int, world_size: int) -> int:
+    """Gradient accumulation steps that keep `global_batch_rows` at `world_size` workers."""
     per_step = micro_batch_size * world_size
-    if global_batch_blocks % per_step:
-        fits = [w for w in range(1, global_batch_blocks // micro_batch_size + 1)
-                if global_batch_blocks % (micro_batch_size * w) == 0]
+    if global_batch_rows % per_step:
+        fits = [w for w in range(1, global_batch_rows // micro_batch_size + 1)
+                if global_batch_rows % (micro_batch_size * w) == 0]
         raise ValueError(
-            f"the global batch of {global_batch_blocks} blocks does not split into {world_size} workers x "
+            f"the global batch of {global_batch_rows} rows does not split into {world_size} workers x "
             f"optim.micro_batch_size={micro_batch_size} x whole accumulation steps; run on one of {fits} "
-            f"workers, or set optim.micro_batch_size so that {world_size} x it divides {global_batch_blocks}"
+            f"workers, or set optim.micro_batch_size so that {world_size} x it divides {global_batch_rows}"
         )
-    return global_batch_blocks // per_step
+    return global_batch_rows // per_step
 
 
 @dataclass
@@ -60,7 +60,7 @@ class ResumePlan:
     saved_state: dict  # trainer_state.json of the checkpoint
     saved_world_size: int
     zero_stage: int
-    global_batch_blocks: int
+    global_batch_rows: int
     grad_accum_steps: int  # at the new world size
     load_universal: bool
     conversion_s: float = 0.0  # seconds spent converting to the universal copy (0 when reused or not needed)
@@ -92,7 +92,7 @@ def plan_resume(checkpoint: Path, world_size: int, micro_batch_size: int, zero_s
             f"{checkpoint}: written with deepspeed.zero_stage={saved_stage}, this run uses {zero_stage}; "
             f"set deepspeed.zero_stage: {saved_stage} to resume it, or pick a new run.name"
         )
-    global_blocks = int(state.get("global_batch_blocks") or info.get("global_batch_blocks")
+    global_blocks = int(state.get("global_batch_rows") or info.get("global_batch_rows")
                         or micro_batch_size * saved_world)
     gas = accumulation_for(global_blocks, micro_batch_size, world_size)
     return ResumePlan(checkpoint, state, saved_world, saved_stage, global_blocks, gas,
@@ -162,7 +162,7 @@ def prepare_resume(run_dir: Path, world_size: int, micro_batch_size: int, zero_s
                     f"{world_size}: loading its universal copy ({plan.checkpoint / UNIVERSAL_DIR}"
                     + (f", converted in {plan.conversion_s:.1f} s)" if plan.conversion_s else ", converted earlier)"))
             if plan is not None and plan.saved_world_size != world_size:
-                log(f"[raylm] global batch kept at {plan.global_batch_blocks} blocks: gradient accumulation "
+                log(f"[raylm] global batch kept at {plan.global_batch_rows} rows: gradient accumulation "
                     f"{plan.grad_accum_steps} x micro-batch {micro_batch_size} x {world_size} worker(s)")
             outcome = [plan]
         except Exception as err:  # noqa: BLE001 - every rank must learn about it, not only rank 0

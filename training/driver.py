@@ -1,0 +1,199 @@
+"""Driver-side steps every run kind shares: resume checks, Ray start/attach, the TorchTrainer, fit.
+
+Importable without side effects (no Ray started, no torch imported at module level), so
+`tune/` and other callers can build trainers from the same functions the entry scripts use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from training.checkpoints import latest_complete_checkpoint, list_checkpoints
+from training.config import ConfigError, read_yaml
+
+FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")
+MATERIALIZE_MAX_BYTES = 256 * 2**20
+
+
+def check_resume(cfg, shape_sections: Sequence[str]) -> str | None:
+    """Refuse to mix a new config into an old run's checkpoints; return the latest complete checkpoint if any.
+
+    `shape_sections` are the config sections that must match the checkpoint for it to mean the same
+    run (model shape, data, tokenizer, DeepSpeed: ZeRO stage, precision, offload). The worker count
+    may change: the shards are converted to DeepSpeed's universal format and the global batch is
+    kept by gradient accumulation (training.universal), refused here when it cannot be.
+    Checkpoints whose manifest does not verify (half-written) are skipped with a warning.
+    """
+    if not list_checkpoints(cfg.run_dir):
+        return None
+    if not cfg.run.resume:
+        raise ConfigError([
+            f"run.resume: false, but {cfg.run_dir} already holds checkpoint(s); "
+            "pick a new run.name (or set resume: true to continue it)"
+        ])
+    latest = latest_complete_checkpoint(cfg.run_dir, warn=lambda msg: print(msg, file=sys.stderr))
+    if latest is None:
+        return None
+    saved_path = latest / "resolved_config.yaml"
+    problems = []
+    if saved_path.is_file():
+        saved = read_yaml(saved_path)
+        current = cfg.model_dump(mode="json")
+        for section in shape_sections:
+            if section not in saved:
+                continue
+            if not isinstance(current[section], dict):
+                if saved[section] != current[section]:
+                    problems.append(f"{section}: checkpoint has {saved[section]!r}, config now says "
+                                    f"{current[section]!r}; restore it or pick a new run.name")
+                continue
+            problems += [
+                f"{section}.{key}: checkpoint has {saved[section].get(key)!r}, config now says {value!r}; "
+                "restore it or pick a new run.name"
+                for key, value in current[section].items()
+                if saved[section].get(key) != value
+            ]
+    problems += _global_batch_problems(cfg, latest)
+    if problems:
+        raise ConfigError(problems, f"resume of {cfg.run_dir}")
+    return str(latest)
+
+
+def _global_batch_problems(cfg, checkpoint: Path) -> list[str]:
+    """A resumed run keeps its checkpoint's global batch: every worker count it may run at must reach it."""
+    import json
+
+    from training.universal import accumulation_for
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    config_rows = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * cfg.scaling.max_workers
+    rows = state.get("global_batch_rows") or config_rows
+    problems = []
+    for workers in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1):
+        try:
+            accumulation_for(rows, cfg.optim.micro_batch_size, workers)
+        except ValueError as err:
+            problems.append(f"scaling.num_workers: resuming {checkpoint.name} on {workers} worker(s): {err}")
+    if not problems and rows != config_rows:
+        print(f"[raylm] keeping the checkpoint's global batch of {rows} rows per step (this config's is {config_rows}); "
+              "gradient accumulation follows the worker count", file=sys.stderr)
+    return problems
+
+
+def start_ray(cfg, address: str | None) -> None:
+    """Attach to a cluster when an address is given, else start a private local Ray."""
+    import ray
+
+    if ray.is_initialized():  # embedded use (tests, notebooks, tune): the caller owns the Ray instance
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None)
+        return
+    per_worker_cpu = cfg.scaling.worker_resources.get("CPU", 1.0)
+    # Ray Data's read tasks need a CPU slot of their own; with every core reserved by Train
+    # workers the stream starves and the run hangs. One extra logical CPU keeps it moving.
+    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.scaling.max_workers * per_worker_cpu) + 1)
+    ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=True,
+             dashboard_host="127.0.0.1")
+
+
+def warn_relative_storage(cfg, address: str | None) -> None:
+    attached = address or os.environ.get("RAY_ADDRESS")
+    if attached and not Path(cfg.run.storage_path).expanduser().is_absolute():
+        print(f"[raylm] warning: run.storage_path {cfg.run.storage_path!r} is relative while attached to a cluster; "
+              f"under `ray job submit` that is the job's temporary working directory ({cfg.run_dir}). "
+              "Use an absolute path on storage every node sees (--set run.storage_path=/shared/runs).", file=sys.stderr)
+
+
+def parquet_dataset(parquet_path: str):
+    """A Ray Data stream of prepared rows; small files are read once into the object store.
+
+    Every rank iterates the whole (unsplit) stream, once per epoch. For data of a few hundred
+    MB, re-running the Parquet read for each rank and epoch costs more than the data itself, so
+    it is materialized once; larger data streams from Parquet on every pass.
+    """
+    import ray.data
+
+    dataset = ray.data.read_parquet(parquet_path)
+    if os.path.getsize(parquet_path) <= MATERIALIZE_MAX_BYTES:
+        dataset = dataset.materialize()
+    return dataset
+
+
+def torch_trainer(
+    cfg,
+    train_loop,
+    loop_config: dict,
+    datasets: dict,
+    *,
+    callbacks: Sequence = (),
+    storage_path: str | None = None,
+    name: str | None = None,
+    checkpoint_config=None,
+):
+    """A TorchTrainer for `train_loop` with raylm's scaling, failure, checkpoint and metrics-log settings.
+
+    `callbacks` are added after raylm's MetricsLogCallback (e.g. Tune's TuneReportCallback);
+    `storage_path` / `name` override the run's location (default: cfg.run_dir's parent and name).
+    """
+    import ray.data
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from training.loop import FAULT_ENV
+    from training.tracking import MetricsLogCallback
+
+    storage = storage_path or str(cfg.run_dir.parent)
+    run_name = name or cfg.run.name
+    # Ray Data's per-operator bars would drown raylm's own progress line in the driver log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return TorchTrainer(
+        train_loop,
+        # run_dir: where the workers write checkpoints in place and pick the one to resume (training.loop).
+        train_loop_config={**loop_config, "run_dir": str(Path(storage) / run_name), "test_fault": os.environ.get(FAULT_ENV)},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,  # (min, max): Ray Train's elastic scaling
+            elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_monitor_interval_s,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=cfg.scaling.worker_resources,
+            placement_strategy=cfg.scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=[MetricsLogCallback(str(Path(storage) / run_name)), *callbacks],
+            # Ray Train's per-report and checkpoint lines go to its log files, not the console.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=datasets,
+        # Unsplit and order-preserving: each rank takes its slice of every global batch, so the
+        # data order does not depend on timing and a restarted worker resumes exactly.
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+    )
+
+
+def fit_with_progress(cfg, trainer):
+    """trainer.fit() with the live progress line, TensorBoard and MLflow; None when the run failed."""
+    from training.tracking import ProgressMonitor
+
+    monitor = ProgressMonitor(cfg.run_dir, cfg.model_dump(mode="json"), cfg.run.mlflow_tracking_uri).start()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # the run failed beyond max_failures: say so, keep what was saved
+        monitor.stop(status="FAILED")
+        print(f"[raylm] training failed: {err}\n[raylm] checkpoints kept in {cfg.run_dir}; rerun the "
+              "same command to resume", file=sys.stderr)
+        return None
+    monitor.stop()
+    return result
