@@ -185,8 +185,12 @@ def torch_trainer(
 
 def fit_with_progress(cfg, trainer):
     """trainer.fit() with the live progress line, TensorBoard and MLflow; None when the run failed."""
-    from training.tracking import ProgressMonitor
+    from training.tracking import ProgressMonitor, link_ray_logs, quiet_console
 
+    quiet_console()
+    logs = link_ray_logs(cfg.run_dir)
+    if logs:
+        print(f"[raylm] Ray's full logs (every process, Ray Train's per-report lines included): {logs}")
     monitor = ProgressMonitor(cfg.run_dir, cfg.model_dump(mode="json"), cfg.run.mlflow_tracking_uri).start()
     try:
         result = trainer.fit()

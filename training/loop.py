@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from training.checkpoints import checkpoint_dir_name, write_manifest
+from training.tracking import quiet_console
 from training.universal import DS_TAG, ResumePlan, accumulation_for, prepare_resume
 FAULT_ENV = "RAYLM_TEST_FAULT"  # test-only: "rank:step:marker_file" kills that rank once after that step
 
@@ -124,6 +125,10 @@ def init_worker(cfg) -> WorkerContext:
     if cfg.scaling.use_gpu:
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    quiet_console()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint
     return WorkerContext(rank=rank, world=world, device=device, use_gpu=cfg.scaling.use_gpu)
 
 
@@ -312,7 +317,10 @@ def _rank_slice(batch, rank: int, per_rank: int, torch, device):
 
 
 def _as_ids(rows, torch, device):
-    return torch.as_tensor(list(rows) if rows.dtype == object else rows, dtype=torch.long, device=device)
+    import numpy as np
+
+    # Parquet list columns arrive as an object array of per-row arrays: stack them into one 2-D array.
+    return torch.as_tensor(np.stack(list(rows)) if rows.dtype == object else rows, dtype=torch.long, device=device)
 
 
 def load_validation_blocks(val_shard, cfg, rank: int, world: int, torch, device) -> list:

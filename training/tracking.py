@@ -7,10 +7,12 @@ is lost if the driver dies); the driver tails that file to draw progress and fee
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from ray.train.v2.api.callback import UserCallback
@@ -222,9 +224,9 @@ RAY_LOGS_LINK = "ray_logs"
 def link_ray_logs(run_dir: Path) -> Path | None:
     """`<run_dir>/ray_logs` -> this Ray session's log directory, where the full logs of every process go.
 
-    The console shows raylm's progress, warnings and errors only (Ray Train and DeepSpeed at WARNING);
-    everything else, Ray Train's per-report lines included, stays in these files. Returns the link, or
-    None when this process is not connected to Ray.
+    The console shows raylm's progress, warnings and errors only (`quiet_console`); everything else,
+    Ray Train's per-report lines included, stays in these files (Ray keeps a session's directory after
+    it shuts down). Returns the link, or None when this process is not connected to Ray.
     """
     import ray
 
@@ -244,26 +246,31 @@ def link_ray_logs(run_dir: Path) -> Path | None:
     return link
 
 
-def keep_ray_logs(run_dir: Path) -> Path | None:
-    """Replace the `ray_logs` link by a copy of the logs (before a private local Ray shuts down with its session)."""
-    import shutil
+class _RayTrainInfoFilter(logging.Filter):
+    """Drops Ray Train's own INFO records (a "Reporting training result" line per rank per report,
+    checkpoint chatter); warnings and errors pass. Ray 2.60 names some of its loggers by file path
+    (`logging.getLogger(__file__)`), which its own `RunConfig(logging_config=...)` level misses."""
 
-    link = Path(run_dir) / RAY_LOGS_LINK
-    if not link.is_symlink():
-        return None
-    source = link.resolve()
-    link.unlink()
-    # Sockets and files that vanish mid-copy are not logs worth failing a finished run for.
-    shutil.copytree(source, link, ignore_dangling_symlinks=True, copy_function=_copy_if_regular,
-                    dirs_exist_ok=True)
-    return link
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = "." + record.name.replace(os.sep, ".") + "."
+        return record.levelno >= logging.WARNING or ".ray.train." not in name
 
 
-def _copy_if_regular(src: str, dst: str) -> None:
-    import shutil
+def quiet_console() -> None:
+    """Keep Ray Train's, Ray Data's and DeepSpeed's INFO lines off this process's console.
 
-    try:
-        if os.path.isfile(src):
-            shutil.copy2(src, dst)
-    except OSError:
-        pass
+    Called on the driver and in every Train worker: raylm's own lines, warnings and errors stay.
+    The files under the Ray session's `logs/` (linked from the run directory as `ray_logs`) keep
+    Ray's full logs: Ray Train's under `logs/train/`, Ray Data's under `logs/ray-data/`.
+    """
+    from ray._private.log import PlainRayHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PlainRayHandler) and not any(isinstance(f, _RayTrainInfoFilter) for f in handler.filters):
+            handler.addFilter(_RayTrainInfoFilter())
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.setLevel(logging.WARNING)  # "Starting execution of Dataset ...", its plan, "execution finished"
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its config dumps; warnings still show
+    # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step: not the user's to fix.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
