@@ -2,11 +2,11 @@
 
     python -m benchmarks.elastic_resume [--stages 1 2 3] [--steps 6]
 
-Per ZeRO stage: one clean 2-worker run is the reference (never resized). A second run starts from
-the reference's step-2 checkpoint on 1 worker (2 -> 1: DeepSpeed universal conversion, gradient
-accumulation 2 keeps the global batch of 8 blocks), then continues from its own step-4 checkpoint
-on 2 workers again (1 -> 2). Every resumed step's loss is compared with the reference's step.
-All runs are `training.pretrain.main`, the real command, against one local Ray.
+Per ZeRO stage (`resize_cases`): a clean 2-worker run (never resized); its step-2 checkpoint continued
+on 1 worker (2 -> 1: DeepSpeed universal conversion, gradient accumulation 2 keeps the global batch
+of 8 blocks), compared with the 2-worker run at steps 3-4; that run's step-4 checkpoint (written by
+1 worker) continued on 2 workers (1 -> 2), compared with the 1-worker run at steps 5-6. All runs are
+`training.pretrain.main`, the real command, against one local Ray.
 
 conversion_s: seconds rank 0 spent in DeepSpeed's ds_to_universal (reported by the resumed run as
 `universal_conversion_s`), median over the resizes. Last line:
@@ -84,30 +84,42 @@ def run(config_path: str) -> float:
 
 
 def resize_cases(workdir: Path, stage: int, steps: int = 6) -> dict:
-    """Reference run, then 2 -> 1 and 1 -> 2 resumes of one resized run; per-step losses of both."""
+    """2 -> 1 and 1 -> 2 resumes, each compared with the run that was never resized, over the steps to its next checkpoint.
+
+    ref (2 workers, never resized); shrunk: ref's step-2 checkpoint continued on 1 worker (compared with
+    ref at steps 3-4); grown: shrunk's step-4 checkpoint (written by 1 worker) continued on 2 workers
+    (compared with shrunk, the 1-worker run it left, at steps 5-6). Comparing each resize only up to the
+    next checkpoint keeps one resize's floating-point noise (which Adam amplifies over later steps) out
+    of the other's figure.
+    """
     from training.checkpoints import checkpoint_dir_name
     from training.tracking import read_metrics
 
-    ref_name, resized_name = f"ref{stage}", f"resized{stage}"
-    ref_s = run(write_config(workdir, ref_name, stage, 2, steps))
-    resized = workdir / resized_name
-    shutil.copytree(workdir / ref_name / checkpoint_dir_name(RESUME_STEP), resized / checkpoint_dir_name(RESUME_STEP))
-    shrink_s = run(write_config(workdir, resized_name, stage, 1, GROW_STEP))
-    grow_s = run(write_config(workdir, resized_name, stage, 2, steps))
+    names = {k: f"{k}{stage}" for k in ("ref", "shrunk", "grown")}
+    fit_s = {"reference": run(write_config(workdir, names["ref"], stage, 2, steps))}
+    shutil.copytree(workdir / names["ref"] / checkpoint_dir_name(RESUME_STEP),
+                    workdir / names["shrunk"] / checkpoint_dir_name(RESUME_STEP))
+    fit_s["2->1"] = run(write_config(workdir, names["shrunk"], stage, 1, steps))
+    shutil.copytree(workdir / names["shrunk"] / checkpoint_dir_name(GROW_STEP),
+                    workdir / names["grown"] / checkpoint_dir_name(GROW_STEP))
+    fit_s["1->2"] = run(write_config(workdir, names["grown"], stage, 2, steps))
 
-    reference = {r["step"]: r for r in read_metrics(workdir / ref_name)}
-    ours = {r["step"]: r for r in read_metrics(resized)}
-    steps_resumed = sorted(ours)
-    return {
-        "stage": stage,
-        "reference_loss": {s: reference[s]["loss"] for s in sorted(reference)},
-        "resized_loss": {s: ours[s]["loss"] for s in steps_resumed},
-        "resized_world_size": {s: ours[s]["world_size"] for s in steps_resumed},
-        "loss_dev": {s: abs(ours[s]["loss"] - reference[s]["loss"]) for s in steps_resumed},
-        "conversion_s": {f"{ours[s]['resumed_from_world_size']}->{ours[s]['world_size']}": ours[s]["universal_conversion_s"]
-                         for s in steps_resumed if "universal_conversion_s" in ours[s]},
-        "fit_s": {"reference": ref_s, "2->1": shrink_s, "1->2": grow_s},
-    }
+    records = {k: {r["step"]: r for r in read_metrics(workdir / name)} for k, name in names.items()}
+    cases = {}
+    for label, resumed, never_resized, first in (("2->1", "shrunk", "ref", RESUME_STEP + 1),
+                                                 ("1->2", "grown", "shrunk", GROW_STEP + 1)):
+        window = range(first, first + 2)
+        ours, theirs = records[resumed], records[never_resized]
+        cases[label] = {
+            "steps": list(window),
+            "resumed_loss": [ours[s]["loss"] for s in window],
+            "never_resized_loss": [theirs[s]["loss"] for s in window],
+            "loss_dev": [abs(ours[s]["loss"] - theirs[s]["loss"]) for s in window],
+            "world_size": [ours[s]["world_size"] for s in window],
+            "resumed_from_world_size": ours[first].get("resumed_from_world_size"),
+            "conversion_s": ours[first].get("universal_conversion_s"),
+        }
+    return {"stage": stage, "cases": cases, "fit_s": fit_s}
 
 
 def main(argv=None) -> int:
@@ -123,28 +135,30 @@ def main(argv=None) -> int:
     ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     try:
-        cases = [resize_cases(workdir, stage, args.steps) for stage in args.stages]
+        results = [resize_cases(workdir, stage, args.steps) for stage in args.stages]
     finally:
         ray.shutdown()
 
-    print(f"{'stage':>5} {'step':>4} {'workers':>7} {'reference':>10} {'resized':>10} {'|dev|':>9}")
-    for case in cases:
-        for step, dev in case["loss_dev"].items():
-            print(f"{case['stage']:>5} {step:>4} {case['resized_world_size'][step]:>7} "
-                  f"{case['reference_loss'][step]:>10.5f} {case['resized_loss'][step]:>10.5f} {dev:>9.2e}")
-        print(f"      conversion s: {case['conversion_s']}  fit s: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in case["fit_s"].items()))
-    devs = [d for case in cases for d in case["loss_dev"].values()]
-    conversions = [c for case in cases for c in case["conversion_s"].values()]
+    print(f"{'stage':>5} {'resize':>6} {'step':>4} {'workers':>7} {'never-resized':>13} {'resumed':>10} {'|dev|':>9}")
+    for result in results:
+        for label, case in result["cases"].items():
+            for i, step in enumerate(case["steps"]):
+                print(f"{result['stage']:>5} {label:>6} {step:>4} {case['world_size'][i]:>7} "
+                      f"{case['never_resized_loss'][i]:>13.5f} {case['resumed_loss'][i]:>10.5f} {case['loss_dev'][i]:>9.2e}")
+        print(f"      conversion s: " + ", ".join(f"{k} {c['conversion_s']}" for k, c in result["cases"].items())
+              + "; fit s: " + ", ".join(f"{k} {v:.1f}" for k, v in result["fit_s"].items()))
+    cases = [c for result in results for c in result["cases"].values()]
+    devs = [d for c in cases for d in c["loss_dev"]]
+    conversions = [c["conversion_s"] for c in cases if c["conversion_s"] is not None]
     summary = {
         "resize_max_loss_dev": max(devs),
         "conversion_s": statistics.median(conversions) if conversions else 0.0,
-        "cases": 2 * len(cases),
+        "cases": len(cases),
         "load1_at_start": load1,
         "load1_at_end": os.getloadavg()[0],
         "cpu_count": os.cpu_count(),
         "target_resize_max_loss_dev": 1e-3,
-        "runs": cases,
+        "runs": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))

@@ -163,10 +163,12 @@ def _plan_resume(cfg, wctx: WorkerContext, run_dir: str) -> ResumePlan | None:
     Sets `wctx.grad_accum_steps` / `wctx.global_batch_rows`: the checkpoint's global batch when
     resuming, else the config's (the one of `scaling.num_workers`' maximum for an elastic run).
     """
+    import ray.train
     import torch.distributed as dist
 
+    reported = ray.train.get_checkpoint()  # on local/shared storage its path is the directory itself
     plan = prepare_resume(run_dir, wctx.world, cfg.optim.micro_batch_size, cfg.deepspeed.zero_stage, wctx.rank, dist,
-                          log=lambda msg: print(msg, flush=True))
+                          log=lambda msg: print(msg, flush=True), reported=reported.path if reported else None)
     rows = plan.global_batch_rows if plan else (
         cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * cfg.scaling.max_workers)
     wctx.global_batch_rows = rows

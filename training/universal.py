@@ -144,17 +144,23 @@ def convert_to_universal(checkpoint: Path, tag: str = DS_TAG) -> tuple[Path, flo
 
 
 def prepare_resume(run_dir: Path, world_size: int, micro_batch_size: int, zero_stage: int, rank: int, dist,
-                   log=print) -> ResumePlan | None:
+                   log=print, reported: str | None = None) -> ResumePlan | None:
     """On every rank, before the engine is built: the plan for resuming the run's latest complete checkpoint.
 
-    Rank 0 alone verifies the manifests (sha256 of every file), picks the checkpoint, converts it to
-    the universal copy when the world size changed, and broadcasts the plan, or its error, so
-    every rank raises the same error instead of hanging in a collective. None: nothing to resume.
+    `reported` is the checkpoint Ray Train hands the worker group (`ray.train.get_checkpoint()`: the
+    run's latest report, or one Tune put there); it wins when complete, else the newest complete
+    checkpoint in `run_dir` does. Rank 0 alone verifies the manifests (sha256 of every file), picks
+    the checkpoint, converts it to the universal copy when the world size changed, and broadcasts
+    the plan, or its error, so every rank raises the same error instead of hanging in a collective.
+    None: nothing to resume.
     """
     outcome: list = [None]
     if rank == 0:
         try:
-            latest = latest_complete_checkpoint(Path(run_dir), warn=log)
+            if reported and manifest_problem(Path(reported)) is None:
+                latest = Path(reported)
+            else:
+                latest = latest_complete_checkpoint(Path(run_dir), warn=log)
             plan = plan_resume(latest, world_size, micro_batch_size, zero_stage) if latest else None
             if plan is not None and plan.load_universal:
                 _, plan.conversion_s = convert_to_universal(plan.checkpoint)
