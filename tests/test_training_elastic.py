@@ -33,8 +33,9 @@ def workdir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_resume_on_another_worker_count_continues_the_loss_curve(local_ray, workdir, stage):
+def test_resume_on_another_worker_count_continues_the_loss_curve(local_ray, workdir, stage, capfd):
     result = resize_cases(workdir, stage, steps=6)
+    console = "".join(capfd.readouterr())
     shrink, grow = result["cases"]["2->1"], result["cases"]["1->2"]
     print(f"ZeRO-{stage} |loss - never-resized|: 2->1 {shrink['loss_dev']}, 1->2 {grow['loss_dev']}; "
           f"conversion s: {shrink['conversion_s']}, {grow['conversion_s']}")
@@ -47,3 +48,8 @@ def test_resume_on_another_worker_count_continues_the_loss_curve(local_ray, work
         # the converted copy is complete and kept beside its checkpoint; every checkpoint verifies
         assert manifest_problem(workdir / run / checkpoint_dir_name(step) / "universal") is None
         assert all(manifest_problem(c) is None for c in list_checkpoints(workdir / run))
+
+    # The console carries raylm's lines, not Ray Train's per-rank report lines (those stay in Ray's logs).
+    assert "[raylm] step 6/6" in console and "1 worker |" in console
+    assert "Reporting training result" not in console
+    assert (workdir / f"grown{stage}" / "ray_logs").is_symlink()

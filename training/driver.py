@@ -88,6 +88,9 @@ def start_ray(cfg, address: str | None) -> None:
     """Attach to a cluster when an address is given, else start a private local Ray."""
     import ray
 
+    from training.tracking import quiet_console
+
+    quiet_console()
     if ray.is_initialized():  # embedded use (tests, notebooks, tune): the caller owns the Ray instance
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -185,9 +188,8 @@ def torch_trainer(
 
 def fit_with_progress(cfg, trainer):
     """trainer.fit() with the live progress line, TensorBoard and MLflow; None when the run failed."""
-    from training.tracking import ProgressMonitor, link_ray_logs, quiet_console
+    from training.tracking import ProgressMonitor, link_ray_logs
 
-    quiet_console()
     logs = link_ray_logs(cfg.run_dir)
     if logs:
         print(f"[raylm] Ray's full logs (every process, Ray Train's per-report lines included): {logs}")

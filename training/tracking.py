@@ -263,6 +263,7 @@ def quiet_console() -> None:
     The files under the Ray session's `logs/` (linked from the run directory as `ray_logs`) keep
     Ray's full logs: Ray Train's under `logs/train/`, Ray Data's under `logs/ray-data/`.
     """
+    import ray.data  # noqa: F401 - importing Ray Data sets up the loggers adjusted below
     from ray._private.log import PlainRayHandler
 
     for handler in logging.getLogger().handlers:
@@ -270,7 +271,7 @@ def quiet_console() -> None:
             handler.addFilter(_RayTrainInfoFilter())
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, PlainRayHandler):
-            handler.setLevel(logging.WARNING)  # "Starting execution of Dataset ...", its plan, "execution finished"
+            handler.setLevel(logging.WARNING)  # "Starting execution of Dataset ...", its plan, progress, "finished"
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its config dumps; warnings still show
     # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step: not the user's to fix.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
