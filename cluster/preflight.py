@@ -280,7 +280,7 @@ def check_combinations(raw: dict, rules: list[Rule] | None = None) -> list[Findi
 
 
 def worker_resources(raw: dict) -> tuple[int, dict[str, float], str]:
-    """(num_workers, resources per worker, placement strategy) from a raw config, with the typed defaults.
+    """(workers a run starts with, resources per worker, placement strategy) from a raw config, typed defaults.
 
     Raises ConfigError naming each bad `scaling.*` key (checked on its own: configs of kinds that
     training.config does not know still carry a scaling section).
@@ -296,7 +296,7 @@ def worker_resources(raw: dict) -> tuple[int, dict[str, float], str]:
         scaling = ScalingOnly.model_validate({"scaling": raw.get("scaling") or {}}).scaling
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, ScalingOnly), "scaling") from None
-    return scaling.num_workers, scaling.worker_resources, scaling.placement_strategy
+    return scaling.min_workers, scaling.worker_resources, scaling.placement_strategy  # elastic runs start at min
 
 
 def check_scaling(raw: dict) -> list[Finding]:
