@@ -29,7 +29,7 @@ def assert_no_traceback(result: subprocess.CompletedProcess) -> None:
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("scaling.num_workers=abc", "scaling.num_workers: Input should be a valid integer"),
+        ("scaling.num_workers=abc", "scaling.num_workers: 'abc' must be a count (2) or an elastic range [min, max]"),
         ("scaling.resources_per_worker={CPU: -1}", "scaling.resources_per_worker.CPU: -1.0 must be >= 0"),
         ("scaling=4", "scaling: Input should be a valid dictionary"),
     ],
@@ -53,7 +53,7 @@ def test_preflight_scaling_problems_of_a_config_kind_it_does_not_type_check(tmp_
     result = run_module("cluster.preflight", "--config", str(config), "--cluster-config", "cluster/gcp.yaml")
     assert_no_traceback(result)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "PROBLEM scaling" in result.stdout and "scaling.num_workers: Input should be greater than or equal to 1" in result.stdout
+    assert "PROBLEM scaling" in result.stdout and "scaling.num_workers: 0: worker counts must be greater than or equal to 1" in result.stdout
 
 
 @pytest.mark.parametrize(
