@@ -166,3 +166,15 @@ def test_shipped_sweep_configs_validate():
     assert configs
     for path in configs:
         load_sweep(path)
+
+
+def test_preflight_checks_sweep_configs(tmp_path):
+    from cluster.preflight import run_preflight
+
+    good = yaml.safe_load(open(sweep_yaml(tmp_path)))
+    findings = run_preflight(good, str(tmp_path / "sweep.yaml"), None, None, None)
+    assert all(f.ok for f in findings), findings
+    assert any("validates as a sweep" in f.detail for f in findings)
+    bad = {**good, "space": {"scaling.num_workers": "choice([2, 4])"}}
+    problems = [f.problem for f in run_preflight(bad, str(tmp_path / "sweep.yaml"), None, None, None) if not f.ok]
+    assert problems and problems[0].startswith("space.scaling.num_workers:")

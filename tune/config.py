@@ -19,6 +19,7 @@ Like `training.config`, this module imports without torch or ray: preflight and 
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from pathlib import Path
@@ -213,6 +214,9 @@ class SweepConfig(_Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage_path: str | None = Field(None, description="Sweeps live in <storage_path>/<name>. Default: the base run's run.storage_path.")
     base: str | dict = Field(..., description="Path of a run YAML (relative to the sweep YAML), or the run config inline.")
+    base_set: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted keys set on the base run for every trial (e.g. shorter trials: optim.max_steps: 5000).")
     space: dict[str, Any] = Field(..., min_length=1)
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
@@ -403,8 +407,12 @@ def _check_scheduler(cfg: SweepConfig, base, space: dict[str, Distribution], bas
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None, base_overrides: list[str] | None = None) -> Sweep:
     """Read and validate a sweep YAML and its base run; raise ConfigError listing every problem."""
-    source = str(path)
     raw = apply_overrides(read_yaml(path), overrides)
+    return validate_sweep(raw, str(path), Path(path).parent, base_overrides)
+
+
+def validate_sweep(raw: dict, source: str, base_dir: Path, base_overrides: list[str] | None = None) -> Sweep:
+    """Validate a raw sweep dict (`base` paths resolve against `base_dir`); ConfigError lists every problem."""
     try:
         cfg = SweepConfig.model_validate(raw)
     except ValidationError as err:
@@ -413,14 +421,15 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, base_overri
     if isinstance(cfg.base, str):
         base_path = Path(cfg.base)
         if not base_path.is_absolute():
-            candidates = [Path(path).parent / base_path, base_path]
+            candidates = [Path(base_dir) / base_path, base_path]
             base_path = next((p for p in candidates if p.is_file()), candidates[0])
         if not base_path.is_file():
-            raise ConfigError([f"base: run config {cfg.base!r} not found (looked relative to {Path(path).parent} "
+            raise ConfigError([f"base: run config {cfg.base!r} not found (looked relative to {base_dir} "
                                "and the working directory)"], source)
         base_raw = read_yaml(base_path)
     else:
         base_raw = dict(cfg.base)
+    base_raw = apply_overrides(base_raw, [f"{k}={json.dumps(v)}" for k, v in cfg.base_set.items()])
     base_raw = apply_overrides(base_raw, base_overrides)
     base_cls = run_config_class(base_raw, source)
     try:

@@ -23,7 +23,10 @@ def trial_rows(result_grid, sweep) -> list[dict]:
     """One row per trial: id, searched values, final and best metric, steps run, status, run dir."""
     metric, mode, max_steps = sweep.cfg.metric, sweep.cfg.mode, sweep.base.optim.max_steps
     rows = []
-    for result in result_grid:
+    # Tune's own trial states (private to ResultGrid, in the same order as its results) tell a trial cut
+    # short by an interrupted driver from one the scheduler stopped.
+    trials = getattr(getattr(result_grid, "_experiment_analysis", None), "trials", None) or [None] * len(result_grid)
+    for trial, result in zip(trials, result_grid):
         trial_dir = Path(result.path)
         metrics = result.metrics or {}
         history = _history(result, metric)
@@ -32,6 +35,8 @@ def trial_rows(result_grid, sweep) -> list[dict]:
         step = metrics.get("step")
         if result.error is not None:
             status = "error"
+        elif trial is not None and trial.status in ("PENDING", "RUNNING", "PAUSED"):
+            status = "interrupted"
         elif step is not None and step >= max_steps:
             status = "completed"
         else:
@@ -104,7 +109,7 @@ def plot_sweep(rows: list[dict], sweep, sweep_dir: Path) -> list[Path]:
     ax.set_ylabel(metric)
     ax.set_title(f"{sweep.cfg.name}: {metric} of every trial")
     ax.grid(alpha=0.3)
-    if len(rows) <= 12:
+    if 0 < len(rows) <= 12 and any(r["history"] for r in rows):
         ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(sweep_dir / "metric_vs_step.png")

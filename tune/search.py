@@ -115,16 +115,20 @@ def build_scheduler(sweep: Sweep):
     return FIFOScheduler()
 
 
-def build_search(sweep: Sweep):
-    """Random/grid: Tune's variant generator; optuna: TPE over the same space."""
+def build_search(sweep: Sweep, concurrency: int):
+    """Random/grid: Tune's variant generator; optuna: TPE over the same space; both capped at `concurrency`.
+
+    The cap lives here because Tune ignores TuneConfig.max_concurrent_trials for a variant generator.
+    """
     s = sweep.cfg.search
     if s.type == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=s.seed)
+        return ConcurrencyLimiter(OptunaSearch(seed=s.seed), max_concurrent=concurrency)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=getattr(s, "seed", None))
+    return BasicVariantGenerator(random_state=getattr(s, "seed", None), max_concurrent=concurrency)
 
 
 def build_trainable(sweep: Sweep, prepared: dict):
@@ -154,8 +158,8 @@ def build_tuner(sweep: Sweep, prepared: dict, concurrency: int, resume: bool):
         param_space={key: dist.to_tune() for key, dist in sweep.space.items()},
         tune_config=tune.TuneConfig(
             metric=sweep.cfg.metric, mode=sweep.cfg.mode, num_samples=sweep.cfg.num_samples,
-            scheduler=build_scheduler(sweep), search_alg=build_search(sweep),
-            max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname,
+            scheduler=build_scheduler(sweep), search_alg=build_search(sweep, concurrency),
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=sweep.cfg.name, storage_path=str(sweep.sweep_dir.parent),
@@ -232,13 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     tuner = build_tuner(sweep, prepared, concurrency, args.resume)
     result_grid = tuner.fit()
     summary = summarize(result_grid, sweep)
+    rows = json.loads(Path(summary["json"]).read_text())
+    interrupted = [r["trial"] for r in rows if r["status"] == "interrupted"]
+    if interrupted:
+        print(f"[raylm-tune] interrupted with {len(interrupted)} trial(s) unfinished; continue with the same "
+              f"command plus --resume", file=sys.stderr)
+        return 130
     if export_dir and summary["best"]:
         from tune.results import export_best
 
         manifest = export_best(summary["best"], Path(export_dir))
         print(f"[raylm-tune] exported best trial {summary['best']['trial']} (step {manifest['trained_steps']}) "
               f"-> {export_dir}; serving's reader accepts it")
-    errors = [r["trial"] for r in json.loads(Path(summary["json"]).read_text()) if r["status"] == "error"]
+    errors = [r["trial"] for r in rows if r["status"] == "error"]
     if errors:
         print(f"[raylm-tune] {len(errors)} trial(s) failed: {', '.join(errors)}; see their directories",
               file=sys.stderr)

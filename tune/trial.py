@@ -40,6 +40,8 @@ class ForwardEvaluations(UserCallback):
         if self.metric not in record:
             return
         record["run_name"] = self.run_name
+        # The run's last evaluation ends the trial for Tune too, so no scheduler acts on a finished run.
+        record["done"] = record.get("step") == record.get("max_steps")
         if checkpoint is not None:
             record["checkpoint_path"] = checkpoint.path
         self.channel.put(record)
