@@ -23,8 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    search.start_local_ray(4, {"TOKENIZERS_PARALLELISM": "false"})
     yield
     ray.shutdown()
 

@@ -76,11 +76,14 @@ def trial_config(base_raw: dict, sampled: dict, run_name: str, trial_dir: Path) 
     return raw
 
 
-def run_trial(sampled: dict, *, base_raw: dict, prepared: dict, metric: str, report_checkpoints: bool) -> None:
+def run_trial(sampled: dict, *, base_raw: dict, prepared: dict, metric: str, report_checkpoints: bool,
+              sweep_dir: str | None = None) -> None:
     """Tune function trainable: build this trial's TorchTrainer, fit it, forward evaluations to Tune.
 
     `report_checkpoints` (PBT): every forwarded evaluation also hands Tune the run's checkpoint, which
-    Tune copies into the trial directory so that another trial can clone it.
+    Tune copies into the trial directory so that another trial can clone it. The trial's run lives in
+    `<sweep_dir>/<trial_id>` on the sweep's storage (Tune's own trial working dir is a local staging
+    copy under /tmp/ray that does not outlive the Ray session).
     """
     from ray import tune
     from ray.util.queue import Empty, Queue
@@ -89,7 +92,9 @@ def run_trial(sampled: dict, *, base_raw: dict, prepared: dict, metric: str, rep
     from training.pretrain import build_trainer
     from training.tracking import read_metrics
 
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    context = tune.get_context()
+    trial_dir = Path(sweep_dir) / context.get_trial_id() if sweep_dir else Path(context.get_trial_dir())
+    trial_dir.mkdir(parents=True, exist_ok=True)
     run_name, init_checkpoint = choose_run(trial_dir, tune.get_checkpoint())
     (trial_dir / CURRENT_RUN_FILE).write_text(run_name + "\n")
     cfg = validate_config(trial_config(base_raw, sampled, run_name, trial_dir), source=f"trial {trial_dir.name}")
@@ -118,6 +123,9 @@ def run_trial(sampled: dict, *, base_raw: dict, prepared: dict, metric: str, rep
             record = channel.get(timeout=0.5)
         except Empty:
             continue
+        if record["done"]:
+            # Tune ends the trial on its last result; let the run finish (and free its workers) first.
+            fitter.join()
         checkpoint = None
         if report_checkpoints and record.get("checkpoint_path"):
             checkpoint = tune.Checkpoint.from_directory(record["checkpoint_path"])
