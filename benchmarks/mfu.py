@@ -9,7 +9,7 @@ same spells, and the headline MFU compares the best step with the best trial (th
 both sides). The median step and a CPU-time normalization are reported next to it.
 
 Training: one process, the real raylm model (`training.model.build_model`) inside a real DeepSpeed
-engine configured by `training.deepspeed_config.build_deepspeed_config` (world size 1, gloo), with
+engine built by `training.engine.build_engine` (world size 1, gloo), with
 raylm's AdamW groups and lr schedule: forward, backward and optimizer step on random token ids
 (throughput does not depend on the token values). The first steps are warm-up and excluded.
 
@@ -108,9 +108,8 @@ def train_throughput(hidden: int, layers: int, heads: int, vocab: int, seq_len: 
     import torch.distributed as dist
 
     from training.config import PretrainConfig
-    from training.deepspeed_config import build_deepspeed_config
+    from training.engine import build_engine
     from training.model import build_model, count_parameters
-    from training.schedule import lambda_scheduler, param_groups
 
     torch.set_num_threads(threads)
     cfg = PretrainConfig.model_validate({
@@ -129,10 +128,7 @@ def train_throughput(hidden: int, layers: int, heads: int, vocab: int, seq_len: 
     model = build_model(cfg.model, vocab, pad_token_id=1, eos_token_id=0, seed=0)
     n_params = count_parameters(model)
     n_embedding = model.get_input_embeddings().weight.numel()
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=build_deepspeed_config(cfg, 1), lr_scheduler=lambda_scheduler(cfg.optim),
-    )
+    engine = build_engine(model, cfg, 1)
     gen = torch.Generator().manual_seed(0)
     step_times, step_cpu_times, losses = [], [], []
     for _ in range(steps):

@@ -275,9 +275,8 @@ def _bare_rank(rank: int, world: int, port: int, threads: int, niceness: int, co
     import torch.distributed as dist
 
     from training.config import load_config
-    from training.deepspeed_config import build_deepspeed_config
+    from training.engine import build_engine
     from training.model import build_model
-    from training.schedule import lambda_scheduler, param_groups
 
     torch.set_num_threads(threads)
     # Ray starts its workers at niceness 15 (RAY_worker_niceness); on a shared machine a bare loop at
@@ -287,10 +286,7 @@ def _bare_rank(rank: int, world: int, port: int, threads: int, niceness: int, co
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = load_config(config_path, overrides)
     model = build_model(cfg.model, prepared["vocab_size"], prepared["pad_token_id"], prepared["eos_token_id"], cfg.run.seed)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=build_deepspeed_config(cfg, world), lr_scheduler=lambda_scheduler(cfg.optim),
-    )
+    engine = build_engine(model, cfg, world)
     column = pq.read_table(prepared["train_path"], columns=["input_ids"]).column("input_ids").combine_chunks()
     blocks = np.asarray(column.values).reshape(len(column), -1).copy()  # writable, as Ray Data's batches
     per_rank = cfg.optim.micro_batch_size

@@ -3,8 +3,8 @@
     python -m benchmarks.zero_memory [--hidden 256 --layers 4 --vocab 4096 --worlds 1 2 --stages 0 1 2 3]
 
 For every (world size, stage) pair, `world` processes joined by torch.distributed (gloo) each
-build the real raylm model (`training.model.build_model`) and engine (`deepspeed.initialize`
-with `training.deepspeed_config.build_deepspeed_config`), run one full step so that Adam has
+build the real raylm model (`training.model.build_model`) and engine (`training.engine.build_engine`
+over `training.deepspeed_config.build_deepspeed_config`), run one full step so that Adam has
 states, then measure the second step right after backward, when parameters, gradients and
 optimizer states are all alive at once.
 
@@ -193,12 +193,11 @@ def classify_rank_bytes(engine) -> dict[str, int]:
 
 def _measure_stage(stage: int, world: int, rank: int, args) -> dict:
     """Build the engine for one stage, train one step, measure after the second backward."""
-    import deepspeed
     import torch
 
     from training.deepspeed_config import build_deepspeed_config
+    from training.engine import build_engine
     from training.model import build_model, count_parameters
-    from training.schedule import lambda_scheduler, param_groups
 
     cfg = make_config(args.hidden, args.layers, args.heads, stage, args.micro_batch, args.seq_len)
     model = build_model(cfg.model, args.vocab, pad_token_id=1, eos_token_id=0, seed=0)
@@ -210,10 +209,7 @@ def _measure_stage(stage: int, world: int, rank: int, args) -> dict:
         ds_config["zero_optimization"].update(reduce_bucket_size=args.bucket_elements,
                                               allgather_bucket_size=args.bucket_elements)
     started = time.perf_counter()
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=ds_config, lr_scheduler=lambda_scheduler(cfg.optim),
-    )
+    engine = build_engine(model, cfg, world, ds_config=ds_config)
     init_s = time.perf_counter() - started
     gen = torch.Generator().manual_seed(rank)
     ids = torch.randint(2, args.vocab, (args.micro_batch, args.seq_len), generator=gen)

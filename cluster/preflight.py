@@ -384,20 +384,23 @@ def check_storage(raw: dict, view: ClusterView, shared_paths: list[str]) -> Find
 
 
 # -------------------------------------------------------------------------------------------------
-# Typed config validation (reuses training.config; configs of kinds it does not know are checked by rules only)
+# Typed config validation (training.config picks the class by the config's kind)
 
 
 def check_typed_config(raw: dict, path: str) -> list[Finding]:
-    from training.config import ConfigError, PretrainConfig, validate_config
+    """Validate with the typed class of the config's `kind` (pretrain when absent, finetune, ...)."""
+    from training.config import ConfigError, PretrainConfig, config_class_for, validate_config
 
     unknown = set(raw) - set(PretrainConfig.model_fields)
-    if unknown:
-        return [Finding("config", f"sections {sorted(unknown)} are not pretrain sections: typed validation skipped, rules applied")]
+    if "kind" not in raw and unknown:
+        return [Finding("config", f"no `kind` key and sections {sorted(unknown)} are not pretrain sections: typed "
+                        "validation skipped, rules applied (add `kind: finetune` for a fine-tuning config)")]
     try:
-        validate_config(raw, PretrainConfig, path)
+        model_cls = config_class_for(raw, path)
+        validate_config(raw, model_cls, path)
     except ConfigError as err:
         return [Finding("config", "typed validation", p, "edit the YAML or pass --set KEY=VALUE") for p in err.problems]
-    return [Finding("config", "validates as a pretrain config")]
+    return [Finding("config", f"validates as a {raw.get('kind', 'pretrain')} config ({model_cls.__name__})")]
 
 
 def check_sweep_config(raw: dict, path: str) -> tuple[list[Finding], dict]:

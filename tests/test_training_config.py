@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.config import ConfigError, PretrainConfig, load_config, validate_config
+from training.config import (
+    ConfigError,
+    PretrainConfig,
+    config_class_for,
+    load_any_config,
+    load_config,
+    load_config_of_kind,
+    read_yaml,
+    validate_config,
+)
 from training.deepspeed_config import build_deepspeed_config
 from training.schedule import lr_multiplier
 
@@ -23,11 +32,43 @@ def with_change(section: str, key: str, value) -> dict:
 
 
 def test_shipped_configs_exist_and_validate():
+    """Every YAML under configs/ validates with the typed class its `kind` names (absent = pretrain)."""
     assert len(SHIPPED) >= 3, SHIPPED
     for path in SHIPPED:
-        cfg = load_config(path)
-        assert isinstance(cfg, PretrainConfig)
+        raw = read_yaml(path)
+        cls = config_class_for(raw)
+        cfg = load_any_config(path)
+        assert type(cfg) is cls, path
+        assert cfg.kind == raw.get("kind", "pretrain"), path
         assert cfg.run.name, path
+        if path.parent.name == "pretrain":
+            assert isinstance(cfg, PretrainConfig), path
+
+
+def test_config_kind_picks_the_class_and_unknown_kinds_are_named():
+    from training.finetune_config import FinetuneConfig
+
+    assert config_class_for(MINIMAL) is PretrainConfig
+    assert config_class_for({**MINIMAL, "kind": "pretrain"}) is PretrainConfig
+    assert config_class_for({"kind": "finetune"}) is FinetuneConfig
+    with pytest.raises(ConfigError, match="unknown config kind 'pretrian'"):
+        config_class_for({"kind": "pretrian"})
+
+
+def test_wrong_entry_point_for_the_kind_names_the_right_command(tmp_path):
+    finetune_yaml = tmp_path / "ft.yaml"
+    finetune_yaml.write_text(yaml.safe_dump({"kind": "finetune", "task": "sft"}))
+    pretrain_yaml = tmp_path / "pt.yaml"
+    pretrain_yaml.write_text(yaml.safe_dump(MINIMAL))
+    with pytest.raises(ConfigError) as info:
+        load_config_of_kind(finetune_yaml, [], "pretrain")
+    assert len(info.value.problems) == 1 and "python -m training.finetune --config" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config_of_kind(pretrain_yaml, [], "finetune")
+    assert len(info.value.problems) == 1 and "python -m training.pretrain --config" in str(info.value)
+    out = subprocess.run([sys.executable, "-m", "training.pretrain", "--config", str(finetune_yaml), "--validate-only"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2 and "python -m training.finetune" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize(

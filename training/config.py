@@ -222,9 +222,27 @@ class RunSection(_Section):
         return self
 
 
-class PretrainConfig(_Section):
+class RunConfigBase(_Section):
+    """What every run kind shares: where the run lives and how its YAML is written back."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.storage_path).expanduser().resolve() / self.run.name
+
+    @property
+    def data_dir(self) -> Path:
+        if self.data.prepared_dir:
+            return Path(self.data.prepared_dir).expanduser().resolve()
+        return self.run_dir / "data"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+class PretrainConfig(RunConfigBase):
     """A whole pretraining run."""
 
+    kind: Literal["pretrain"] = Field("pretrain", description="Config kind; optional for pretraining YAMLs.")
     model: ModelSection = ModelSection()
     tokenizer: TokenizerSection = TokenizerSection()
     data: DataSection
@@ -250,21 +268,8 @@ class PretrainConfig(_Section):
         return self
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.run.storage_path).expanduser().resolve() / self.run.name
-
-    @property
-    def data_dir(self) -> Path:
-        if self.data.prepared_dir:
-            return Path(self.data.prepared_dir).expanduser().resolve()
-        return self.run_dir / "data"
-
-    @property
     def global_batch_blocks(self) -> int:
         return self.optim.micro_batch_size * self.optim.grad_accum_steps * self.scaling.num_workers
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,18 +363,53 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def validate_config(raw: dict, model_cls: type[BaseModel] = PretrainConfig, source: str = "config"):
-    """Validate a raw dict; raise ConfigError listing every problem at once."""
+# Config kinds: the top-level `kind` key picks the typed class (absent = pretrain, so older YAMLs stay valid).
+# Each kind names the command that runs it, for the "wrong command" message.
+KIND_COMMANDS = {"pretrain": "python -m training.pretrain", "finetune": "python -m training.finetune"}
+
+
+def config_class_for(raw: dict, source: str = "config") -> type[BaseModel]:
+    """The typed config class for a raw YAML dict, picked by its `kind` key (default: pretrain)."""
+    kind = raw.get("kind", "pretrain")
+    if kind == "pretrain":
+        return PretrainConfig
+    if kind == "finetune":
+        from training.finetune_config import FinetuneConfig  # sibling module; imports this one
+
+        return FinetuneConfig
+    raise ConfigError([f"kind: unknown config kind {kind!r}; use one of {', '.join(KIND_COMMANDS)}"], source)
+
+
+def load_config_of_kind(path: str | Path, overrides: list[str] | None, expected: str):
+    """Load a run YAML that must be of kind `expected`; another kind is refused in one line naming its command."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    kind = raw.get("kind", "pretrain")
+    if kind != expected and kind in KIND_COMMANDS:
+        raise ConfigError([
+            f"kind: {path} is a {kind} config, not a {expected} config; run it with "
+            f"`{KIND_COMMANDS[kind]} --config {path}`"
+        ], str(path))
+    return validate_config(raw, config_class_for(raw, str(path)), str(path))
+
+
+def validate_config(raw: dict, model_cls: type[BaseModel] | None = None, source: str = "config"):
+    """Validate a raw dict (class picked by `kind` unless given); raise ConfigError listing every problem."""
+    model_cls = model_cls or config_class_for(raw, source)
     try:
         return model_cls.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, model_cls), source) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, model_cls: type[BaseModel] = PretrainConfig):
-    """Read, override and validate a run YAML."""
+def load_config(path: str | Path, overrides: list[str] | None = None, model_cls: type[BaseModel] | None = None):
+    """Read, override and validate a run YAML; the class is picked by its `kind` unless given."""
     raw = apply_overrides(read_yaml(path), overrides)
     return validate_config(raw, model_cls, str(path))
+
+
+def load_any_config(path: str | Path, overrides: list[str] | None = None):
+    """Read and validate a run YAML of any kind (PretrainConfig, FinetuneConfig, ...)."""
+    return load_config(path, overrides)
 
 
 _PKG_RE = re.compile(r"^pkg://(?P<pkg>[A-Za-z0-9_.]+)/(?P<rel>.+)$")

@@ -6,12 +6,14 @@ else in raylm spells them out for DeepSpeed. Imports without torch or deepspeed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from training.config import PretrainConfig
+if TYPE_CHECKING:  # either config kind: only its optim, deepspeed and scaling sections are read
+    from training.config import PretrainConfig
+    from training.finetune_config import FinetuneConfig
 
 
-def build_deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict[str, Any]:
+def build_deepspeed_config(cfg: "PretrainConfig | FinetuneConfig", world_size: int) -> dict[str, Any]:
     """DeepSpeed config dict for `deepspeed.initialize(config=...)`.
 
     The lr schedule is not in here: it is a torch LambdaLR built from `cfg.optim` by

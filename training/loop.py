@@ -1,23 +1,59 @@
-"""The per-worker training function that Ray Train runs on every rank under DeepSpeed ZeRO."""
+"""The worker skeleton that Ray Train runs on every rank under DeepSpeed ZeRO, for every run kind.
+
+`run_worker` owns what pretraining and fine-tuning share: distributed setup, the engine
+(`training.engine.build_engine`), resume, the step loop with gradient accumulation, the cadence of
+log / eval / checkpoint, early stopping, reports and checkpoint saving. A run kind supplies a
+`WorkerTask`: the model, its micro-batches, batch -> loss, an evaluation and how its weights are
+saved. `train_loop_per_worker` is pretraining's entry (its task is built in `pretrain_task`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from training.checkpoints import checkpoint_dir_name
-from training.config import PretrainConfig
-from training.deepspeed_config import build_deepspeed_config
-from training.model import build_model, count_parameters
-from training.schedule import lambda_scheduler, param_groups
 
 DS_TAG = "ds"  # fixed DeepSpeed checkpoint tag: one checkpoint per directory
 FAULT_ENV = "RAYLM_TEST_FAULT"  # test-only: "rank:step:marker_file" kills that rank once after that step
+
+
+@dataclass
+class WorkerContext:
+    """Where this rank runs; handed to the task builder."""
+
+    rank: int
+    world: int
+    device: Any
+    use_gpu: bool
+
+
+@dataclass
+class WorkerTask:
+    """The per-task parts the shared skeleton calls. Every callable taking `engine` runs on all ranks."""
+
+    model: Any
+    # start micro-batch index -> this rank's micro-batches, forever (data order fixed: resume is exact)
+    micro_batches: Callable[[int], Iterator[Any]]
+    # (engine, micro-batch) -> (mean loss tensor, tokens counted for throughput)
+    step_loss: Callable[[Any, Any], tuple[Any, int]]
+    # (engine, checkpoint dir) -> None: collective; rank 0 writes loadable weights (+ tokenizer) into the dir
+    save_weights: Callable[[Any, str], None]
+    # engine -> metrics dict identical on every rank (all_reduced inside); None: no validation data
+    evaluate: Callable[[Any], dict] | None = None
+    # numbers added to every report (num_params, trainable_params, ...)
+    static_metrics: dict = field(default_factory=dict)
+    # (metric, mode, patience or None, min_delta): early stopping and best-checkpoint bookkeeping
+    selection: tuple[str, str, int | None, float] | None = None
+    # evaluate at every checkpoint too (so each checkpoint carries the selection metric)
+    eval_at_checkpoints: bool = False
 
 
 def _maybe_inject_fault(spec: str | None, rank: int, step: int) -> None:
@@ -52,7 +88,185 @@ def global_batches(shard, batch_rows: int, start_batch: int):
                 continue
             yield batch
         if produced == 0:
-            raise ValueError(f"the training split has fewer than {batch_rows} blocks: lower optim.micro_batch_size")
+            raise ValueError(f"the training split has fewer than {batch_rows} rows: lower optim.micro_batch_size")
+
+
+def init_worker(cfg) -> WorkerContext:
+    """Device and process group for this rank (DeepSpeed reuses Ray Train's)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
+    import deepspeed
+    import ray
+    import ray.train
+    import torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    print(f"raylm-worker rank={rank} node_id={ray.get_runtime_context().get_node_id()}", flush=True)
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
+    if cfg.scaling.use_gpu:
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    return WorkerContext(rank=rank, world=world, device=device, use_gpu=cfg.scaling.use_gpu)
+
+
+def _save_checkpoint(engine, task: WorkerTask, cfg, state: dict, rank: int) -> str:
+    """Every rank writes its DeepSpeed shards; the task writes loadable weights; rank 0 adds config and state."""
+    import torch.distributed as dist
+
+    ckpt_dir = tempfile.mkdtemp(prefix=f"raylm-ckpt-r{rank}-")
+    engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={"raylm_step": state["step"]})
+    task.save_weights(engine, ckpt_dir)
+    if rank == 0:
+        Path(ckpt_dir, "resolved_config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        Path(ckpt_dir, "trainer_state.json").write_text(json.dumps(state, indent=2))
+    dist.barrier()
+    return ckpt_dir
+
+
+def _resume(engine, world: int, rank: int, state: dict) -> tuple[dict, int | None]:
+    """Load the latest reported checkpoint (if any) into the engine; return the saved trainer state."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return state, None
+    with checkpoint.as_directory() as ckpt_dir:
+        saved = json.loads(Path(ckpt_dir, "trainer_state.json").read_text())
+        if saved.get("world_size", world) != world:
+            raise RuntimeError(
+                f"checkpoint was written by {saved['world_size']} workers, this run has {world}: ZeRO shards "
+                "cannot be re-partitioned; resume with the same scaling.num_workers"
+            )
+        engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+    if rank == 0:
+        print(f"[raylm] resumed from step {saved['step']} ({checkpoint.path})", flush=True)
+    return saved, saved["step"]
+
+
+SELECTION_SCORE = "selection_score"  # reported with every checkpoint: Ray keeps the highest (the best ones)
+
+
+def update_selection(state: dict, metrics: dict, selection) -> tuple[bool, bool]:
+    """Best-metric bookkeeping after an evaluation: (improved, early stopping's patience ran out)."""
+    metric, mode, patience, min_delta = selection
+    value = metrics.get(metric)
+    if value is None or not math.isfinite(value):
+        return False, False
+    best = state.get("best")
+    improved = best is None or (value < best["value"] - min_delta if mode == "min" else value > best["value"] + min_delta)
+    if improved:
+        state["best"] = {"metric": metric, "mode": mode, "value": value, "step": state["step"]}
+        state["evals_since_best"] = 0
+    else:
+        state["evals_since_best"] = state.get("evals_since_best", 0) + 1
+    return improved, patience is not None and state["evals_since_best"] >= patience
+
+
+def run_worker(loop_config: dict, cfg, build_task: Callable[[Any, dict, WorkerContext], WorkerTask]) -> None:
+    """The shared per-rank algorithm: build task and engine, resume, train with cadence, report, checkpoint."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from training.engine import build_engine
+
+    wctx = init_worker(cfg)
+    rank, world, device = wctx.rank, wctx.world, wctx.device
+    task = build_task(cfg, loop_config["prepared"], wctx)
+    engine = build_engine(task.model, cfg, world)
+    state, resumed_from_step = _resume(engine, world, rank, {"step": 0, "tokens_seen": 0, "world_size": world})
+
+    optim, run = cfg.optim, cfg.run
+    gas = optim.grad_accum_steps
+    batches = task.micro_batches(state["step"] * gas)
+    window_start, window_steps, window_tokens, reported = time.perf_counter(), 0, 0, False
+    while state["step"] < optim.max_steps and not state.get("stopped_early"):
+        # Dropout draws depend only on (seed, step, rank): a resumed run repeats a clean one exactly.
+        torch.manual_seed(cfg.run.seed * 1_000_003 + state["step"] * 1009 + rank)
+        lr_used = engine.get_lr()[0]
+        loss_sum = torch.zeros(1, device=device)
+        for _ in range(gas):
+            loss, tokens = task.step_loss(engine, next(batches))
+            engine.backward(loss)
+            engine.step()  # DeepSpeed only updates at the accumulation boundary
+            loss_sum += loss.detach().float()
+            window_tokens += tokens
+        state["step"] += 1
+        window_steps += 1
+        step = state["step"]
+        _maybe_inject_fault(loop_config.get("test_fault"), rank, step)
+
+        is_last = step == optim.max_steps
+        want_ckpt = step % run.checkpoint_every_steps == 0 or is_last
+        want_log = step % run.log_every_steps == 0 or is_last
+        want_eval = task.evaluate is not None and (
+            step % run.eval_every_steps == 0 or is_last or (task.eval_at_checkpoints and want_ckpt))
+        if not (want_log or want_eval or want_ckpt):
+            continue
+
+        counts = torch.tensor([loss_sum.item(), float(window_tokens)], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        state["tokens_seen"] += int(counts[1].item())
+        elapsed = time.perf_counter() - window_start
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {
+            "step": step,
+            "loss": counts[0].item() / (gas * world),
+            "lr": lr_used,
+            "tokens_seen": state["tokens_seen"],
+            "tokens_per_s": counts[1].item() / elapsed,
+            "step_time_s": elapsed / window_steps,
+            "world_size": world,
+            "max_steps": optim.max_steps,
+            **task.static_metrics,
+        }
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            metrics["grad_norm"] = float(grad_norm)  # DeepSpeed only tracks it when ZeRO clips
+        if resumed_from_step is not None:
+            metrics["resumed_from_step"] = resumed_from_step
+        if want_eval:
+            metrics.update(task.evaluate(engine))
+            if task.selection is not None:
+                improved, exhausted = update_selection(state, metrics, task.selection)
+                # The step of each new best ranks checkpoints: the latest improvement scores highest, a
+                # checkpoint that did not improve scores lowest (min_delta applies, unlike a raw metric).
+                metrics[SELECTION_SCORE] = step if improved else -1
+                if exhausted:
+                    state["stopped_early"] = True
+                    want_ckpt = True  # the stopping point is a checkpoint too: a rerun sees the run is over
+                    if rank == 0:
+                        print(f"[raylm] early stopping at step {step}: {task.selection[0]} has not improved for "
+                              f"{task.selection[2]} evaluations (best {state['best']['value']:.6g} at step "
+                              f"{state['best']['step']})", flush=True)
+                if state.get("best"):
+                    metrics.update(best_metric=state["best"]["value"], best_step=state["best"]["step"])
+                if state.get("stopped_early"):
+                    metrics["early_stopped"] = True
+        if want_ckpt:
+            state["last_eval"] = {k: v for k, v in metrics.items() if k.startswith("val_")}
+            ckpt_dir = _save_checkpoint(engine, task, cfg, dict(state), rank)
+        # Evaluation and checkpoint writing are not training throughput; the report itself is
+        # (it can block until the controller takes the previous one), so the next window starts here.
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+        if want_ckpt:
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
+                checkpoint_dir_name=checkpoint_dir_name(step),
+                delete_local_checkpoint_after_upload=True,
+            )
+        else:
+            ray.train.report(metrics)
+        reported = True
+
+    if not reported:
+        # Rerun of a finished run: nothing to train, but the driver still gets the final state.
+        ray.train.report({"step": state["step"], "tokens_seen": state["tokens_seen"], "max_steps": optim.max_steps,
+                          "already_complete": True})
+
+
+# --------------------------------------------------------------------------------------------
+# Pretraining's task: packed token blocks of a causal LM
 
 
 def _rank_slice(batch, rank: int, per_rank: int, torch, device):
@@ -60,7 +274,7 @@ def _rank_slice(batch, rank: int, per_rank: int, torch, device):
     return torch.as_tensor(list(rows) if rows.dtype == object else rows, dtype=torch.long, device=device)
 
 
-def load_validation_blocks(val_shard, cfg: PretrainConfig, rank: int, world: int, torch, device) -> list:
+def load_validation_blocks(val_shard, cfg, rank: int, world: int, torch, device) -> list:
     """This rank's validation micro-batches, read once and kept: every evaluation sees the same blocks."""
     per_rank = cfg.optim.micro_batch_size
     blocks = []
@@ -85,142 +299,61 @@ def evaluate(engine, val_blocks: list, torch, dist, device) -> float | None:
     return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
-def _save_checkpoint(engine, cfg: PretrainConfig, state: dict, prepared: dict, rank: int, torch, dist) -> str:
-    """Every rank writes its DeepSpeed shards; rank 0 adds loadable weights, tokenizer and config."""
-    ckpt_dir = tempfile.mkdtemp(prefix=f"raylm-ckpt-r{rank}-")
-    engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={"raylm_step": state["step"]})
-    if cfg.deepspeed.zero_stage == 3:
-        # Collective: every rank contributes its partition; rank 0 receives the full tensors.
-        weights = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        weights = engine.module.state_dict() if rank == 0 else None
-    if rank == 0:
-        engine.module.save_pretrained(os.path.join(ckpt_dir, "model"), state_dict=weights, safe_serialization=True)
-        shutil.copytree(prepared["tokenizer_dir"], os.path.join(ckpt_dir, "tokenizer"))
-        Path(ckpt_dir, "resolved_config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        Path(ckpt_dir, "trainer_state.json").write_text(json.dumps(state, indent=2))
-    dist.barrier()
-    return ckpt_dir
+def pretrain_task(cfg, prepared: dict, wctx: WorkerContext) -> WorkerTask:
+    """Causal LM on packed blocks: loss on every next token, validation loss and perplexity."""
+    import os as _os
+    import shutil
 
-
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry: build model and DeepSpeed engine, resume if a checkpoint exists, train, report."""
-    cfg = PretrainConfig.model_validate(loop_config["config"])
-    prepared = loop_config["prepared"]
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
-
-    import deepspeed
-    import ray
     import ray.train
     import torch
     import torch.distributed as dist
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    print(f"raylm-worker rank={rank} node_id={ray.get_runtime_context().get_node_id()}", flush=True)
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
-    if cfg.scaling.use_gpu:
-        torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    from training.model import build_model, count_parameters
 
+    rank, world, device = wctx.rank, wctx.world, wctx.device
     model = build_model(cfg.model, prepared["vocab_size"], prepared["pad_token_id"], prepared["eos_token_id"], cfg.run.seed)
-    n_params = count_parameters(model)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=build_deepspeed_config(cfg, world),
-        lr_scheduler=lambda_scheduler(cfg.optim),
-    )
-
-    state = {"step": 0, "tokens_seen": 0, "world_size": world}
-    resumed_from_step = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            saved = json.loads(Path(ckpt_dir, "trainer_state.json").read_text())
-            if saved.get("world_size", world) != world:
-                raise RuntimeError(
-                    f"checkpoint was written by {saved['world_size']} workers, this run has {world}: ZeRO shards "
-                    "cannot be re-partitioned; resume with the same scaling.num_workers"
-                )
-            engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
-            state = saved
-            resumed_from_step = state["step"]
-        if rank == 0:
-            print(f"[raylm] resumed from step {state['step']} ({checkpoint.path})", flush=True)
-
-    optim = cfg.optim
-    per_rank, gas = optim.micro_batch_size, optim.grad_accum_steps
-    tokens_per_step = per_rank * gas * world * cfg.data.seq_len
+    per_rank = cfg.optim.micro_batch_size
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if prepared.get("val_path") else None
-    val_blocks = None
-    batches = global_batches(train_shard, per_rank * world, state["step"] * gas)
+    val_blocks: list | None = None
 
-    window_start, window_steps, reported = time.perf_counter(), 0, False
-    while state["step"] < optim.max_steps:
-        lr_used = engine.get_lr()[0]
-        loss_sum = torch.zeros(1, device=device)
-        for _ in range(gas):
-            ids = _rank_slice(next(batches), rank, per_rank, torch, device)
-            loss = engine(input_ids=ids, labels=ids).loss
-            engine.backward(loss)
-            engine.step()  # DeepSpeed only updates at the accumulation boundary
-            loss_sum += loss.detach().float()
-        state["step"] += 1
-        state["tokens_seen"] += tokens_per_step
-        window_steps += 1
-        step = state["step"]
-        _maybe_inject_fault(loop_config.get("test_fault"), rank, step)
+    def micro_batches(start: int):
+        for batch in global_batches(train_shard, per_rank * world, start):
+            yield _rank_slice(batch, rank, per_rank, torch, device)
 
-        is_last = step == optim.max_steps
-        want_log = step % cfg.run.log_every_steps == 0 or is_last
-        want_eval = val_shard is not None and (step % cfg.run.eval_every_steps == 0 or is_last)
-        want_ckpt = step % cfg.run.checkpoint_every_steps == 0 or is_last
-        if not (want_log or want_eval or want_ckpt):
-            continue
+    def step_loss(engine, ids):
+        return engine(input_ids=ids, labels=ids).loss, ids.numel()
 
-        dist.all_reduce(loss_sum)
-        elapsed = time.perf_counter() - window_start
-        grad_norm = engine.get_global_grad_norm()
-        metrics = {
-            "step": step,
-            "loss": loss_sum.item() / (gas * world),
-            "lr": lr_used,
-            "tokens_seen": state["tokens_seen"],
-            "tokens_per_s": window_steps * tokens_per_step / elapsed,
-            "step_time_s": elapsed / window_steps,
-            "num_params": n_params,
-            "world_size": world,
-            "max_steps": optim.max_steps,
-        }
-        if grad_norm is not None and math.isfinite(float(grad_norm)):
-            metrics["grad_norm"] = float(grad_norm)  # DeepSpeed only tracks it when ZeRO clips
-        if resumed_from_step is not None:
-            metrics["resumed_from_step"] = resumed_from_step
-        if want_eval:
-            if val_blocks is None:
-                val_blocks = load_validation_blocks(val_shard, cfg, rank, world, torch, device)
-            val_loss = evaluate(engine, val_blocks, torch, dist, device)
-            if val_loss is not None:
-                metrics.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50.0)))
-        if want_ckpt:
-            ckpt_dir = _save_checkpoint(engine, cfg, dict(state), prepared, rank, torch, dist)
-        # Evaluation and checkpoint writing are not training throughput; the report itself is
-        # (it can block until the controller takes the previous one), so the next window starts here.
-        window_start, window_steps = time.perf_counter(), 0
-        if want_ckpt:
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
-                checkpoint_dir_name=checkpoint_dir_name(step),
-                delete_local_checkpoint_after_upload=True,
-            )
+    def evaluate_blocks(engine) -> dict:
+        nonlocal val_blocks
+        if val_blocks is None:
+            val_blocks = load_validation_blocks(val_shard, cfg, rank, world, torch, device)
+        val_loss = evaluate(engine, val_blocks, torch, dist, device)
+        return {} if val_loss is None else {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
+
+    def save_weights(engine, ckpt_dir: str) -> None:
+        if cfg.deepspeed.zero_stage == 3:
+            # Collective: every rank contributes its partition; rank 0 receives the full tensors.
+            weights = engine._zero3_consolidated_16bit_state_dict()
         else:
-            ray.train.report(metrics)
-        reported = True
+            weights = engine.module.state_dict() if rank == 0 else None
+        if rank == 0:
+            engine.module.save_pretrained(_os.path.join(ckpt_dir, "model"), state_dict=weights, safe_serialization=True)
+            shutil.copytree(prepared["tokenizer_dir"], _os.path.join(ckpt_dir, "tokenizer"))
 
-    if not reported:
-        # Rerun of a finished run: nothing to train, but the driver still gets the final state.
-        ray.train.report({"step": state["step"], "tokens_seen": state["tokens_seen"], "max_steps": optim.max_steps,
-                          "already_complete": True})
+    return WorkerTask(
+        model=model,
+        micro_batches=micro_batches,
+        step_loss=step_loss,
+        save_weights=save_weights,
+        evaluate=evaluate_blocks if val_shard is not None else None,
+        static_metrics={"num_params": count_parameters(model)},
+    )
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry of pretraining: the shared skeleton with the causal-LM block task."""
+    from training.config import PretrainConfig
+
+    cfg = PretrainConfig.model_validate(loop_config["config"])
+    run_worker(loop_config, cfg, pretrain_task)

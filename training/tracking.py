@@ -16,6 +16,8 @@ from pathlib import Path
 from ray.train.v2.api.callback import UserCallback
 
 METRICS_FILE = "metrics.jsonl"
+# Fine-tuning's task metrics (besides val_loss): shown in the progress line and plotted beside the loss.
+TASK_METRIC_KEYS = ("val_accuracy", "val_macro_f1", "val_precision", "val_recall", "val_f1")
 
 
 class MetricsLogCallback(UserCallback):
@@ -58,8 +60,10 @@ def format_progress(rec: dict, started: float, first_step: int) -> str:
     eta = elapsed / done * max(0, total - step)
     parts = [f"step {step}/{total}", f"loss {rec['loss']:.4f}"]
     if "val_loss" in rec:
-        parts.append(f"val {rec['val_loss']:.4f} (ppl {rec['val_perplexity']:.1f})")
-    parts += [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:,.0f} tok/s", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
+        ppl = f" (ppl {rec['val_perplexity']:.1f})" if "val_perplexity" in rec else ""
+        parts.append(f"val {rec['val_loss']:.4f}{ppl}")
+    parts += [f"{key[4:]} {rec[key]:.4f}" for key in TASK_METRIC_KEYS if key in rec]
+    parts += [f"lr {rec['lr']:.2e}", f"{rec.get('tokens_per_s', 0):,.0f} tok/s", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
     return " | ".join(parts)
 
 
@@ -183,6 +187,7 @@ def plot_loss_curve(records: list[dict], png_path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    task_keys = [k for k in TASK_METRIC_KEYS if any(k in r for r in records)]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if val:
@@ -191,7 +196,17 @@ def plot_loss_curve(records: list[dict], png_path: Path) -> Path | None:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(png_path.parent.name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if task_keys:  # fine-tuning: the task metric on a second axis (0..1)
+        ax2 = ax.twinx()
+        for key in task_keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax2.plot(*zip(*points), "s--", label=key, linewidth=1.0, markersize=3)
+        ax2.set_ylabel("task metric")
+        ax2.set_ylim(0, 1.02)
+        extra_h, extra_l = ax2.get_legend_handles_labels()
+        handles, labels = handles + extra_h, labels + extra_l
+    ax.legend(handles, labels, loc="best")
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)

@@ -1,0 +1,173 @@
+"""`python -m training.evaluate` on tiny exports (real transformers), checked against independent computations."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving.tiny_exports import NER_LABELS, SENTIMENT_LABELS, build_causal_lm_export, build_encoder_export
+from training import evaluate
+from training.finetune_data import encode_sft
+from training.task_metrics import classification_metrics, confusion_matrix, ner_counts, ner_metrics
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    return {
+        "causal": build_causal_lm_export(root / "causal-lm"),
+        "classifier": build_encoder_export(root / "classifier", "sequence-classification", SENTIMENT_LABELS),
+        "ner": build_encoder_export(root / "ner", "token-classification", NER_LABELS),
+    }
+
+
+def run(argv, tmp_path):
+    out = tmp_path / "result.json"
+    args = evaluate.parse_args([*argv, "--out", str(out)])
+    return evaluate.evaluate(args, log=lambda *_: None)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_sft_perplexity_equals_the_models_own_loss_on_response_tokens(exports, tmp_path):
+    rows = [{"prompt": "What is a list?", "response": "A mutable sequence."},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."},
+                          {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]},
+            {"prompt": "Say nothing", "response": "   "}]  # an empty response: a counted skip
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    result = run(["--export", str(exports["causal"]), "--data", str(data), "--batch-size", "2"], tmp_path)
+    assert result["task"] == "sft" and result["rows"] == 2 and result["stats"]["skipped_empty"] == 1
+
+    # Independently: transformers' own loss (mean over labelled tokens) per example, one at a time.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(exports["causal"]).eval()
+    tok = AutoTokenizer.from_pretrained(exports["causal"])
+    total = count = 0
+    for messages in ([{"role": "user", "content": rows[0]["prompt"]}, {"role": "assistant", "content": rows[0]["response"]}],
+                     rows[1]["messages"]):
+        ids, labels = encode_sft(tok, messages, max_len=256)
+        n = sum(l != -100 for l in labels[1:])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+        total, count = total + loss * n, count + n
+    assert result["metrics"]["tokens"] == count
+    assert result["metrics"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def test_classification_matches_serving_predictions_and_counts_unknown_labels(exports, tmp_path):
+    from serving.encoders import EncoderEngine
+    from serving.export_format import read_export
+
+    texts = ["The product is great", "terrible quality, broke in a day", "it works", "质量很好", "一般般吧", "not bad at all"]
+    gold = ["positive", "negative", "neutral", "positive", "neutral", "negative"]
+    csv = tmp_path / "val.csv"
+    csv.write_text("sentence,sentiment\n" + "".join(f"\"{t}\",{g}\n" for t, g in zip(texts, gold)) + "extra row,angry\n",
+                   encoding="utf-8")
+    result = run(["--export", str(exports["classifier"]), "--data", str(csv), "--text-field", "sentence",
+                  "--label-field", "sentiment", "--batch-size", "4"], tmp_path)
+    assert result["stats"]["unknown_labels"] == 1 and result["rows"] == 7
+
+    engine = EncoderEngine(read_export(exports["classifier"]))
+    probs = engine.classify(texts)
+    preds = [SENTIMENT_LABELS.index(max(p, key=p.get)) for p in probs]
+    expected = classification_metrics(confusion_matrix([SENTIMENT_LABELS.index(g) for g in gold], preds, 3))
+    assert result["metrics"] == pytest.approx(expected)
+    assert sum(map(sum, result["confusion"])) == 6
+
+
+def test_ner_scores_its_own_predictions_perfectly_and_a_changed_gold_by_hand(exports, tmp_path):
+    sentences = [["张", "三", "在", "北", "京", "工", "作"], ["Guido", "van", "Rossum", "wrote", "Python", "in", "Amsterdam"],
+                 ["李", "四", "去", "上", "海"]]
+    # Gold = the model's own word-level predictions, so the metrics are known exactly: all correct.
+    from training.finetune_data import encode_ner, word_tags_from_subtokens
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(exports["ner"])
+    model = AutoModelForTokenClassification.from_pretrained(exports["ner"]).eval()
+    own = []
+    for words in sentences:
+        ids, _, word_ids = encode_ner(tok, words, ["O"] * len(words), {"O": 0}, max_len=128)
+        with torch.no_grad():
+            pred = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
+        own.append(word_tags_from_subtokens(pred, word_ids, NER_LABELS, num_words=len(words)))
+    n_entities = sum(ner_counts(t, t)[2] for t in own)
+    assert n_entities > 0  # a random model still tags something
+    conll = tmp_path / "val.conll"
+    conll.write_text("".join("".join(f"{w} {t}\n" for w, t in zip(ws, ts)) + "\n" for ws, ts in zip(sentences, own)),
+                     encoding="utf-8")
+    perfect = run(["--export", str(exports["ner"]), "--data", str(conll), "--batch-size", "2"], tmp_path)
+    assert perfect["metrics"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    assert perfect["entities"] == {"correct": n_entities, "predicted": n_entities, "gold": n_entities}
+
+    # Gold with every tag O plus one added entity of a type the export does not know: 0 correct.
+    changed = [["O"] * len(ws) for ws in sentences]
+    changed[0][0] = "B-MISC"
+    conll.write_text("".join("".join(f"{w} {t}\n" for w, t in zip(ws, ts)) + "\n" for ws, ts in zip(sentences, changed)),
+                     encoding="utf-8")
+    result = run(["--export", str(exports["ner"]), "--data", str(conll)], tmp_path)
+    assert result["entities"] == {"correct": 0, "predicted": n_entities, "gold": 1}
+    assert result["metrics"] == ner_metrics(0, n_entities, 1)
+    assert any("MISC" in note for note in result["stats"]["notes"])
+
+
+def test_label_likelihood_zero_and_k_shot_on_a_causal_lm(exports, tmp_path):
+    rows = [("great product", "pos"), ("awful, broke", "neg"), ("works well", "pos"), ("waste of money", "neg")]
+    data = tmp_path / "val.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows), encoding="utf-8")
+    shots = tmp_path / "train.tsv"
+    shots.write_text("text\tlabel\n" + "".join(f"{t} indeed\t{l}\n" for t, l in rows * 2), encoding="utf-8")
+    result = run(["--export", str(exports["causal"]), "--data", str(data), "--task", "classification",
+                  "--shots-from", str(shots), "--shots", "3", "--verbalizers", "pos=good,neg=bad"], tmp_path)
+    assert result["labels"] == ["neg", "pos"] and result["verbalizers"] == {"neg": " bad", "pos": " good"}
+    assert len(result["shots"]) == 3 and {l for _, l in result["shots"]} == {"neg", "pos"}
+    assert {"zero_shot_accuracy", "zero_shot_macro_f1", "3_shot_accuracy", "3_shot_macro_f1"} <= set(result["metrics"])
+
+    # The scores are log p(label words | prompt) computed by one full forward pass per sequence.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(exports["causal"]).eval()
+    tok = AutoTokenizer.from_pretrained(exports["causal"])
+    prompt = evaluate.build_prompt(evaluate.DEFAULT_PROMPT, "great product", [], result["verbalizers"])
+    scores = evaluate.label_log_likelihoods(model, tok, [prompt], [" bad", " good"], batch_size=2, max_len=256)[0]
+    for words, score in zip([" bad", " good"], scores):
+        p_ids, l_ids = tok(prompt, add_special_tokens=False)["input_ids"], tok(words, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p_ids + l_ids])).logits[0], -1)
+        expected = sum(logp[len(p_ids) + i - 1, t].item() for i, t in enumerate(l_ids))
+        assert score == pytest.approx(expected, abs=1e-4)
+    gold = [0 if l == "neg" else 1 for _, l in rows]
+    prompts = [evaluate.build_prompt(evaluate.DEFAULT_PROMPT, t, [], result["verbalizers"]) for t, _ in rows]
+    preds = [max((0, 1), key=s.__getitem__) for s in evaluate.label_log_likelihoods(model, tok, prompts, [" bad", " good"], 3, 256)]
+    assert result["metrics"]["zero_shot_accuracy"] == classification_metrics(confusion_matrix(gold, preds, 2))["accuracy"]
+
+
+def test_cli_prints_a_table_writes_json_and_reports_bad_input(exports, tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n\nPython lists are mutable sequences.\n", encoding="utf-8")
+    out = tmp_path / "ppl.json"
+    env_cmd = [sys.executable, "-m", "training.evaluate", "--export", str(exports["causal"]), "--data", str(text),
+               "--task", "causal-lm", "--out", str(out)]
+    proc = subprocess.run(env_cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["rows"] == 2 and result["stats"]["skipped_empty"] == 1 and result["metrics"]["perplexity"] > 1
+    assert "perplexity" in proc.stdout and f"results: {out}" in proc.stdout
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("review,stars\nok,1\n", encoding="utf-8")
+    # Bad input: exit status 2 and the reader's message (in-process: one subprocess is enough).
+    status = evaluate.main(["--export", str(exports["classifier"]), "--data", str(bad), "--out", str(tmp_path / "x.json")])
+    assert status == 2 and not (tmp_path / "x.json").exists()
+    assert "bad.csv:1: the header row ['review', 'stars'] has no column ['text', 'label']" in capsys.readouterr().err
+    with pytest.raises(evaluate.DataError, match="a sequence-classification export evaluates classification"):
+        evaluate.resolve_task("sft", "sequence-classification")

@@ -1,0 +1,28 @@
+"""The one DeepSpeed engine builder: used by the training loop and by the benchmarks.
+
+Everything DeepSpeed is told comes from the typed run config (pretrain or finetune kind):
+`training.deepspeed_config` for the JSON, `training.schedule` for the lr schedule and AdamW groups.
+"""
+
+from __future__ import annotations
+
+from training.deepspeed_config import build_deepspeed_config
+from training.schedule import lambda_scheduler, param_groups
+
+
+def build_engine(model, cfg, world_size: int, ds_config: dict | None = None):
+    """Wrap `model` in a DeepSpeed engine for `world_size` ranks; returns the engine.
+
+    Only parameters with requires_grad reach the optimizer (frozen bases of LoRA/prompt tuning
+    hold no optimizer state). `ds_config` overrides the JSON built from `cfg` (benchmarks that
+    measure a variant pass their own).
+    """
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=ds_config if ds_config is not None else build_deepspeed_config(cfg, world_size),
+        lr_scheduler=lambda_scheduler(cfg.optim),
+    )
+    return engine

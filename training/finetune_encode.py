@@ -1,0 +1,216 @@
+"""Records -> token ids and labels for fine-tuning (public through training.finetune_data).
+
+Takes a transformers *fast* tokenizer (offsets are needed to find the assistant turns and the words);
+never imports torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping, Sequence
+
+from training.finetune_data import FALLBACK_CHATML, IGNORE_INDEX, DataError, TaskDataStats
+
+
+def _render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _assistant_spans(tokenizer, messages: list[dict], template: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn in it.
+
+    A turn's span is what rendering that turn adds after the prompt that serving would render for it
+    (the conversation so far + the generation prompt), so the labels are exactly what the model has to
+    generate at inference: the content and the template's end-of-turn marker."""
+    full = _render(tokenizer, messages, template, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], template, True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], template, False)
+        if not (upto.startswith(prompt) and full.startswith(upto)):
+            raise DataError(
+                "the chat template does not render a conversation as its prompt followed by the reply (it rewrites "
+                "earlier turns), so the response tokens cannot be located; set data.chat_template to a template "
+                "that appends turns (e.g. ChatML)"
+            )
+        spans.append((len(prompt), len(upto)))
+    return full, spans
+
+
+def encode_sft(
+    tokenizer,
+    messages: list[dict],
+    *,
+    max_len: int,
+    chat_template: str | None = None,
+    stats: TaskDataStats | None = None,
+) -> tuple[list[int], list[int]] | None:
+    """(input_ids, labels) of one conversation; labels are IGNORE_INDEX except on assistant turns.
+
+    Rendered with `chat_template`, else the tokenizer's own template, else FALLBACK_CHATML (as serving).
+    Each assistant turn is labelled up to and including its first eos token; a turn whose template does
+    not emit eos gets one appended (labelled), so every turn teaches the model to stop. Longer than max_len:
+    cut at max_len if a labelled token remains (stats.truncated), else None (stats.skipped_too_long)."""
+    template = chat_template or getattr(tokenizer, "chat_template", None) or FALLBACK_CHATML
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no eos token; set one (tokenizer.eos_token) so turns can end")
+    text, spans = _assistant_spans(tokenizer, messages, template)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    token_ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position = 0
+    for start, end in spans:
+        # Tokens before the turn (prompt, template markers): context only.
+        while position < len(token_ids) and offsets[position][0] < start:
+            input_ids.append(token_ids[position])
+            labels.append(IGNORE_INDEX)
+            position += 1
+        ended = False
+        while position < len(token_ids) and offsets[position][0] < end:
+            token = token_ids[position]
+            input_ids.append(token)
+            # After the turn's eos, the template's trailing characters (a newline) are context.
+            labels.append(IGNORE_INDEX if ended else token)
+            ended = ended or token == eos
+            position += 1
+        if not ended:
+            input_ids.append(eos)
+            labels.append(eos)
+    input_ids.extend(token_ids[position:])
+    labels.extend([IGNORE_INDEX] * (len(token_ids) - position))
+
+    if len(input_ids) > max_len:
+        if all(label == IGNORE_INDEX for label in labels[:max_len]):
+            if stats is not None:
+                stats.skipped_too_long += 1
+            return None
+        input_ids, labels = input_ids[:max_len], labels[:max_len]
+        if stats is not None:
+            stats.truncated += 1
+    return input_ids, labels
+
+
+def encode_classification(tokenizer, text: str, *, max_len: int, stats: TaskDataStats | None = None) -> list[int]:
+    """Token ids with the tokenizer's special tokens, truncated to max_len (counted in stats.truncated)."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if len(ids) <= max_len:
+        return ids
+    if stats is not None:
+        stats.truncated += 1
+    return tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
+
+
+def _continuation(tag: str) -> str:
+    """The label of a word's later sub-tokens: inside the same entity."""
+    return "I-" + tag[2:] if tag.startswith("B-") else tag
+
+
+def encode_ner(
+    tokenizer,
+    words: list[str],
+    tags: list[str],
+    label2id: Mapping[str, int],
+    *,
+    max_len: int,
+    word_joiner: str | None = None,
+    stats: TaskDataStats | None = None,
+) -> tuple[list[int], list[int], list[int]]:
+    """(input_ids, labels, word_ids) for BIO-tagged words.
+
+    Every non-special sub-token is labelled, as serving reads every non-special sub-token back: the
+    first with its word's tag, later ones of a B-X word with I-X. Special tokens get IGNORE_INDEX and
+    word id -1. With word_joiner=None the words are tokenized as pre-split words; with a string (" " for
+    English, "" for Chinese) the joined text is tokenized and tokens are mapped to words by character
+    offset, which matches how serving tokenizes raw text with byte-level BPE tokenizers."""
+    missing = sorted({t for t in tags} - set(label2id) | {_continuation(t) for t in tags} - set(label2id))
+    if missing:
+        raise DataError(f"tags {missing} are not in the label set {list(label2id)}; build labels with ner_label_list")
+    if word_joiner is None:
+        encoded = tokenizer(words, is_split_into_words=True, add_special_tokens=True)
+        word_of = [(-1 if w is None else w) for w in encoded.word_ids()]
+        input_ids = encoded["input_ids"]
+        special = [w == -1 for w in word_of]
+    else:
+        starts, pos = [], 0
+        for word in words:
+            starts.append(pos)
+            pos += len(word) + len(word_joiner)
+        text = word_joiner.join(words)
+        encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True)
+        input_ids = encoded["input_ids"]
+        special = [bool(s) or end <= begin for s, (begin, end) in zip(encoded["special_tokens_mask"], encoded["offset_mapping"])]
+        word_of = []
+        for is_special, (begin, end) in zip(special, encoded["offset_mapping"]):
+            if is_special:
+                word_of.append(-1)
+                continue
+            while begin < end - 1 and text[begin].isspace():  # byte-level tokens carry the space before a word
+                begin += 1
+            word_of.append(max(bisect.bisect_right(starts, begin) - 1, 0))
+    labels, previous = [], -1
+    for w, is_special in zip(word_of, special):
+        if is_special or w == -1:
+            labels.append(IGNORE_INDEX)
+        else:
+            labels.append(label2id[tags[w] if w != previous else _continuation(tags[w])])
+        previous = w
+    if len(input_ids) > max_len:
+        if stats is not None:
+            stats.truncated += 1
+        # Keep a trailing special token (e.g. [SEP]) the way the tokenizer's own truncation would.
+        tail = 1 if word_of and word_of[-1] == -1 else 0
+        keep = max_len - tail
+        input_ids = input_ids[:keep] + input_ids[len(input_ids) - tail :]
+        labels = labels[:keep] + labels[len(labels) - tail :]
+        word_of = word_of[:keep] + word_of[len(word_of) - tail :]
+    return input_ids, labels, word_of
+
+
+def word_tags_from_subtokens(
+    pred_label_ids: Sequence[int],
+    word_ids: Sequence[int],
+    id2label: Mapping[int, str] | Sequence[str],
+    num_words: int | None = None,
+) -> list[str]:
+    """Word-level tags from per-sub-token predictions: each word takes its first sub-token's tag.
+
+    Words with no sub-token (cut by truncation) get 'O'; pass num_words to get one tag per input word."""
+    count = num_words if num_words is not None else max((w for w in word_ids if w >= 0), default=-1) + 1
+    tags = ["O"] * count
+    seen: set[int] = set()
+    for label_id, w in zip(pred_label_ids, word_ids):
+        if w < 0 or w in seen or w >= count:
+            continue
+        seen.add(w)
+        tags[w] = id2label[int(label_id)]
+    return tags
+
+
+def pack_sft(examples: Iterable[tuple[list[int], list[int]]], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Concatenate consecutive (input_ids, labels) examples into rows of at most seq_len tokens, in order.
+
+    An example that does not fit the open row starts a new one; one longer than seq_len is split. Each
+    example starts with prompt tokens (IGNORE_INDEX), so no loss is taken across an example boundary."""
+    rows: list[tuple[list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex_ids, ex_labels in examples:
+        if ids and len(ids) + len(ex_ids) > seq_len:
+            rows.append((ids, labels))
+            ids, labels = [], []
+        for start in range(0, len(ex_ids), seq_len):
+            chunk_ids, chunk_labels = ex_ids[start : start + seq_len], ex_labels[start : start + seq_len]
+            if ids and len(ids) + len(chunk_ids) > seq_len:
+                rows.append((ids, labels))
+                ids, labels = [], []
+            ids, labels = ids + list(chunk_ids), labels + list(chunk_labels)
+    if ids:
+        rows.append((ids, labels))
+    return rows
