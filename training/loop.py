@@ -123,24 +123,67 @@ def _save_checkpoint(engine, task: WorkerTask, cfg, state: dict, rank: int) -> s
     return ckpt_dir
 
 
-def _resume(engine, world: int, rank: int, state: dict) -> tuple[dict, int | None]:
-    """Load the latest reported checkpoint (if any) into the engine; return the saved trainer state."""
+def _resume(engine, world: int, rank: int, state: dict, init_checkpoint: str | None = None,
+            optim=None) -> tuple[dict, int | None]:
+    """Load the run's latest reported checkpoint into the engine (else `init_checkpoint`, another run's
+    checkpoint, with `optim`'s settings in effect); return the saved trainer state."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if not checkpoint:
+    if not checkpoint and not init_checkpoint:
         return state, None
-    with checkpoint.as_directory() as ckpt_dir:
+    with (checkpoint.as_directory() if checkpoint else _as_is(init_checkpoint)) as ckpt_dir:
         saved = json.loads(Path(ckpt_dir, "trainer_state.json").read_text())
         if saved.get("world_size", world) != world:
             raise RuntimeError(
                 f"checkpoint was written by {saved['world_size']} workers, this run has {world}: ZeRO shards "
                 "cannot be re-partitioned; resume with the same scaling.num_workers"
             )
-        engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+        if checkpoint:
+            engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+        else:
+            # The saved lr scheduler and optimizer param groups hold the other run's lr / weight decay:
+            # keep its weights and moments, put this run's settings in effect at the saved step.
+            engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_lr_scheduler_states=False)
+            apply_optimizer_settings(engine, optim, saved["step"])
     if rank == 0:
-        print(f"[raylm] resumed from step {saved['step']} ({checkpoint.path})", flush=True)
+        print(f"[raylm] resumed from step {saved['step']} ({checkpoint.path if checkpoint else init_checkpoint})",
+              flush=True)
     return saved, saved["step"]
+
+
+class _as_is:
+    """`with _as_is(path) as d` for a plain directory, alongside Checkpoint.as_directory()."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def apply_optimizer_settings(engine, optim, step: int) -> None:
+    """Put `optim`'s lr schedule, weight decay, betas and eps in effect after loading another run's optimizer.
+
+    Param groups follow `training.schedule.param_groups`: group 0 decays, later groups (1-D tensors) do not.
+    The scheduler continues at `step`, so the lr of the next update is optim.lr * lr_multiplier(step).
+    """
+    from training.schedule import lr_multiplier
+
+    groups = engine.optimizer.param_groups
+    for i, group in enumerate(groups):
+        group["lr"] = optim.lr * lr_multiplier(step, optim)
+        group["initial_lr"] = optim.lr
+        group["weight_decay"] = optim.weight_decay if i == 0 else 0.0
+        group["betas"] = (optim.beta1, optim.beta2)
+        group["eps"] = optim.eps
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    scheduler.last_epoch = step
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 SELECTION_SCORE = "selection_score"  # reported with every checkpoint: Ray keeps the highest (the best ones)
@@ -174,7 +217,8 @@ def run_worker(loop_config: dict, cfg, build_task: Callable[[Any, dict, WorkerCo
     rank, world, device = wctx.rank, wctx.world, wctx.device
     task = build_task(cfg, loop_config["prepared"], wctx)
     engine = build_engine(task.model, cfg, world)
-    state, resumed_from_step = _resume(engine, world, rank, {"step": 0, "tokens_seen": 0, "world_size": world})
+    state, resumed_from_step = _resume(engine, world, rank, {"step": 0, "tokens_seen": 0, "world_size": world},
+                                       loop_config.get("init_checkpoint"), cfg.optim)
 
     optim, run = cfg.optim, cfg.run
     gas = optim.grad_accum_steps

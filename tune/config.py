@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from training.config import (
     ConfigError,
-    PretrainConfig,
     _Section,
+    config_class_for,
     apply_overrides,
     format_validation_error,
     read_yaml,
@@ -271,12 +271,16 @@ class Sweep:
         return res
 
 
+SWEEPABLE_KINDS = ("pretrain",)
+
+
 def run_config_class(raw: dict, source: str):
-    """The typed class of a run YAML, picked by its `kind` (absent = pretrain)."""
+    """The typed class of a run YAML, picked by its `kind` (absent = pretrain) as training does."""
     kind = raw.get("kind", "pretrain")
-    if kind == "pretrain":
-        return PretrainConfig
-    raise ConfigError([f"base.kind: {kind!r} runs cannot be swept yet (supported: pretrain)"], source)
+    if kind not in SWEEPABLE_KINDS:
+        raise ConfigError([f"base.kind: {kind!r} runs cannot be swept yet (sweepable: {', '.join(SWEEPABLE_KINDS)})"],
+                          source)
+    return config_class_for(raw, source)
 
 
 def field_info(model_cls: type[BaseModel], dotted: str):

@@ -153,13 +153,19 @@ def build_search(sweep: Sweep, concurrency: int):
 
 
 def build_trainable(sweep: Sweep, prepared: dict):
-    """The trial function with the sweep's shared inputs bound, holding a sliver of CPU (Ray refuses 0)."""
+    """The trial function with the sweep's shared inputs bound, holding a sliver of CPU (Ray refuses 0).
+
+    The prepared blocks are read into Ray Data once here and handed to every trial through the object
+    store, instead of each trial re-reading the Parquet files.
+    """
     from ray import tune
 
+    from training.pretrain import build_datasets
     from tune.config import TRIAL_FUNCTION_CPU
     from tune.trial import run_trial
 
     trainable = tune.with_parameters(run_trial, base_raw=sweep.base_raw, prepared=prepared,
+                                     datasets=build_datasets(prepared),
                                      metric=sweep.cfg.metric, report_checkpoints=sweep.cfg.scheduler.type == "pbt",
                                      sweep_dir=str(sweep.sweep_dir))
     return tune.with_resources(trainable, {"cpu": TRIAL_FUNCTION_CPU})

@@ -76,12 +76,13 @@ def trial_config(base_raw: dict, sampled: dict, run_name: str, trial_dir: Path) 
     return raw
 
 
-def run_trial(sampled: dict, *, base_raw: dict, prepared: dict, metric: str, report_checkpoints: bool,
-              sweep_dir: str | None = None) -> None:
+def run_trial(sampled: dict, *, base_raw: dict, prepared: dict, datasets: dict, metric: str,
+              report_checkpoints: bool, sweep_dir: str) -> None:
     """Tune function trainable: build this trial's TorchTrainer, fit it, forward evaluations to Tune.
 
     `report_checkpoints` (PBT): every forwarded evaluation also hands Tune the run's checkpoint, which
-    Tune copies into the trial directory so that another trial can clone it. The trial's run lives in
+    Tune copies into the trial directory so that another trial can clone it. `datasets` are the Ray
+    Data streams the driver built once for every trial. The trial's run lives in
     `<sweep_dir>/<trial_id>` on the sweep's storage (Tune's own trial working dir is a local staging
     copy under /tmp/ray that does not outlive the Ray session).
     """
@@ -92,8 +93,7 @@ def run_trial(sampled: dict, *, base_raw: dict, prepared: dict, metric: str, rep
     from training.pretrain import build_trainer
     from training.tracking import read_metrics
 
-    context = tune.get_context()
-    trial_dir = Path(sweep_dir) / context.get_trial_id() if sweep_dir else Path(context.get_trial_dir())
+    trial_dir = Path(sweep_dir) / tune.get_context().get_trial_id()
     trial_dir.mkdir(parents=True, exist_ok=True)
     run_name, init_checkpoint = choose_run(trial_dir, tune.get_checkpoint())
     (trial_dir / CURRENT_RUN_FILE).write_text(run_name + "\n")
@@ -102,10 +102,8 @@ def run_trial(sampled: dict, *, base_raw: dict, prepared: dict, metric: str, rep
         print(f"[raylm-tune] {trial_dir.name}: starting {run_name} from {init_checkpoint} with {sampled}", flush=True)
 
     channel = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    trainer = build_trainer(cfg, prepared)
-    # TODO(training hooks): pass these through the builder once training offers it.
-    trainer.run_config.callbacks.append(ForwardEvaluations(metric, channel, run_name))
-    trainer.train_loop_config["init_checkpoint"] = init_checkpoint
+    trainer = build_trainer(cfg, prepared, callbacks=[ForwardEvaluations(metric, channel, run_name)],
+                            datasets=datasets, init_checkpoint=init_checkpoint)
 
     outcome: dict = {}
 
