@@ -19,6 +19,9 @@ import yaml
 from training.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
+# A sweep starts several 2-worker DeepSpeed runs one after another (about 2-4 min on a quiet 2-core
+# machine); on a machine shared by many test runs that takes far longer than pytest's default 600 s.
+SWEEP_TIMEOUT_S = 1800
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 16
@@ -56,11 +59,12 @@ def run_states(sweep_dir: Path) -> dict[str, list[dict]]:
     return {run.parent.name: read_metrics(run) for run in sweep_dir.glob("*/run")}
 
 
+@pytest.mark.timeout(SWEEP_TIMEOUT_S)
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     config = sweep_config(tmp_path)
     sweep_dir = tmp_path / "resume"
     proc = driver(config)
-    deadline = time.time() + 480
+    deadline = time.time() + 1200
     try:
         while time.time() < deadline and proc.poll() is None:
             states = run_states(sweep_dir)
@@ -72,7 +76,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         assert proc.poll() is None, "the sweep ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
         assert time.time() < deadline, "no trial finished in time"
         proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=180)
+        output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -86,7 +90,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     checkpointed = max(int(p.name.split("_")[1]) for p in (sweep_dir / cut_trial / "run").glob("checkpoint_*"))
 
     resumed = driver(config, "--resume")
-    output, _ = resumed.communicate(timeout=480)
+    output, _ = resumed.communicate(timeout=1200)
     assert resumed.returncode == 0, output[-3000:]
 
     rows = {r["trial"]: r for r in json.loads((sweep_dir / "trials.json").read_text())}

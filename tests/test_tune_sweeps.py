@@ -19,6 +19,9 @@ from training.tracking import read_metrics
 from tune import search
 
 pytestmark = pytest.mark.slow
+# A sweep starts several 2-worker DeepSpeed runs one after another (about 2-4 min on a quiet 2-core
+# machine); on a machine shared by many test runs that takes far longer than pytest's default 600 s.
+SWEEP_TIMEOUT_S = 1800
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,7 @@ def final_val_loss(run_dir: Path) -> float:
     return [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r][-1]
 
 
+@pytest.mark.timeout(SWEEP_TIMEOUT_S)
 def test_asha_sweep_stops_bad_trials_and_exports_the_best(local_ray, tmp_path):
     # Good learning rates first: the two that start first set the bar the later, worse ones miss.
     config = write_sweep(tmp_path, "asha", base=tiny_base(tmp_path), metric="val_loss", mode="min",
@@ -85,6 +89,7 @@ def test_asha_sweep_stops_bad_trials_and_exports_the_best(local_ray, tmp_path):
         assert (sweep_dir / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.timeout(SWEEP_TIMEOUT_S)
 def test_pbt_trial_restarts_from_the_other_trials_weights_with_mutated_lr(local_ray, tmp_path):
     # Two trials, one good lr and one poor; at step 4 the poor one clones the good one's checkpoint and
     # continues with the good lr perturbed by 1.2 or 0.8.
