@@ -388,8 +388,9 @@ def _check_scheduler(cfg: SweepConfig, base, space: dict[str, Distribution], bas
             problems.append(f"base.run.eval_every_steps: {run.eval_every_steps} is not a multiple of "
                             f"run.checkpoint_every_steps={run.checkpoint_every_steps}; PBT needs a checkpoint at "
                             "every evaluation to clone from")
-        if cfg.num_samples < 2:
-            problems.append("num_samples: PBT needs a population of at least 2 trials")
+        population = cfg.num_samples * math.prod(len(d.args[0]) for d in space.values() if d.kind == "grid")
+        if population < 2:
+            problems.append(f"num_samples: PBT needs a population of at least 2 trials (this sweep starts {population})")
     grids = [k for k, d in space.items() if d.kind == "grid"]
     if cfg.search.type == "grid":
         others = [k for k, d in space.items() if d.kind != "grid"]
