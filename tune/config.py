@@ -89,6 +89,22 @@ class Distribution(BaseModel):
             "grid": lambda: tune.grid_search(list(a[0])),
         }[self.kind]()
 
+    def to_pbt_mutation(self):
+        """What PBT resamples from; it perturbs the current value by its factors either way.
+
+        A grid or choice of numbers sets where trials start; as a mutation it stands for the range
+        between its smallest and largest value (log scale when all are positive), since PBT's factor
+        perturbation on a list would only step to a neighbouring listed value.
+        """
+        from ray import tune
+
+        if self.kind in ("grid", "choice"):
+            low, high = min(self.args[0]), max(self.args[0])
+            if low == high:
+                return [low]
+            return tune.loguniform(low, high) if low > 0 else tune.uniform(low, high)
+        return self.to_tune()
+
     def __str__(self) -> str:
         return f"{self.kind}({', '.join(repr(list(v)) if isinstance(v, tuple) else repr(v) for v in self.args)})"
 

@@ -130,7 +130,7 @@ def build_scheduler(sweep: Sweep):
     if s.type == "pbt":
         return PopulationBasedTraining(
             time_attr="step", perturbation_interval=s.perturbation_interval, burn_in_period=s.burn_in_period,
-            hyperparam_mutations={k: d.to_tune() for k, d in sweep.pbt_mutations.items()},
+            hyperparam_mutations={k: d.to_pbt_mutation() for k, d in sweep.pbt_mutations.items()},
             quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
             perturbation_factors=tuple(s.perturbation_factors), synch=s.synch)
     return FIFOScheduler()
