@@ -430,6 +430,20 @@ def check_typed_config(raw: dict, path: str) -> list[Finding]:
     return [Finding("config", f"validates as a {raw.get('kind', 'pretrain')} config ({model_cls.__name__})")]
 
 
+def check_sweep_config(raw: dict, path: str) -> tuple[list[Finding], dict]:
+    """A sweep (kind: tune) validates with tune.config; returns the findings and the base run to check further."""
+    from training.config import ConfigError
+    from tune.config import validate_sweep
+
+    try:
+        sweep = validate_sweep(raw, path, Path(path).parent)
+    except ConfigError as err:
+        base = raw.get("base") if isinstance(raw.get("base"), dict) else {}
+        return [Finding("config", "sweep validation", p, "edit the sweep YAML") for p in err.problems], base
+    return [Finding("config", f"validates as a sweep of {sweep.kind} runs; each trial holds "
+                              f"{sweep.trial_resources()}")], sweep.base_raw
+
+
 # -------------------------------------------------------------------------------------------------
 # CLI: parse -> validate -> build -> run
 
@@ -462,7 +476,11 @@ def run_preflight(
     shared_paths: list[str] | None = None,
 ) -> list[Finding]:
     """All checks on one config; the cluster checks run against the envelope (else the live view) when given."""
-    findings = check_typed_config(raw, config_path) + check_combinations(raw)
+    if raw.get("kind") == "tune":  # a sweep: the checks below apply to one trial, i.e. its base run
+        findings, raw = check_sweep_config(raw, config_path)
+    else:
+        findings = check_typed_config(raw, config_path)
+    findings += check_combinations(raw)
     view = _merge(live, envelope)
     scaling_problems = check_scaling(raw)
     if scaling_problems:

@@ -289,7 +289,7 @@ def test_base_manifest_files_validate(path):
 def test_kustomize_builds_validate(build):
     docs = built(build)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["ConfigMap", "NetworkPolicy", "PersistentVolumeClaim", "PodMonitor", "PrometheusRule", "RayCluster", "RayJob", "RayService", "ServiceMonitor"])
+    assert kinds == sorted(["ConfigMap", "NetworkPolicy", "PersistentVolumeClaim", "PodMonitor", "PrometheusRule", "RayCluster", "RayJob", "RayJob", "RayService", "ServiceMonitor"])
     for doc in docs:
         validate_manifest(doc)
     if build != "base":
@@ -311,6 +311,7 @@ def test_strict_validation_rejects_a_misspelled_field():
 @pytest.mark.parametrize("build", ["base"] + OVERLAYS)
 def test_rayjob_entrypoints_name_real_modules_and_valid_configs(build):
     from training.config import load_config
+    from tune.config import load_sweep
 
     jobs = docs_of_kind("RayJob", build)
     assert jobs
@@ -320,11 +321,15 @@ def test_rayjob_entrypoints_name_real_modules_and_valid_configs(build):
         assert module_path(REPO, "training.pretrain") is not None
         config = config_path(entrypoint)
         assert config and (REPO / config).is_file()
-        load_config(REPO / config)  # raises ConfigError listing every problem
+        if yaml.safe_load((REPO / config).read_text()).get("kind") == "tune":
+            load_sweep(REPO / config)  # a sweep: its base run validates too
+        else:
+            load_config(REPO / config)  # raises ConfigError listing every problem
         runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
         assert runtime_env["working_dir"] == "/opt/raylm", "the image keeps the repository at /opt/raylm"
     expected = {"cpu-dev": "configs/pretrain/demo_cpu.yaml"}.get(build, "configs/pretrain/llama_125m_gpu.yaml")
-    assert config_path(jobs[0]["spec"]["entrypoint"]) == expected
+    pretrain_job = next(j for j in jobs if j["metadata"]["name"] == "raylm-pretrain")
+    assert config_path(pretrain_job["spec"]["entrypoint"]) == expected
 
 
 def _without_k8s_deltas(serve: dict) -> dict:

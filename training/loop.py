@@ -177,6 +177,44 @@ def _plan_resume(cfg, wctx: WorkerContext, run_dir: str) -> ResumePlan | None:
     return plan
 
 
+def _start_from_other_run(engine, init_checkpoint: str, optim, world: int, rank: int) -> dict:
+    """Load another run's checkpoint (a PBT exploit) with this run's optimizer settings in effect.
+
+    The saved lr scheduler and optimizer param groups hold the other run's lr / weight decay: keep its
+    weights and moments, put `optim`'s settings in effect at the saved step. Returns its trainer state.
+    """
+    saved = json.loads(Path(init_checkpoint, "trainer_state.json").read_text())
+    if saved.get("world_size", world) != world:
+        raise RuntimeError(f"{init_checkpoint} was written by {saved['world_size']} workers, this run has {world}; "
+                           "a sweep's trials share one scaling.num_workers")
+    engine.load_checkpoint(init_checkpoint, tag=DS_TAG, load_lr_scheduler_states=False)
+    apply_optimizer_settings(engine, optim, saved["step"])
+    if rank == 0:
+        print(f"[raylm] started from step {saved['step']} of {init_checkpoint}", flush=True)
+    return saved
+
+
+def apply_optimizer_settings(engine, optim, step: int) -> None:
+    """Put `optim`'s lr schedule, weight decay, betas and eps in effect after loading another run's optimizer.
+
+    Param groups follow `training.schedule.param_groups`: group 0 decays, later groups (1-D tensors) do not.
+    The scheduler continues at `step`, so the lr of the next update is optim.lr * lr_multiplier(step).
+    """
+    from training.schedule import lr_multiplier
+
+    groups = engine.optimizer.param_groups
+    for i, group in enumerate(groups):
+        group["lr"] = optim.lr * lr_multiplier(step, optim)
+        group["initial_lr"] = optim.lr
+        group["weight_decay"] = optim.weight_decay if i == 0 else 0.0
+        group["betas"] = (optim.beta1, optim.beta2)
+        group["eps"] = optim.eps
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    scheduler.last_epoch = step
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
 SELECTION_SCORE = "selection_score"  # reported with every checkpoint: Ray keeps the highest (the best ones)
 
 
@@ -220,6 +258,9 @@ def run_worker(loop_config: dict, cfg, build_task: Callable[[Any, dict, WorkerCo
             resumed["universal_conversion_s"] = plan.conversion_s
         if rank == 0:
             print(f"[raylm] resumed from step {state['step']} ({plan.checkpoint})", flush=True)
+    elif loop_config.get("init_checkpoint"):
+        state = _start_from_other_run(engine, loop_config["init_checkpoint"], cfg.optim, world, rank)
+        resumed = {"resumed_from_step": state["step"]}
     state.update(world_size=world, global_batch_rows=wctx.global_batch_rows, zero_stage=cfg.deepspeed.zero_stage)
 
     optim, run = cfg.optim, cfg.run
