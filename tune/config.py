@@ -421,7 +421,7 @@ def _check_scheduler(cfg: SweepConfig, base, space: dict[str, Distribution], bas
         try:
             import optuna  # noqa: F401
         except ImportError:
-            problems.append("search: optuna is not installed; pip install 'optuna>=3' (raylm lists it) or use "
+            problems.append("search: optuna is not installed; pip install 'raylm[tune]' or use "
                             "search: {type: random}")
     return problems
 

@@ -12,6 +12,10 @@ table, CSV/JSON, plots -> export the best trial.
 
 from __future__ import annotations
 
+from cluster.requirements_check import check_requirements
+
+check_requirements("tune.search", run_as_main=__name__ == "__main__")  # before any third-party import
+
 import argparse
 import json
 import math
