@@ -9,8 +9,6 @@ app has /healthz and /openapi.json. Generation is continuously batched (serving/
 multiplexed with serve.multiplexed. Every error is OpenAI's error shape (serving/errors.py).
 """
 
-from __future__ import annotations
-
 import asyncio
 import json
 import logging
@@ -29,6 +27,7 @@ from serving.encoder_app import EncoderServer
 from serving.errors import ApiError, clip
 from serving.export_format import ExportFormatError, adapter_problems, list_adapters, read_adapter, read_export
 from serving.observers import RequestRecord, ResponseRecord, notify
+from serving.security import StreamMasker
 from serving.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -272,7 +271,7 @@ class CausalLMServer(ModelServer):
 
     async def _sse(self, job, request_id: str, request, stream_chunk, finished) -> AsyncIterator[str]:
         text, tokens, status = [], 0, 200
-        held = ""  # with pii_mask_output: the current line, masked and sent once it ends
+        masker = StreamMasker() if self.args.pii_mask_output else None
         try:
             first = stream_chunk(request_id, None, None, first=True)
             if first is not None:
@@ -281,11 +280,8 @@ class CausalLMServer(ModelServer):
                 text.append(event.text_delta)
                 tokens += event.generated
                 delta = event.text_delta
-                if self.args.pii_mask_output:
-                    # No PII pattern spans a newline, so masking line by line equals masking the whole.
-                    held += delta
-                    cut = len(held) if event.finish_reason else held.rfind("\n") + 1
-                    delta, held = self._mask_output(held[:cut]), held[cut:]
+                if masker is not None:
+                    delta = masker.feed(delta, last=event.finish_reason is not None)
                 if delta or event.finish_reason:
                     yield f"data: {json.dumps(stream_chunk(request_id, delta, event.finish_reason))}\n\n"
             if request.stream_options is not None and request.stream_options.include_usage:

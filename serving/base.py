@@ -73,10 +73,6 @@ class GuardMiddleware:
             await send(message)
 
         try:
-            rejection = self._reject(scope, path)
-            if rejection is not None:
-                await rejection(scope, receive, send_tracking)
-                return
             limit = self.server.args.max_body_bytes
             received = 0
 
@@ -90,6 +86,10 @@ class GuardMiddleware:
                 return message
 
             async def guarded(scope, receive, send):
+                rejection = self._reject(scope, path)
+                if rejection is not None:
+                    await rejection(scope, receive, send)
+                    return
                 try:
                     await self.app(scope, receive, send)
                 except _BodyTooLarge:

@@ -1,8 +1,6 @@
 """Serve deployment for classification (/v1/classify) and NER (/v1/ner) exports (import path stays
 `serving.app:build`, which picks this server for encoder tasks)."""
 
-from __future__ import annotations
-
 import asyncio
 import time
 import uuid

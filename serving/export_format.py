@@ -121,6 +121,26 @@ def _require_files(directory: Path, names: tuple[str, ...], why: str) -> None:
         )
 
 
+def _check_safetensors(path: Path) -> None:
+    """A truncated or corrupt safetensors file fails here, named, instead of inside torch/peft (where a
+    half-loaded adapter could already have changed the served model)."""
+    fix = "re-run the export (write elsewhere and rename into place, so readers never see a partial file)"
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len <= 0 or 8 + header_len > size:
+            raise ExportFormatError(f"{path}: not a safetensors file (bad header length); {fix}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ExportFormatError(f"{path}: not a safetensors file (header is not JSON); {fix}") from None
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    if not isinstance(header, dict) or 8 + header_len + max(ends, default=0) > size:
+        raise ExportFormatError(f"{path}: safetensors file is truncated; {fix}")
+
+
 def _validation_message(path: Path, exc: ValidationError) -> str:
     problems = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()]
     return f"{path}: " + "; ".join(problems)
@@ -204,6 +224,7 @@ def read_adapter(directory: str | Path) -> AdapterExport:
     if not path.is_dir():
         raise ExportFormatError(f"{path}: adapter directory does not exist")
     _require_files(path, ADAPTER_FILES, "peft LoRA adapter saved with save_pretrained")
+    _check_safetensors(path / "adapter_model.safetensors")
     raw = _read_json(path / "raylm.json", "raylm.json (the adapter manifest)")
     try:
         manifest = AdapterManifest.model_validate(raw)

@@ -186,6 +186,21 @@ def mask_pii(text: str) -> str:
     return text
 
 
+class StreamMasker:
+    """Masks a text that arrives in pieces (a token stream): `feed` returns the masked text that is
+    final so far. No pattern spans a newline, so masking line by line equals masking the whole text;
+    the current line is held back until it ends or the stream does."""
+
+    def __init__(self):
+        self._held = ""
+
+    def feed(self, piece: str, last: bool = False) -> str:
+        self._held += piece
+        cut = len(self._held) if last else self._held.rfind("\n") + 1
+        ready, self._held = self._held[:cut], self._held[cut:]
+        return mask_pii(ready) if ready else ""
+
+
 class PiiMaskingFilter(logging.Filter):
     """A logging filter that masks PII in log records, exception tracebacks and stack info included
     (installed on the serving logger when pii_masking is on)."""

@@ -22,10 +22,15 @@ API_KEYS = ("test-key-alpha", "test-key-beta")
 def start_ray(num_cpus: int, metrics_port: int):
     """A local Ray for one test module; env set so replicas inherit API keys and report metrics fast."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # On a shared, loaded machine the raylet can take over a minute to register (default wait 60 s).
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYLM_API_KEYS"] = ",".join(API_KEYS)
     # Replicas push metrics to the export port every second instead of every 10 s.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    # Serve's HTTP proxy answers in OpenAI's error shape, and a dying replica's requests get a
+    # retryable 503 (serving/errors.py); the proxy actor inherits this from the Ray it starts in.
+    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "serving.errors:proxy_middlewares"
     import ray
 
     return ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
@@ -150,7 +155,7 @@ def raw_body_rows(model: str | None) -> list[tuple]:
         ("empty body", Raw(b""), 422, "field required"),
         ("json array", Raw(b"[]"), 422, "valid dictionary"),
         ("json string", Raw(b'"hello"'), 422, "valid dictionary"),
-        ("json null", Raw(b"null"), 422, "field required"),
+        ("json null", Raw(b"null"), 422, "valid dictionary"),
         ("json number", Raw(b"123"), 422, "valid dictionary"),
         ("json NaN", Raw(b"NaN"), 422, "valid dictionary"),
         ("deeply nested", Raw(nested), 400, "error parsing the body"),
@@ -189,3 +194,15 @@ def check_error_table(url: str, rows: list[tuple], headers: dict[str, str]) -> l
                 problems.append(f"{label}: want {status} ~{fragment!r}, got {response.status_code} "
                                 f"{'' if shaped else '(not OpenAI error shape) '}{message[:300]!r}")
     return problems
+
+
+def replica_pids(app: str, deployment: str) -> dict[str, int]:
+    """Process id of each running replica of a deployment: Serve names its replica actors
+    `SERVE_REPLICA::<app>#<deployment>#<id>` in the "serve" namespace; each reports its own pid."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and a["name"].startswith(prefix)]
+    handles = {name: ray.get_actor(name, namespace="serve") for name in names}
+    return {name: ray.get(h.__ray_call__.remote(lambda _self: os.getpid()), timeout=30) for name, h in handles.items()}

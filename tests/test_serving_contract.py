@@ -467,3 +467,35 @@ def test_token_counts_stay_exact_while_batches_pad_and_truncate(exports):
     worker.join()
     assert not errors, errors[:3]
     assert set(seen) == {want}
+
+
+def test_streamed_output_masking_equals_masking_the_whole_text():
+    """pii_mask_output on a stream: pieces split anywhere (inside a phone number, an email, a line
+    break) give exactly mask_pii of the whole text, and no PII piece is sent before its line ends."""
+    import random
+
+    from serving.security import StreamMasker, mask_pii
+
+    text = "Call 415-555-0132 today.\nMail jane.doe@example.com or 13812345678\n\nIBAN DE89370400440532013000 ok"
+    rng = random.Random(0)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 20)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        masker = StreamMasker()
+        sent = [masker.feed(p, last=i == len(pieces) - 1) for i, p in enumerate(pieces)]
+        assert "".join(sent) == mask_pii(text)
+        assert not any(raw in s for s in sent for raw in ("555-0132", "jane.doe", "13812345678", "DE8937"))
+
+
+def test_truncated_or_foreign_adapter_weights_are_named(exports, tmp_path):
+    adapter = _copy_export(exports["adapters"] / "support", tmp_path / "a")
+    weights = adapter / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-10])
+    with pytest.raises(ExportFormatError, match="truncated"):
+        read_adapter(adapter)
+    weights.write_bytes(b"PK\x03\x04 a zip file, not safetensors")
+    with pytest.raises(ExportFormatError, match="not a safetensors file"):
+        read_adapter(adapter)
+    weights.write_bytes(good)
+    assert read_adapter(adapter).manifest.peft_type == "LORA"

@@ -22,10 +22,12 @@ METRICS_PORT = 18111
 BASE = f"http://127.0.0.1:{HTTP_PORT}"
 MODEL = "tiny-llama"
 # ChatML, except that it refuses the developer role, as many shipped chat templates refuse roles they
-# do not know: the server must answer such a refusal with a 400 naming it.
+# do not know (the server must answer such a refusal with a 400 naming it), and that it has a bug
+# (str + int) for one content: an internal error, which must be a 500 in OpenAI's shape.
 STRICT_CHATML = (
     "{% for message in messages %}{% if message['role'] == 'developer' %}"
     "{{ raise_exception('this template does not know the developer role') }}{% endif %}"
+    "{% if message['content'] == 'trigger a template bug' %}{{ message['content'] + 1 }}{% endif %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -57,6 +59,7 @@ def server(exports, monkeypatch_module):
                 "max_prompt_tokens": 100,
                 "max_body_bytes": 20_000,
                 "pii_masking": True,
+                "pii_mask_output": True,  # streams and whole answers must still agree (line-held masking)
                 "chat_template": STRICT_CHATML,
                 "observers": ["serving.observers:JsonlAuditObserver"],
             },
@@ -433,3 +436,23 @@ def test_incompatible_adapters_get_a_400_naming_the_reason(server, exports):
         assert response.status_code == 400, response.text
         assert reason in response.json()["error"]["message"] and response.json()["error"]["code"] == "adapter_incompatible"
     assert complete("Hi", model=f"{MODEL}:support")["choices"]
+
+
+def test_an_internal_error_is_a_500_in_openai_shape_and_the_server_goes_on(server):
+    body = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "trigger a template bug"}]}
+    response = httpx.post(f"{BASE}/v1/chat/completions", json=body, headers=auth(), timeout=60)
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error" and response.json()["error"]["code"] == "internal_error"
+    assert "TypeError" not in response.text and response.headers["x-should-retry"] == "false"
+    body["messages"][0]["content"] = "Hi"
+    assert httpx.post(f"{BASE}/v1/chat/completions", json=body, headers=auth(), timeout=60).status_code == 200
+
+
+def test_a_corrupt_adapter_file_is_a_400_and_never_loaded(server, exports):
+    broken = shutil.copytree(exports["adapters"] / "support", exports["adapters"] / "cut-short")
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    response = httpx.post(f"{BASE}/v1/completions", headers=auth(), timeout=30,
+                          json={"model": f"{MODEL}:cut-short", "prompt": "Hi", "max_tokens": 2})
+    assert response.status_code == 400 and "file is truncated" in response.json()["error"]["message"]
+    assert complete("Hi")["choices"][0]["text"] == complete("Hi")["choices"][0]["text"]
