@@ -81,7 +81,7 @@ def quantize_linear_int8(
     all Linear 0.37, without lm_head 0.38, without lm_head+down_proj 0.69, per-channel weights 0.37,
     qnnpack engine 0.46; per-token activations + per-channel weights 0.85; with the float outlier
     columns (threshold 3) 0.92. Threshold 6 gives 0.88, no outlier split 0.85; `None` turns the split off.
-    Speed: not faster than fp32 on AVX2-only CPUs (benchmarks/quantization.py; docs/serving.md).
+    Speed: not faster than fp32 on AVX2-only CPUs (benchmarks/quantization.py; docs/serving.md)."""
     targets = [
         (name, module) for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in skip
