@@ -50,9 +50,11 @@ def apps(tmp_path_factory):
                                          backpressure_config={"status_code": 429, "retry_after_s": 1},
                                          ray_actor_options=small)
         serve.run(limited.bind(args), name="bp429", route_prefix="/bp429", blocking=False)
-        two = CausalLMServer.options(num_replicas=2, max_ongoing_requests=16, ray_actor_options=small,
+        # One batch per replica holds every request sent at once (a 1 s window to gather them).
+        one_batch = {**args, "max_batch_size": 32, "batch_wait_timeout_s": 1.0}
+        two = CausalLMServer.options(num_replicas=2, max_ongoing_requests=32, ray_actor_options=small,
                                      health_check_period_s=1)
-        serve.run(two.bind(args), name="killable", route_prefix="/killable", blocking=False)
+        serve.run(two.bind(one_batch), name="killable", route_prefix="/killable", blocking=False)
         wait_apps_running(["autoscaled", "bp429", "killable"])
         yield BASE
     finally:
@@ -120,11 +122,28 @@ def test_a_replica_killed_under_load_fails_no_request(apps):
         body = {"model": MODEL, "prompt": f"Tale {i}:", "max_tokens": 240, "temperature": 0}
         return httpx.post(f"{BASE}/killable/v1/completions", json=body, headers=auth(), timeout=120)
 
-    with futures.ThreadPoolExecutor(24) as pool:
+    decoding = threading.Event()
+
+    def canary():
+        """A stream sent with the others: its first token means their batches are decoding."""
+        body = {"model": MODEL, "prompt": "Canary:", "max_tokens": 240, "temperature": 0, "stream": True}
+        try:
+            with httpx.stream("POST", f"{BASE}/killable/v1/completions", json=body, headers=auth(), timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        decoding.set()
+        except httpx.HTTPError:
+            pass  # it may have been on the killed replica: its stream just ends
+        finally:
+            decoding.set()
+
+    with futures.ThreadPoolExecutor(26) as pool:
         openai_calls = [pool.submit(with_client, i) for i in range(16)]
         plain_calls = [pool.submit(plain, i) for i in range(8)]
-        time.sleep(1.0)  # admitted and decoding: 240 tokens take several seconds with 12 requests a replica
+        canaries = [pool.submit(canary) for _ in range(2)]
+        assert decoding.wait(180)
         os.kill(next(iter(pids.values())), signal.SIGKILL)
+        [f.result() for f in canaries]
         completions = [f.result() for f in openai_calls]
         responses = [f.result() for f in plain_calls]
     assert all(c.choices[0].finish_reason in ("length", "stop") and c.usage.completion_tokens > 0 for c in completions)
