@@ -5,8 +5,8 @@
 A causal-LM export gets OpenAI-compatible /v1/completions, /v1/chat/completions (streaming as
 server-sent events) and /v1/models, with LoRA adapters served as model id `<model>:<adapter>`; a
 classification export gets /v1/classify and an NER export /v1/ner (serving/encoder_app.py). Every
-app has /healthz and /openapi.json. Requests are batched with @serve.batch, adapters multiplexed
-with serve.multiplexed. Every error is OpenAI's error shape (serving/errors.py).
+app has /healthz and /openapi.json. Generation is continuously batched (serving/scheduler.py), adapters
+multiplexed with serve.multiplexed. Every error is OpenAI's error shape (serving/errors.py).
 """
 
 from cluster.requirements_check import check_requirements
@@ -95,8 +95,18 @@ class CausalLMServer(ModelServer):
             chat_template=self.args.chat_template,
         )
         self.max_prompt_tokens = self.args.max_prompt_tokens or self.engine.max_seq_len
-        self._decode_batch.set_max_batch_size(self.args.max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        from serving.scheduler import Scheduler
+
+        # Continuous batching: this thread owns the model; requests join the running batch at the next
+        # decode step and leave when they finish (serving/scheduler.py).
+        self.scheduler = Scheduler(
+            self.engine,
+            max_batch_size=self.args.max_batch_size,
+            batch_wait_timeout_s=self.args.batch_wait_timeout_s,
+            stream_interval_s=self.args.stream_interval_s,
+            init_thread=self._init_model_thread,
+            on_step=self._record_step,
+        )
 
         engine, run_model = self.engine, self.run_model
 
@@ -106,29 +116,26 @@ class CausalLMServer(ModelServer):
         # Wrapped here, not at class level, so the LRU size comes from the app args.
         self._load_adapter = serve.multiplexed(max_num_models_per_replica=self.args.max_adapters_per_replica)(load_adapter)
 
-    # ---- batching --------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _decode_batch(self, jobs: list) -> AsyncIterator[list]:
-        """One decode loop for all concurrent requests; yields one token event per request per step."""
-        begin = time.perf_counter()
-        self.metrics.batch_size.observe(len(jobs), tags={"kind": "generate"})
-        for job in jobs:
-            self.metrics.queue_wait.observe(begin - job.enqueued_at, tags={"kind": "generate"})
-        batch = await self.run_model(self.engine.start_batch, jobs)
-        try:
-            events = await self.run_model(batch.step)  # the first token alone: time to first token
-            yield [StopIteration if event is None else event for event in events]
-            while not batch.done:
-                events = await self.run_model(batch.run, self.args.stream_interval_s)
-                yield [StopIteration if event is None else event for event in events]
-        finally:
-            batch.close()
+    async def run_model(self, fn, *args):
+        """Model calls (adapter loads, health checks) run on the scheduler's thread between decode steps."""
+        return await asyncio.wrap_future(self.scheduler.call(fn, *args))
+
+    def _record_step(self, kind: str, size: int, queue_waits: list[float]) -> None:
+        """Per model forward: rows in it (kind "generate": a decode step, "prefill": requests joining)."""
+        self.metrics.batch_size.observe(size, tags={"kind": kind})
+        for wait in queue_waits:
+            self.metrics.queue_wait.observe(wait, tags={"kind": "generate"})
+
+    def __del__(self):
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.stop(timeout_s=5)
 
     async def _token_events(self, job) -> AsyncIterator:
         """A request's token events, with time-to-first-token and inter-token latency recorded."""
         arrived, previous = job.enqueued_at, None
         tags = {"model": self.model_name}
-        async for event in self._decode_batch(job):
+        async for event in self.scheduler.events(job):
             now = time.perf_counter()
             if previous is None:
                 self.metrics.time_to_first_token.observe(now - arrived, tags=tags)
