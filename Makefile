@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-test demo test test-all bench clean
+.PHONY: install install-test install-tools demo test test-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,21 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m training.pretrain --config configs/pretrain/demo_cpu.yaml
 
-test: install
+# promtool, for the alert rule tests (tests/test_k8s_alerts.py): when it is not on PATH, taken out of Debian's
+# `prometheus` package into the venv (apt-get download + dpkg -x: no root needed once the apt lists exist,
+# and no Prometheus server installed as a service). Elsewhere: a promtool from prometheus.io on PATH.
+install-tools: install
+	@if command -v promtool >/dev/null 2>&1 || [ -x $(VENV)/bin/promtool ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then \
+	  tmp=$$(mktemp -d); \
+	  ( cd $$tmp && { apt-get download prometheus >/dev/null 2>&1 || \
+	      { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
+	    dpkg -x prometheus_*.deb x && install -m 755 x/usr/bin/promtool "$(CURDIR)/$(VENV)/bin/promtool" ) || \
+	  echo "make: could not get promtool from Debian's prometheus package; tests/test_k8s_alerts.py fails until promtool is on PATH"; \
+	  rm -rf $$tmp; \
+	else echo "make: no promtool and no apt-get: put a promtool from prometheus.io on PATH (tests/test_k8s_alerts.py needs it)"; fi
+
+test: install install-tools
 	$(PY) -m pytest -m "not gpu" --durations=15 tests
 
 test-gpu: install

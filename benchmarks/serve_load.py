@@ -1,12 +1,14 @@
-"""Closed-loop load against (a) Serve with batching, (b) Serve without (max_batch_size=1), and
-(c) a plain FastAPI/uvicorn + transformers server written the way a user would (generate per request).
+"""Closed-loop load against (a) Serve with continuous batching (max_batch_size 32), (b) the same replica
+with max_batch_size 1, and (c) a plain FastAPI/uvicorn + transformers server written the way a user
+would (generate per request, no streaming).
 
-Each of `concurrency` clients sends greedy completions (max_tokens tokens) back to back; we record
-requests/s, p50/p99 latency and generated tokens/s at concurrency 1, 8 and 32. One replica, the same
-torch thread count everywhere. Model: a small random-init Llama export (hidden 256, 4 layers) by
+Each of `concurrency` clients sends greedy completions (max_tokens tokens) back to back; the Serve
+sides stream (SSE), which gives time to first token. We record requests/s, p50/p99 latency, TTFT and
+generated tokens/s at concurrency 1 and 32 (1,024 requests at c=32); the three sides run one at a time,
+interleaved at each level. One replica; the same torch thread count and core count everywhere. Model: a small random-init Llama export (hidden 256, 4 layers) by
 default, or `--model smollm2` for SmolLM2-135M-Instruct (see benchmarks.quantization for the cache).
 
-    python -m benchmarks.serve_load [--threads 2] [--max-tokens 16] [--model small|smollm2]
+    python -m benchmarks.serve_load [--threads 2] [--max-tokens 16] [--model small|smollm2] [--concurrency 1 8 32]
 """
 
 from __future__ import annotations
@@ -67,25 +69,45 @@ def prompts() -> list[str]:
     return [line[: 40 + (i * 37) % 160] for i, line in enumerate(real_text_lines(200)[::3])]
 
 
-async def closed_loop(url: str, model: str, concurrency: int, total: int, max_tokens: int) -> dict:
+async def closed_loop(url: str, model: str, concurrency: int, total: int, max_tokens: int, stream: bool) -> dict:
+    """`concurrency` clients send `total` greedy completions back to back. With `stream` the response is
+    read as server-sent events and the time to the first token chunk is recorded."""
     import httpx
 
     texts = prompts()
     latencies: list[float] = []
+    first_token: list[float] = []
     tokens = 0
     next_index = 0
+
+    async def one(client, body) -> int:
+        started = time.perf_counter()
+        if not stream:
+            response = await client.post(url, json=body)
+            assert response.status_code == 200, response.text
+            latencies.append(time.perf_counter() - started)
+            return response.json()["usage"]["completion_tokens"]
+        usage, first = None, None
+        async with client.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:
+            assert response.status_code == 200, await response.aread()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                    first = time.perf_counter() - started
+                usage = chunk.get("usage") or usage
+        latencies.append(time.perf_counter() - started)
+        first_token.append(first if first is not None else latencies[-1])
+        return usage["completion_tokens"]
 
     async def client_loop(client):
         nonlocal tokens, next_index
         while next_index < total:
             i = next_index
             next_index += 1
-            body = {"model": model, "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0}
-            started = time.perf_counter()
-            response = await client.post(url, json=body)
-            latencies.append(time.perf_counter() - started)
-            assert response.status_code == 200, response.text
-            tokens += response.json()["usage"]["completion_tokens"]
+            tokens += await one(client, {"model": model, "prompt": texts[i % len(texts)], "max_tokens": max_tokens,
+                                         "temperature": 0})
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
@@ -93,10 +115,23 @@ async def closed_loop(url: str, model: str, concurrency: int, total: int, max_to
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {"requests_per_s": total / elapsed, "p50_ms": latencies[len(latencies) // 2] * 1000,
-            "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000,
-            "tokens_per_s": tokens / elapsed, "requests": total}
+    result = {"requests_per_s": total / elapsed, "p50_ms": percentile(latencies, 0.5) * 1000,
+              "p99_ms": percentile(latencies, 0.99) * 1000, "max_ms": max(latencies) * 1000,
+              "tokens_per_s": tokens / elapsed, "requests": total}
+    if first_token:
+        result["ttft_p50_ms"] = percentile(first_token, 0.5) * 1000
+        result["ttft_p99_ms"] = percentile(first_token, 0.99) * 1000
+    return result
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def load_average() -> float:
+    with open("/proc/loadavg") as handle:
+        return float(handle.read().split()[0])
 
 
 def wait_http(url: str, timeout_s: float = 300) -> None:
@@ -117,7 +152,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--model", choices=["small", "smollm2"], default="small")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--requests-per-client", type=int, default=32,
+                        help="requests per level = max(50, this x concurrency): 1,024 at c=32, so p99 is not the max")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["RAYLM_API_KEYS"] = API_KEY
@@ -139,50 +176,57 @@ def main() -> None:
         export_dir = build_causal_lm_export(workdir / "export", hidden_size=256, num_layers=4, vocab_size=1024,
                                             initializer_range=0.05)
     model_name = read_export(export_dir).manifest.model_name
-    requests_at = {c: max(16, 3 * c) for c in args.concurrency}
+    requests_at = {c: max(50, args.requests_per_client * c) for c in args.concurrency}
     results: dict[str, dict] = {}
+    load_before = load_average()
 
+    # The naive server gets the same CPU budget as the replica: `threads` torch threads, and (where the
+    # machine has more cores) the same number of cores.
+    cores = sorted(os.sched_getaffinity(0))[: args.threads]
     naive = subprocess.Popen([sys.executable, "-c", NAIVE_SERVER, str(export_dir), str(NAIVE_PORT), str(args.threads)],
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=lambda: os.sched_setaffinity(0, cores))
+    ray.init(num_cpus=2 * args.threads, include_dashboard=False, log_to_driver=False)
     try:
         wait_http(f"http://127.0.0.1:{NAIVE_PORT}/docs")
-        for c in args.concurrency:
-            results[f"naive_c{c}"] = asyncio.run(closed_loop(
-                f"http://127.0.0.1:{NAIVE_PORT}/v1/completions", model_name, c, requests_at[c], args.max_tokens))
-            print(f"naive     c={c:>2}: {json.dumps({k: round(v, 2) for k, v in results[f'naive_c{c}'].items()})}", flush=True)
-    finally:
-        naive.terminate()
-        naive.wait(30)
-
-    ray.init(num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False)
-    try:
         serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+        # Both Serve variants stay up (an idle replica's scheduler thread sleeps) so that the three
+        # sides run interleaved, one at a time, at every concurrency level.
         for label, batch_size in (("batched", 32), ("unbatched", 1)):
             serving_args = ServingArgs(export_dir=str(export_dir), torch_threads=args.threads, max_batch_size=batch_size,
-                                       batch_wait_timeout_s=0.005).model_dump()
+                                       batch_wait_timeout_s=0.0).model_dump()
             deployment = CausalLMServer.options(num_replicas=1, max_ongoing_requests=64,
                                                 ray_actor_options={"num_cpus": args.threads})
             serve.run(deployment.bind(serving_args), name=label, route_prefix=f"/{label}")
-            for c in args.concurrency:
+        urls = {"naive": f"http://127.0.0.1:{NAIVE_PORT}/v1/completions",
+                "batched": f"http://127.0.0.1:{SERVE_PORT}/batched/v1/completions",
+                "unbatched": f"http://127.0.0.1:{SERVE_PORT}/unbatched/v1/completions"}
+        for c in args.concurrency:
+            for label, url in urls.items():
                 results[f"{label}_c{c}"] = asyncio.run(closed_loop(
-                    f"http://127.0.0.1:{SERVE_PORT}/{label}/v1/completions", model_name, c, requests_at[c], args.max_tokens))
+                    url, model_name, c, requests_at[c], args.max_tokens, stream=label != "naive"))
                 print(f"{label:<9} c={c:>2}: {json.dumps({k: round(v, 2) for k, v in results[f'{label}_c{c}'].items()})}",
                       flush=True)
-            serve.delete(label)
     finally:
+        naive.terminate()
+        naive.wait(30)
         serve.shutdown()
         ray.shutdown()
 
-    top = max(args.concurrency)
-    batch_speedup = results[f"batched_c{top}"]["tokens_per_s"] / results[f"unbatched_c{top}"]["tokens_per_s"]
-    vs_naive = results[f"batched_c{top}"]["tokens_per_s"] / results[f"naive_c{top}"]["tokens_per_s"]
+    top, low = max(args.concurrency), min(args.concurrency)
+    figures = {
+        f"batch_speedup_c{top}": results[f"batched_c{top}"]["tokens_per_s"] / results[f"unbatched_c{top}"]["tokens_per_s"],
+        f"vs_naive_c{top}": results[f"batched_c{top}"]["tokens_per_s"] / results[f"naive_c{top}"]["tokens_per_s"],
+        f"ttft_p50_ms_c{low}": results[f"batched_c{low}"]["ttft_p50_ms"],
+        f"ttft_p50_ms_c{top}": results[f"batched_c{top}"]["ttft_p50_ms"],
+        f"p99_ms_c{top}": results[f"batched_c{top}"]["p99_ms"],
+    }
+    load_after = load_average()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve_load.json").write_text(json.dumps(
-        {"model": args.model, "threads": args.threads, "max_tokens": args.max_tokens, "results": results,
-         f"batch_speedup_c{top}": batch_speedup, f"vs_naive_c{top}": vs_naive,
+        {"model": args.model, "threads": args.threads, "max_tokens": args.max_tokens, "results": results, **figures,
+         "load_average_1m": {"before": load_before, "after": load_after},
          "target": {f"batch_speedup_c{top}": 5, f"vs_naive_c{top}": 2}}, indent=2))
-    print(f"batch_speedup_c{top}={batch_speedup:.2f} vs_naive_c{top}={vs_naive:.2f} "
-          f"p99_ms_c{top}={results[f'batched_c{top}']['p99_ms']:.1f}")
+    print(" ".join(f"{k}={v:.2f}" for k, v in figures.items()) + f" load={load_before:.0f}->{load_after:.0f}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ Every node runs `ray start --block` in its own session with its own temp dir and
 
 from __future__ import annotations
 
+from cluster.requirements_check import check_requirements
+
+check_requirements("cluster.local", run_as_main=__name__ == "__main__")  # before any third-party import
+
 import argparse
 import json
 import os

@@ -18,6 +18,10 @@ Torch-free: it runs on a laptop next to `cluster.submit`.
 
 from __future__ import annotations
 
+from cluster.requirements_check import check_requirements
+
+check_requirements("cluster.preflight", run_as_main=__name__ == "__main__")  # before any third-party import
+
 import argparse
 import math
 import os
@@ -276,11 +280,34 @@ def check_combinations(raw: dict, rules: list[Rule] | None = None) -> list[Findi
 
 
 def worker_resources(raw: dict) -> tuple[int, dict[str, float], str]:
-    """(num_workers, resources per worker, placement strategy) from a raw config, with the typed defaults."""
-    from training.config import ScalingSection
+    """(workers a run starts with, resources per worker, placement strategy) from a raw config, typed defaults.
 
-    scaling = ScalingSection.model_validate(raw.get("scaling") or {})
-    return scaling.num_workers, scaling.worker_resources, scaling.placement_strategy
+    Raises ConfigError naming each bad `scaling.*` key (checked on its own: configs of kinds that
+    training.config does not know still carry a scaling section).
+    """
+    from pydantic import ValidationError
+
+    from training.config import ConfigError, ScalingSection, format_validation_error
+
+    class ScalingOnly(BaseModel):
+        scaling: ScalingSection = Field(default_factory=ScalingSection)
+
+    try:
+        scaling = ScalingOnly.model_validate({"scaling": raw.get("scaling") or {}}).scaling
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, ScalingOnly), "scaling") from None
+    return scaling.min_workers, scaling.worker_resources, scaling.placement_strategy  # elastic runs start at min
+
+
+def check_scaling(raw: dict) -> list[Finding]:
+    """The scaling section's problems, each with its fix (empty when it validates)."""
+    from training.config import ConfigError
+
+    try:
+        worker_resources(raw)
+    except ConfigError as err:
+        return [Finding("scaling", "scaling section", p, "edit the YAML or pass --set scaling.KEY=VALUE") for p in err.problems]
+    return []
 
 
 def _fits_on(node: dict[str, float], need: dict[str, float]) -> int:
@@ -403,6 +430,20 @@ def check_typed_config(raw: dict, path: str) -> list[Finding]:
     return [Finding("config", f"validates as a {raw.get('kind', 'pretrain')} config ({model_cls.__name__})")]
 
 
+def check_sweep_config(raw: dict, path: str) -> tuple[list[Finding], dict]:
+    """A sweep (kind: tune) validates with tune.config; returns the findings and the base run to check further."""
+    from training.config import ConfigError
+    from tune.config import validate_sweep
+
+    try:
+        sweep = validate_sweep(raw, path, Path(path).parent)
+    except ConfigError as err:
+        base = raw.get("base") if isinstance(raw.get("base"), dict) else {}
+        return [Finding("config", "sweep validation", p, "edit the sweep YAML") for p in err.problems], base
+    return [Finding("config", f"validates as a sweep of {sweep.kind} runs; each trial holds "
+                              f"{sweep.trial_resources()}")], sweep.base_raw
+
+
 # -------------------------------------------------------------------------------------------------
 # CLI: parse -> validate -> build -> run
 
@@ -435,9 +476,20 @@ def run_preflight(
     shared_paths: list[str] | None = None,
 ) -> list[Finding]:
     """All checks on one config; the cluster checks run against the envelope (else the live view) when given."""
-    findings = check_typed_config(raw, config_path) + check_combinations(raw)
+    if raw.get("kind") == "tune":  # a sweep: the checks below apply to one trial, i.e. its base run
+        findings, raw = check_sweep_config(raw, config_path)
+    else:
+        findings = check_typed_config(raw, config_path)
+    findings += check_combinations(raw)
     view = _merge(live, envelope)
-    if view is None:
+    scaling_problems = check_scaling(raw)
+    if scaling_problems:
+        # A typed pretrain config already reported them; other kinds of config did not.
+        reported = {f.problem for f in findings}
+        findings += [f for f in scaling_problems if f.problem not in reported]
+        if view is not None:
+            findings.append(Finding("capacity", "scaling section invalid: capacity, GPU and storage checks skipped until it validates"))
+    elif view is None:
         findings.append(Finding("capacity", "no cluster given (--address / --cluster-config): capacity, GPU and storage checks skipped"))
     else:
         findings += check_capacity(raw, view)

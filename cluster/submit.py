@@ -17,6 +17,10 @@ while waiting (the job keeps running).
 
 from __future__ import annotations
 
+from cluster.requirements_check import check_requirements
+
+check_requirements("cluster.submit", run_as_main=__name__ == "__main__")  # before any third-party import
+
 import argparse
 import asyncio
 import json
@@ -119,6 +123,10 @@ def build_request(args: argparse.Namespace) -> JobRequest:
             if not isinstance(loaded, dict):
                 problems.append(f"runtime env {source!r}: must be a mapping, got {type(loaded).__name__}")
                 continue
+            shape = runtime_env_shape_problems(loaded)
+            if shape:
+                problems.extend(f"runtime env {source!r}: {p}" for p in shape)
+                continue
             runtime_env.update(loaded)
 
     env_vars = dict(runtime_env.get("env_vars") or {})
@@ -182,6 +190,34 @@ def build_request(args: argparse.Namespace) -> JobRequest:
         entrypoint_resources=resources,
         token=token,
     )
+
+
+def runtime_env_shape_problems(runtime_env: dict) -> list[str]:
+    """Problems with the runtime_env keys this tool reads or merges (env_vars, excludes, working_dir).
+
+    Other keys (pip, py_modules, ...) go to Ray as they are; Ray validates them on the cluster.
+    """
+    problems = []
+    env_vars = runtime_env.get("env_vars")
+    if env_vars is not None:
+        if not isinstance(env_vars, dict):
+            problems.append(
+                f"env_vars must be a mapping of NAME: value, got {type(env_vars).__name__} {env_vars!r}; "
+                'e.g. {"env_vars": {"A": "1"}} (or pass --env A=1)'
+            )
+        else:
+            for name, value in env_vars.items():
+                if not isinstance(value, str):
+                    problems.append(
+                        f"env_vars.{name}: value must be a string, got {type(value).__name__} {value!r}; quote it, e.g. \"{name}\": \"{value}\""
+                    )
+    excludes = runtime_env.get("excludes")
+    if excludes is not None and not (isinstance(excludes, list) and all(isinstance(e, str) for e in excludes)):
+        problems.append(f'excludes must be a list of gitignore-style patterns, got {excludes!r}; e.g. {{"excludes": ["runs/"]}}')
+    working_dir = runtime_env.get("working_dir")
+    if working_dir is not None and not isinstance(working_dir, str):
+        problems.append(f"working_dir must be a path or URI string, got {working_dir!r}; or use --working-dir")
+    return problems
 
 
 def _quote(arg: str) -> str:

@@ -22,10 +22,16 @@ class ServingArgs(BaseModel):
         None, description="Directory of LoRA adapters `<adapters_dir>/<name>/`, served as model id `<base>:<name>`."
     )
     max_adapters_per_replica: int = Field(4, ge=1, description="LRU size of resident LoRA adapters per replica.")
-    max_batch_size: int = Field(8, ge=1, description="@serve.batch max_batch_size (1 turns batching off).")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch batch_wait_timeout_s.")
+    max_batch_size: int = Field(
+        8, ge=1, description="Most requests per batch: rows decoding together in a causal-LM replica (continuous "
+        "batching, further arrivals queue first come first served), @serve.batch size for encoders. 1: no batching."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="How long an idle replica waits after a first request for others to batch with it."
+    )
     stream_interval_s: float = Field(
-        0.02, ge=0, description="Decode steps merged before tokens go back to the event loop (0: every token)."
+        0.0, ge=0, description="Longest a request's tokens are held and merged before going to its client "
+        "(0: each token as soon as it decodes)."
     )
     quantize_int8: bool = Field(False, description="int8 dynamic quantization of nn.Linear (CPU replicas only).")
     device: Literal["cpu", "cuda"] = "cpu"
@@ -46,7 +52,13 @@ class ServingArgs(BaseModel):
     api_keys_env: str | None = Field("RAYLM_API_KEYS", description="Env var holding comma-separated API keys.")
     api_keys_file: str | None = Field(None, description="File with one API key per line ('#' comments).")
     open_paths: list[str] = Field(["/healthz"], description="Paths served without an API key.")
-    pii_masking: bool = Field(False, description="Mask emails, phones, CN ID cards/mobiles, bank cards in prompts and logs.")
+    pii_masking: bool = Field(
+        False, description="Mask emails, phones, CN ID cards/mobiles, bank cards, IPv4 addresses and IBANs in "
+        "prompts, audit records and logs (exception text included)."
+    )
+    pii_mask_output: bool = Field(
+        False, description="Mask the same PII in generated text too (streams then hold each line back until it ends)."
+    )
     observers: list[str] = Field(
         [], description="Import paths 'module:Class' of request/response observers (see serving.observers)."
     )

@@ -43,7 +43,12 @@ class EncoderEngine:
             if export.task == "sequence-classification"
             else AutoModelForTokenClassification
         )
+        # Two tokenizer instances: a fast tokenizer keeps padding/truncation as state on its Rust
+        # object and `_encode` (model thread) sets them for every batch; counting tokens for the length
+        # limit (admission threads, concurrently) on the same object could see a truncated count and
+        # let an over-long text through. The counting one is only ever called without either.
         self.tokenizer = AutoTokenizer.from_pretrained(export.path, trust_remote_code=trust_remote_code)
+        self._count_tokenizer = AutoTokenizer.from_pretrained(export.path, trust_remote_code=trust_remote_code)
         self.model = model_cls.from_pretrained(
             export.path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype)
         ).to(self.device)
@@ -53,7 +58,9 @@ class EncoderEngine:
         self.max_seq_len = export.manifest.max_seq_len
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        """Tokens of `text` with special tokens, never truncated; safe to call from any thread."""
+        encoded = self._count_tokenizer(text, add_special_tokens=True, truncation=False, padding=False)
+        return len(encoded["input_ids"])
 
     def _encode(self, texts: list[str], offsets: bool = False):
         return self.tokenizer(

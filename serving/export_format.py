@@ -121,9 +121,73 @@ def _require_files(directory: Path, names: tuple[str, ...], why: str) -> None:
         )
 
 
+def _check_safetensors(path: Path) -> None:
+    """A truncated or corrupt safetensors file fails here, named, instead of inside torch/peft (where a
+    half-loaded adapter could already have changed the served model)."""
+    fix = "re-run the export (write elsewhere and rename into place, so readers never see a partial file)"
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len <= 0 or 8 + header_len > size:
+            raise ExportFormatError(f"{path}: not a safetensors file (bad header length); {fix}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ExportFormatError(f"{path}: not a safetensors file (header is not JSON); {fix}") from None
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    if not isinstance(header, dict) or 8 + header_len + max(ends, default=0) > size:
+        raise ExportFormatError(f"{path}: safetensors file is truncated; {fix}")
+
+
 def _validation_message(path: Path, exc: ValidationError) -> str:
     problems = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()]
     return f"{path}: " + "; ".join(problems)
+
+
+def _id2label(config_path: Path, config: dict) -> dict[int, str]:
+    raw = config.get("id2label") or {}
+    if not isinstance(raw, dict):
+        raise ExportFormatError(f"{config_path}: id2label must be an object {{\"0\": \"label\", ...}}; re-export the model")
+    bad = [k for k in raw if not (isinstance(k, str) and k.strip().lstrip("-").isdigit())]
+    if bad:
+        raise ExportFormatError(
+            f"{config_path}: id2label keys must be integer class ids (\"0\", \"1\", ...); got {bad[:5]}. "
+            "Fix: write id2label as {\"<id>\": \"<label>\"} (transformers: config.id2label = dict(enumerate(labels))) "
+            "and re-export"
+        )
+    return {int(k): str(v) for k, v in raw.items()}
+
+
+def adapter_problems(adapter: AdapterExport, base: ModelExport) -> list[str]:
+    """Why `adapter` cannot be batched on the served `base` (empty when it can): another task, a peft
+    method other than LoRA (prompt/prefix tuning change the sequence, so requests cannot share a
+    batch), or a base whose config.json facts differ from the ones the adapter was trained on."""
+    problems = []
+    manifest = adapter.manifest
+    if manifest.task != base.task:
+        problems.append(f"the adapter is for task '{manifest.task}', the served model is '{base.task}'")
+    peft_config = _read_json(adapter.path / "adapter_config.json", "adapter_config.json")
+    peft_types = {manifest.peft_type, str(peft_config.get("peft_type", "LORA")).upper()}
+    for peft_type in sorted(peft_types - {"LORA"}):
+        problems.append(f"peft_type {peft_type} cannot be batched by this server (LoRA adapters only); "
+                        "serve a merged export of it instead")
+    if manifest.base_shape:
+        config = _read_json(base.path / "config.json", "config.json")
+        differ = [f"{key}: adapter {value!r}, served {config.get(key)!r}"
+                  for key, value in sorted(manifest.base_shape.items()) if config.get(key) != value]
+        if differ:
+            problems.append(f"it was trained on another base model ('{manifest.base_model}'): " + ", ".join(differ))
+    return problems
+
+
+BASE_SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def base_shape_of(config: dict) -> dict[str, int | str]:
+    """The facts of a base's config.json that an adapter records as `base_shape`."""
+    return {key: config[key] for key in BASE_SHAPE_KEYS if key in config}
 
 
 def read_export(directory: str | Path) -> ModelExport:
@@ -141,7 +205,7 @@ def read_export(directory: str | Path) -> ModelExport:
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file() or (path / "vocab.txt").is_file()):
         raise ExportFormatError(f"{path}: missing tokenizer.json (or tokenizer.model / vocab.txt)")
     config = _read_json(path / "config.json", "config.json")
-    id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
+    id2label = _id2label(path / "config.json", config)
     if manifest.task != "causal-lm":
         ordered = [id2label.get(i) for i in range(len(manifest.labels))]
         if ordered != manifest.labels:
@@ -160,6 +224,7 @@ def read_adapter(directory: str | Path) -> AdapterExport:
     if not path.is_dir():
         raise ExportFormatError(f"{path}: adapter directory does not exist")
     _require_files(path, ADAPTER_FILES, "peft LoRA adapter saved with save_pretrained")
+    _check_safetensors(path / "adapter_model.safetensors")
     raw = _read_json(path / "raylm.json", "raylm.json (the adapter manifest)")
     try:
         manifest = AdapterManifest.model_validate(raw)

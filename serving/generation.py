@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from serving.export_format import ModelExport, read_adapter
+from serving.int8 import Int8DynamicLinear, quantize_linear_int8  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("raylm.serving")
 
@@ -38,6 +39,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: stop tokens are never chosen, so every run decodes max_tokens
 
 
 @dataclass
@@ -209,20 +211,29 @@ class CausalLMEngine:
             return sorted(self._adapters)
 
     # ---- decoding ------------------------------------------------------------------------------
-    def start_batch(self, jobs: list[GenerationJob]) -> "DecodeBatch":
-        return DecodeBatch(self, jobs)
+    def start_batch(self, jobs: list[GenerationJob] = ()) -> "DecodeBatch":
+        """A running batch; `jobs` join it at its first step."""
+        batch = DecodeBatch(self)
+        batch.pending.extend(jobs)
+        return batch
 
     def generate(self, jobs: list[GenerationJob]) -> list[tuple[list[int], str, str]]:
         """Run jobs to completion as one batch: (token ids, text, finish_reason) per job."""
         batch = self.start_batch(jobs)
-        texts = [""] * len(jobs)
-        reasons = [""] * len(jobs)
+        results = {id(job): ([], [], "") for job in jobs}
         while not batch.done:
-            for i, event in enumerate(batch.step()):
-                if event is not None:
-                    texts[i] += event.text_delta
-                    reasons[i] = event.finish_reason or reasons[i]
-        return [(row.generated, texts[i], reasons[i]) for i, row in enumerate(batch.rows)]
+            for job, event in batch.step():
+                ids, texts, _ = results[id(job)]
+                ids.extend(t for t in event.token_ids if t not in self.stop_token_ids)
+                texts.append(event.text_delta)
+                results[id(job)] = (ids, texts, event.finish_reason or "")
+        return [(ids, "".join(texts), reason) for ids, texts, reason in (results[id(job)] for job in jobs)]
+
+    def adapters_missing(self, adapters: set[str]) -> set[str]:
+        """Which of these adapters the peft model does not hold (all of them before the first load)."""
+        with self.lock:
+            held = set(self._peft_model.peft_config) if self._peft_model is not None else set()
+        return {a for a in adapters if a} - held
 
     def check_health(self) -> None:
         """One forward pass on one token: raises if the model cannot answer."""
@@ -233,86 +244,159 @@ class CausalLMEngine:
 
 
 class DecodeBatch:
-    """A batch in flight. `step()` advances every unfinished row by one token."""
+    """A running batch that requests join and leave between decode steps (iteration-level batching).
 
-    def __init__(self, engine: CausalLMEngine, jobs: list[GenerationJob]):
+    State between steps, one row per request: the DynamicCache of everything before each row's
+    pending token, `attention_mask` over the cache plus that token (0 on left padding), and
+    `next_ids`, the pending tokens. `join` prefills new requests as a group (left-padded among
+    themselves), picks their first tokens from the prefill logits, then merges them: the shorter of
+    the two caches is left-padded with masked zeros to the other's length and the rows are
+    concatenated. Each row's positions count its real tokens only, so a row sees the same positions,
+    keys and values as when it runs alone; padding only adds masked slots. `step` decodes one token
+    for every row; finished and cancelled rows leave at once, and left columns no row needs any more
+    are trimmed."""
+
+    def __init__(self, engine: CausalLMEngine):
+        self.engine = engine
+        self.rows: list[_RowState] = []
+        self.pending: list[GenerationJob] = []  # join at the next `step()` (the `generate` path)
+        self.cache = None
+        self.attention_mask: torch.Tensor | None = None
+        self.next_ids: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def done(self) -> bool:
+        return not self.rows and not self.pending
+
+    @property
+    def can_merge(self) -> bool:
+        """Rows can join a running batch only when every cache layer is a plain growing DynamicLayer
+        (a sliding-window layer drops old columns, and padding would shift what it keeps)."""
+        if self.cache is None:
+            return True
+        return all(type(layer).__name__ == "DynamicLayer" for layer in self.cache.layers)
+
+    def step(self) -> list[tuple[GenerationJob, TokenEvent]]:
+        """Pending jobs join (their first tokens come from the prefill); otherwise one decode step."""
+        if self.pending:
+            jobs, self.pending = self.pending, []
+            return self.join(jobs)
+        return self.decode()
+
+    def join(self, jobs: list[GenerationJob]) -> list[tuple[GenerationJob, TokenEvent]]:
+        """Prefill `jobs` and merge their rows into the batch; one event (the first token) per job."""
         from transformers import DynamicCache
 
-        self.engine = engine
-        self.rows = [
-            _RowState(job, _make_generator(job.params.seed) if job.params.temperature > GREEDY_TEMPERATURE else None)
-            for job in jobs
-        ]
-        adapters = [job.adapter for job in jobs]
-        if engine._peft_model is not None:
-            # Once peft has injected LoRA layers, the base model's modules are shared with it, so
-            # base rows must also go through peft (as "__base__") to run without any adapter.
-            with engine.lock:
-                missing = {a for a in adapters if a} - set(engine._peft_model.peft_config)
-            if missing:
-                raise KeyError(f"adapters {sorted(missing)} are not loaded")
-            self.model = engine._peft_model
-            self.forward_kwargs = {"adapter_names": [a or BASE_ADAPTER for a in adapters]}
-        else:
-            self.model = engine.model
-            self.forward_kwargs = {}
-        self.cache = DynamicCache()
-        self.done = False
-        self._prefilled = False
+        engine = self.engine
+        missing = engine.adapters_missing({job.adapter for job in jobs if job.adapter})
+        if missing:
+            raise KeyError(f"adapters {sorted(missing)} are not loaded")
+        rows = [_RowState(job, _make_generator(job.params.seed) if job.params.temperature > GREEDY_TEMPERATURE else None)
+                for job in jobs]
         longest = max(len(job.prompt_ids) for job in jobs)
         pad = engine.pad_token_id
-        ids = [[pad] * (longest - len(j.prompt_ids)) + list(j.prompt_ids) for j in jobs]
-        mask = [[0] * (longest - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs]
-        self.input_ids = torch.tensor(ids, device=engine.device)
-        self.attention_mask = torch.tensor(mask, device=engine.device)
-        # Positions count real tokens only, so a left-padded row sees the same positions as alone.
-        self.position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-    def step(self) -> list[TokenEvent | None]:
-        """One token for every unfinished row; None for rows that finished earlier."""
-        if self.done:
-            return [None] * len(self.rows)
-        with self.engine.lock, torch.inference_mode():
-            out = self.model(
-                input_ids=self.input_ids,
-                attention_mask=self.attention_mask,
-                position_ids=self.position_ids,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-                **self.forward_kwargs,
-            )
-            logits = out.logits[:, -1, :].float()
-            next_ids = [self._choose(row, logits[i]) for i, row in enumerate(self.rows)]
-        events = [self._advance(row, token) for row, token in zip(self.rows, next_ids)]
-        next_tensor = torch.tensor([[t] for t in next_ids], device=self.engine.device)
-        self.input_ids = next_tensor
-        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(next_tensor)], dim=1)
-        self.position_ids = self.position_ids[:, -1:] + 1
-        if all(row.finished for row in self.rows):
-            self.close()
+        ids = torch.tensor([[pad] * (longest - len(j.prompt_ids)) + list(j.prompt_ids) for j in jobs], device=engine.device)
+        mask = torch.tensor([[0] * (longest - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
+                            device=engine.device)
+        cache = DynamicCache()
+        next_ids = self._forward(rows, ids, mask, cache)
+        events = self._advance_all(rows, next_ids)
+        new_mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
+        if not self.rows:
+            self.rows, self.cache, self.attention_mask, self.next_ids = rows, cache, new_mask, next_ids
+        else:
+            if not self.can_merge:
+                raise RuntimeError("this model's cache cannot take rows while it decodes; join when the batch is empty")
+            self._merge(rows, cache, new_mask, next_ids)
+        self._drop_finished()
         return events
 
-    def run(self, max_seconds: float) -> list[TokenEvent | None]:
-        """Steps until `max_seconds` have passed or the batch is done, one merged event per row.
+    def decode(self) -> list[tuple[GenerationJob, TokenEvent]]:
+        """One token for every row."""
+        if not self.rows:
+            return []
+        next_ids = self._forward(self.rows, self.next_ids, self.attention_mask, self.cache)
+        events = self._advance_all(self.rows, next_ids)
+        self.next_ids = next_ids
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(next_ids)], dim=1)
+        self._drop_finished()
+        return events
 
-        Handing every single token back to the event loop costs a thread hop and a future per request;
-        merging a few steps keeps streaming smooth while most time goes to the model."""
-        deadline = time.perf_counter() + max_seconds
-        merged: list[TokenEvent | None] = self.step()
-        while not self.done and time.perf_counter() < deadline:
-            merged = [_merge(old, new) for old, new in zip(merged, self.step())]
-        return merged
+    def remove(self, jobs: list[GenerationJob]) -> None:
+        """Rows leave without a last event (a client went away); the other rows are untouched."""
+        gone = {id(job) for job in jobs}
+        self.pending = [job for job in self.pending if id(job) not in gone]
+        self._keep([i for i, row in enumerate(self.rows) if id(row.job) not in gone])
 
     def close(self) -> None:
         """Free the KV cache (idempotent)."""
-        self.done = True
-        self.cache = None
+        self.rows, self.pending = [], []
+        self.cache = self.attention_mask = self.next_ids = None
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _forward(self, rows: list[_RowState], input_ids, attention_mask, cache) -> torch.Tensor:
+        engine = self.engine
+        adapters = [row.job.adapter for row in rows]
+        # Once peft has injected LoRA layers, the base model's modules are shared with it, so base rows
+        # must also go through peft (as "__base__") to run without any adapter.
+        with engine.lock, torch.inference_mode():
+            if engine._peft_model is not None:
+                model, extra = engine._peft_model, {"adapter_names": [a or BASE_ADAPTER for a in adapters]}
+            else:
+                model, extra = engine.model, {}
+            # Positions count real tokens only, so a left-padded row sees the same positions as alone.
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                        use_cache=True, logits_to_keep=1, **extra)
+            logits = out.logits[:, -1, :].float()
+            chosen = [self._choose(row, logits[i]) for i, row in enumerate(rows)]
+        return torch.tensor([[t] for t in chosen], device=engine.device)
+
+    def _advance_all(self, rows: list[_RowState], next_ids: torch.Tensor) -> list[tuple[GenerationJob, TokenEvent]]:
+        return [(row.job, self._advance(row, int(token))) for row, token in zip(rows, next_ids[:, 0].tolist())]
+
+    def _merge(self, rows: list[_RowState], cache, mask: torch.Tensor, next_ids: torch.Tensor) -> None:
+        width = max(self.attention_mask.shape[1], mask.shape[1])
+        pad_old, pad_new = width - self.attention_mask.shape[1], width - mask.shape[1]
+        pad = torch.nn.functional.pad
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([pad(old.keys, (0, 0, pad_old, 0)), pad(new.keys, (0, 0, pad_new, 0))], dim=0)
+            old.values = torch.cat([pad(old.values, (0, 0, pad_old, 0)), pad(new.values, (0, 0, pad_new, 0))], dim=0)
+        self.attention_mask = torch.cat([pad(self.attention_mask, (pad_old, 0)), pad(mask, (pad_new, 0))], dim=0)
+        self.next_ids = torch.cat([self.next_ids, next_ids], dim=0)
+        self.rows = self.rows + rows
+
+    def _drop_finished(self) -> None:
+        if any(row.finished for row in self.rows):
+            self._keep([i for i, row in enumerate(self.rows) if not row.finished])
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.close()
+            return
+        index = torch.tensor(keep, device=self.engine.device)
+        self.rows = [self.rows[i] for i in keep]
+        mask = self.attention_mask.index_select(0, index)
+        # Columns that are padding in every remaining row: drop them (the cache stops growing for rows
+        # that have left). The pending token's column is never padding.
+        first = int(mask.any(dim=0).nonzero()[0])
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
+            layer.values = layer.values.index_select(0, index)[:, :, first:, :]
+        self.attention_mask = mask[:, first:]
+        self.next_ids = self.next_ids.index_select(0, index)
 
     def _choose(self, row: _RowState, logits: torch.Tensor) -> int:
-        if row.finished:
-            return self.engine.pad_token_id
         params = row.job.params
+        if params.ignore_eos:
+            logits = logits.index_fill(0, torch.tensor(sorted(self.engine.stop_token_ids), device=logits.device),
+                                       float("-inf"))
         if row.generator is None:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits / params.temperature, dim=-1)
@@ -355,7 +439,8 @@ class DecodeBatch:
                           generated=int(token not in self.engine.stop_token_ids))
 
 
-def _merge(old: TokenEvent | None, new: TokenEvent | None) -> TokenEvent | None:
+def merge_events(old: TokenEvent | None, new: TokenEvent | None) -> TokenEvent | None:
+    """One event for two consecutive events of the same request."""
     if old is None or new is None:
         return old or new
     return TokenEvent(old.token_ids + new.token_ids, old.text_delta + new.text_delta, new.finish_reason,
@@ -384,91 +469,3 @@ def _stop_prefix_overlap(text: str, stops: tuple[str, ...]) -> int:
                 best = k
                 break
     return best
-
-
-class Int8DynamicLinear(torch.nn.Module):
-    """W8A8 replacement for one nn.Linear on CPU: int8 weights with one scale per output channel, and
-    activations quantized to int8 at run time with one scale per token (row), multiplied with
-    `torch._int_mm` (int32 accumulation) and rescaled to float32.
-
-    Input columns holding an activation outlier (|x| > `outlier_threshold` in any row of the call) are
-    kept out of the int8 product and multiplied in float32 against the dequantized weight columns
-    (LLM.int8()-style decomposition): the few outlier channels of Llama-family residual streams would
-    otherwise set the per-token scale and flatten every other channel to a handful of levels."""
-
-    def __init__(self, linear: torch.nn.Linear, outlier_threshold: float | None = 3.0):
-        super().__init__()
-        weight = linear.weight.detach().to(torch.float32)
-        scale = weight.abs().amax(dim=1).clamp_min(1e-8) / 127.0
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.float32).clone())
-        self.outlier_threshold = outlier_threshold
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.float32)
-        outlier_part = None
-        if self.outlier_threshold is not None:
-            cols = (x2.abs() > self.outlier_threshold).any(dim=0)
-            if bool(cols.any()):
-                idx = cols.nonzero().squeeze(1)
-                w_cols = self.weight_int8.index_select(1, idx).to(torch.float32) * self.weight_scale[:, None]
-                outlier_part = x2.index_select(1, idx) @ w_cols.t()
-                x2 = x2.index_fill(1, idx, 0.0)
-        x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127.0
-        x_int8 = torch.round(x2 / x_scale).to(torch.int8)
-        y = torch._int_mm(x_int8, self.weight_int8.t()).to(torch.float32) * x_scale * self.weight_scale
-        if outlier_part is not None:
-            y = y + outlier_part
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"outlier_threshold={self.outlier_threshold}")
-
-
-# Modules left in float32 by `quantize_linear_int8` (matched on the last component of the module name):
-# the small classification heads of encoder exports (hidden x num_labels: nothing to gain).
-INT8_SKIP_MODULES = ("score", "classifier")
-
-
-def quantize_linear_int8(
-    model: torch.nn.Module,
-    *,
-    skip: tuple[str, ...] = INT8_SKIP_MODULES,
-    outlier_threshold: float | None = 3.0,
-) -> torch.nn.Module:
-    """int8 (W8A8) quantization of the model's nn.Linear layers for CPU replicas, in place.
-
-    Quantized: every nn.Linear of the transformer blocks (attention q/k/v/o, MLP gate/up/down) and the
-    causal-LM output head `lm_head` (tied to the input embeddings; the int8 copy is separate, the
-    embedding table itself stays float32): weights int8 with a per-output-channel scale, activations
-    quantized per token at run time, input channels with |x| > `outlier_threshold` multiplied in
-    float32 (`Int8DynamicLinear`).
-
-    Not quantized: embeddings, norms, attention softmax/RoPE (not Linear), and the classification
-    heads in `skip` (`score`, `classifier`: tiny, nothing to gain).
-
-    Why not `torch.ao.quantization.quantize_dynamic` (what this did before): it quantizes activations
-    with ONE scale for the whole tensor (batch x prompt) and, on x86/fbgemm, with `reduce_range`
-    (7-bit activations); Llama-family models have large activation outliers in a few channels
-    (SmolLM2-135M: |x| up to ~430 into the last down_proj, std ~4; up to ~55 into lm_head), so most
-    values landed on a few int8 levels and greedy agreement with fp32 on held-out text was 0.35.
-    Measured on SmolLM2-135M-Instruct (1 thread, 1,222 teacher-forced positions): quantize_dynamic
-    all Linear 0.37, without lm_head 0.38, without lm_head+down_proj 0.69, per-channel weights 0.37,
-    qnnpack engine 0.46; per-token activations + per-channel weights 0.85; with the float outlier
-    columns (threshold 3) 0.92 at ~2.4x (batch 1) / ~3.2x (batch 8) the fp32 decode-step speed.
-    Threshold 6 gives 0.88, no outlier split 0.85 (both ~2.5x); `None` turns the split off."""
-    targets = [
-        (name, module) for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in skip
-    ]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8DynamicLinear(module, outlier_threshold))
-    return model

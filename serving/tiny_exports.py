@@ -165,10 +165,13 @@ def build_lora_adapter(base_export: str | Path, out_dir: str | Path, *, seed: in
                 param.normal_(0.0, 0.3)
     staging = out.with_name(out.name + ".partial")
     peft_model.save_pretrained(staging, safe_serialization=True)
+    from serving.export_format import AdapterManifest, base_shape_of
+
     base_name = json.loads((Path(base_export) / "raylm.json").read_text())["model_name"]
-    (staging / "raylm.json").write_text(
-        json.dumps({"format": "raylm-export", "format_version": 1, "adapter": True, "task": "causal-lm", "base_model": base_name})
-    )
+    base_config = json.loads((Path(base_export) / "config.json").read_text())
+    manifest = AdapterManifest(adapter=True, task="causal-lm", base_model=base_name, peft_type="LORA",
+                               base_shape=base_shape_of(base_config))
+    (staging / "raylm.json").write_text(manifest.model_dump_json(indent=2))
     # Rename last, like a training run should: a reader never sees a half-written adapter.
     staging.rename(out)
     return out

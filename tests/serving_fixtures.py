@@ -26,10 +26,22 @@ def start_ray(num_cpus: int, metrics_port: int):
     os.environ["RAYLM_API_KEYS"] = ",".join(API_KEYS)
     # Replicas push metrics to the export port every second instead of every 10 s.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    # Serve's HTTP proxy answers in OpenAI's error shape, and a dying replica's requests get a
+    # retryable 503 (serving/errors.py); the proxy actor inherits this from the Ray it starts in.
+    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "serving.errors:proxy_middlewares"
     import ray
 
-    return ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
-                    log_to_driver=False)
+    for attempt in range(3):
+        try:
+            return ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
+                            log_to_driver=False)
+        except Exception as exc:
+            # Ray 2.60 gives its raylet a fixed 30 s to register; on a shared machine under heavy load
+            # that can pass. Only that failure is retried.
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            ray.shutdown()
+            time.sleep(5)
 
 
 def stop_ray() -> None:
@@ -62,7 +74,7 @@ def config_for_test(config_name: str, *, http_port: int, app_args: dict, deploym
     return config
 
 
-def serve_run_config(config: dict, tmp_dir: Path, gcs_address: str, timeout_s: float = 120) -> None:
+def serve_run_config(config: dict, tmp_dir: Path, gcs_address: str, timeout_s: float = 300) -> None:
     """Deploy with the real `serve run --non-blocking <config.yaml>` CLI and wait until every app runs."""
     from ray import serve
 
@@ -76,7 +88,7 @@ def serve_run_config(config: dict, tmp_dir: Path, gcs_address: str, timeout_s: f
     wait_apps_running([app["name"] for app in config["applications"]], timeout_s)
 
 
-def wait_apps_running(names: list[str], timeout_s: float = 120) -> None:
+def wait_apps_running(names: list[str], timeout_s: float = 300) -> None:
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
@@ -129,3 +141,75 @@ def shared_exports(tmp_path_factory) -> dict[str, Path]:
         (root / ".complete").touch()
     return {"causal_lm": root / "causal-lm", "classifier": root / "classifier", "ner": root / "ner",
             "adapters": root / "adapters"}
+
+
+# ---- bad-body tables ---------------------------------------------------------------------------------
+class Raw:
+    """A request body sent byte for byte (not JSON-encoded by the test)."""
+
+    def __init__(self, content: bytes, content_type: str = "application/json"):
+        self.content, self.content_type = content, content_type
+
+
+def raw_body_rows(model: str | None) -> list[tuple]:
+    """Bodies that are not JSON objects, or not valid JSON/UTF-8, for any POST endpoint."""
+    nested = b"[" * 3000 + b"]" * 3000
+    model_field = f'"model": "{model}", ' if model else ""
+    return [
+        ("not json", Raw(b"{not json"), 422, "not valid JSON"),
+        ("truncated json", Raw(b'{"model": "x", "pro'), 422, "not valid JSON"),
+        ("trailing garbage", Raw(b'{"model": "x"} trailing'), 422, "not valid JSON"),
+        ("empty body", Raw(b""), 422, "field required"),
+        ("json array", Raw(b"[]"), 422, "valid dictionary"),
+        ("json string", Raw(b'"hello"'), 422, "valid dictionary"),
+        ("json null", Raw(b"null"), 422, "valid dictionary"),
+        ("json number", Raw(b"123"), 422, "valid dictionary"),
+        ("json NaN", Raw(b"NaN"), 422, "valid dictionary"),
+        ("deeply nested", Raw(nested), 400, "error parsing the body"),
+        ("invalid utf-8", Raw(b'{' + model_field.encode() + b'"prompt": "\xff\xfe\xfa", "input": "\xc3\x28"}'),
+         400, "error parsing the body"),
+        ("lone surrogate", Raw(('{' + model_field + '"prompt": "a\\ud800b", "input": "a\\ud800b", '
+                               '"messages": [{"role": "user", "content": "a\\ud800b"}]}').encode()), 422, "surrogate"),
+        ("plain text content type", Raw(b'{"input": "x"}', "text/plain"), 422, "valid dictionary"),
+        ("5000-digit number", Raw(b'{"max_tokens": 1' + b"0" * 5000 + b"}"), 400, "error parsing the body"),
+    ]
+
+
+def check_error_table(url: str, rows: list[tuple], headers: dict[str, str]) -> list[str]:
+    """POST every (label, body, status, message fragment) row; return every mismatch (wrong status, not
+    OpenAI's error shape, message without the fragment, any 5xx), so one run reports all of them."""
+    import json
+
+    import httpx
+
+    problems = []
+    with httpx.Client(timeout=60) as client:
+        for label, body, status, fragment in rows:
+            if isinstance(body, Raw):
+                response = client.post(url, content=body.content, headers={**headers, "content-type": body.content_type})
+            else:
+                response = client.post(url, content=json.dumps(body).encode(),
+                                       headers={**headers, "content-type": "application/json"})
+            try:
+                error = response.json()["error"]
+                shaped = set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str)
+            except Exception:
+                error, shaped = {"message": response.text[:200]}, False
+            message = str(error.get("message"))
+            if response.status_code != status or not shaped or fragment.lower() not in message.lower() \
+                    or response.status_code >= 500 or len(message) > 2000:
+                problems.append(f"{label}: want {status} ~{fragment!r}, got {response.status_code} "
+                                f"{'' if shaped else '(not OpenAI error shape) '}{message[:300]!r}")
+    return problems
+
+
+def replica_pids(app: str, deployment: str) -> dict[str, int]:
+    """Process id of each running replica of a deployment: Serve names its replica actors
+    `SERVE_REPLICA::<app>#<deployment>#<id>` in the "serve" namespace; each reports its own pid."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and a["name"].startswith(prefix)]
+    handles = {name: ray.get_actor(name, namespace="serve") for name in names}
+    return {name: ray.get(h.__ray_call__.remote(lambda _self: os.getpid()), timeout=30) for name, h in handles.items()}

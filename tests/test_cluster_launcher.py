@@ -61,8 +61,56 @@ def test_token_auth_metrics_and_private_dashboard(path):
         assert "--metrics-export-port=8080" in commands
     assert "--dashboard-host=127.0.0.1" in head_start, "dashboard reachable only through `ray dashboard` (SSH)"
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token", "the token file is mounted on every node"
-    ingress = json.dumps(config["provider"].get("security_group", {}))
-    assert "8265" not in ingress, "no inbound rule for the dashboard"
+    assert publicly_opened_ray_ports(config) == [], "the dashboard, GCS, client and metrics ports stay closed to the outside"
+
+
+# Ports that must never be reachable from outside the cluster: GCS, dashboard/job API, Ray client, metrics.
+RAY_PRIVATE_PORTS = {6379: "GCS", 8265: "dashboard", 10001: "Ray client", 8080: "metrics"}
+
+
+def publicly_opened_ray_ports(config: dict) -> list[str]:
+    """Inbound rules of the launcher config that open a private Ray port to IP ranges.
+
+    Where a `ray up` config can open ports: AWS `provider.security_group.IpPermissions` (boto3's
+    shape, appended by Ray to its default rules: all ports between the cluster's own groups, SSH from
+    anywhere). Rules that name only security groups (UserIdGroupPairs) stay inside the cluster. GCP
+    configs have no firewall setting in Ray's schema (firewall rules live outside the config)."""
+    found = []
+    rules = ((config.get("provider") or {}).get("security_group") or {}).get("IpPermissions") or []
+    for rule in rules:
+        ranges = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        ranges += [p.get("PrefixListId") for p in rule.get("PrefixListIds", [])]
+        if not ranges:
+            continue
+        all_ports = str(rule.get("IpProtocol", "-1")) in ("-1", "all")
+        low, high = rule.get("FromPort", 0), rule.get("ToPort", 65535)
+        for port, name in RAY_PRIVATE_PORTS.items():
+            if all_ports or (str(rule.get("IpProtocol")).lower() in ("tcp", "6") and low <= port <= high):
+                found.append(f"{name} port {port} open to {', '.join(map(str, ranges))}")
+    return found
+
+
+def _with_rules(*rules: dict) -> dict:
+    config = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text(encoding="utf-8"))
+    config["provider"]["security_group"] = {"GroupName": "raylm", "IpPermissions": list(rules)}
+    jsonschema.validate(config, ray_cluster_schema())  # a config `ray up` would accept
+    return config
+
+
+def test_open_port_check_catches_a_crafted_security_group():
+    """The check above can fail: rules that open the dashboard, GCS or metrics ports are caught, SSH and
+    group-to-group rules are not."""
+    anywhere = [{"CidrIp": "0.0.0.0/0"}]
+    dashboard = {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": anywhere}
+    assert publicly_opened_ray_ports(_with_rules(dashboard)) == ["dashboard port 8265 open to 0.0.0.0/0"]
+    wide = {"IpProtocol": "tcp", "FromPort": 6000, "ToPort": 9000, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}
+    assert publicly_opened_ray_ports(_with_rules(wide)) == [
+        "GCS port 6379 open to ::/0", "dashboard port 8265 open to ::/0", "metrics port 8080 open to ::/0"]
+    everything = {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "203.0.113.0/24"}]}
+    assert len(publicly_opened_ray_ports(_with_rules(everything))) == len(RAY_PRIVATE_PORTS)
+    ssh = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": anywhere}
+    intra = {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-0123456789abcdef0"}]}
+    assert publicly_opened_ray_ports(_with_rules(ssh, intra)) == []
 
 
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)

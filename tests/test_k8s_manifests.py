@@ -3,11 +3,14 @@
 - RayCluster / RayJob / RayService: KubeRay v1.7.0's CRD `openAPIV3Schema` (tests/data/kuberay-crds-v1.7.0),
   made strict the way `kubectl --validate=strict` is (unknown fields are errors, not silently pruned).
 - Core kinds (PersistentVolumeClaim, ConfigMap): Kubernetes' own JSON schemas (kubernetes-validate, strict).
-- PodMonitor / ServiceMonitor: no offline package ships prometheus-operator's schema, so a structural
+- PodMonitor / ServiceMonitor / PrometheusRule: no offline package ships prometheus-operator's schema, so a structural
   schema of the fields we use, closed to unknown fields, stands in for it.
 - kustomization.yaml: built by kustomize itself (`kubectl kustomize`), which rejects unknown fields.
 - RayService.serveConfigV2: Ray Serve's own `ServeDeploySchema`, and it must be the serving config.
-- RayJob entrypoints: a real module and an existing config that validates.
+- RayJob entrypoints: a real module and an existing config that validates; runs written to the shared volume.
+- Every pod and container runs restricted (non-root as the image's user, no privilege escalation, no
+  capabilities, RuntimeDefault seccomp); a NetworkPolicy keeps Ray's private ports inside; the serving API
+  keys are a file on the serving pods only.
 """
 
 from __future__ import annotations
@@ -157,6 +160,63 @@ MONITOR_SCHEMAS = {
 }
 
 
+_DURATION = {"type": "string", "pattern": r"^((([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?|0)$"}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+# prometheus-operator's PrometheusRule (monitoring.coreos.com/v1), the fields of its CRD, closed to unknown fields.
+MONITOR_SCHEMAS["PrometheusRule"] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": _MONITOR_META,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "query_offset": _DURATION,
+                            "limit": {"type": "integer"},
+                            "partial_response_strategy": {"type": "string"},
+                            "labels": _STRING_MAP,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["expr"],
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "properties": {
+                                        "alert": {"type": "string", "pattern": r"^[a-zA-Z_][a-zA-Z0-9_]*$"},
+                                        "record": {"type": "string"},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": _DURATION,
+                                        "keep_firing_for": _DURATION,
+                                        "labels": _STRING_MAP,
+                                        "annotations": _STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+        },
+    },
+}
+
+
 def validate_manifest(doc: dict) -> None:
     """Raise with the path of the first schema violation of one Kubernetes object."""
     kind = doc.get("kind")
@@ -190,7 +250,8 @@ def built(name: str) -> tuple:
 
 
 def manifest_files() -> list[Path]:
-    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and "overlays" not in p.parts)
+    # k8s/monitoring holds a plain Prometheus rules file, not a Kubernetes object (tests/test_k8s_alerts.py).
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and not {"overlays", "monitoring"} & set(p.parts))
 
 
 def docs_of_kind(kind: str, build: str) -> list[dict]:
@@ -228,7 +289,7 @@ def test_base_manifest_files_validate(path):
 def test_kustomize_builds_validate(build):
     docs = built(build)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["ConfigMap", "PersistentVolumeClaim", "PodMonitor", "RayCluster", "RayJob", "RayService", "ServiceMonitor"])
+    assert kinds == sorted(["ConfigMap", "NetworkPolicy", "PersistentVolumeClaim", "PodMonitor", "PrometheusRule", "RayCluster", "RayJob", "RayJob", "RayService", "ServiceMonitor"])
     for doc in docs:
         validate_manifest(doc)
     if build != "base":
@@ -250,6 +311,7 @@ def test_strict_validation_rejects_a_misspelled_field():
 @pytest.mark.parametrize("build", ["base"] + OVERLAYS)
 def test_rayjob_entrypoints_name_real_modules_and_valid_configs(build):
     from training.config import load_config
+    from tune.config import load_sweep
 
     jobs = docs_of_kind("RayJob", build)
     assert jobs
@@ -259,19 +321,23 @@ def test_rayjob_entrypoints_name_real_modules_and_valid_configs(build):
         assert module_path(REPO, "training.pretrain") is not None
         config = config_path(entrypoint)
         assert config and (REPO / config).is_file()
-        load_config(REPO / config)  # raises ConfigError listing every problem
+        if yaml.safe_load((REPO / config).read_text()).get("kind") == "tune":
+            load_sweep(REPO / config)  # a sweep: its base run validates too
+        else:
+            load_config(REPO / config)  # raises ConfigError listing every problem
         runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
         assert runtime_env["working_dir"] == "/opt/raylm", "the image keeps the repository at /opt/raylm"
     expected = {"cpu-dev": "configs/pretrain/demo_cpu.yaml"}.get(build, "configs/pretrain/llama_125m_gpu.yaml")
-    assert config_path(jobs[0]["spec"]["entrypoint"]) == expected
+    pretrain_job = next(j for j in jobs if j["metadata"]["name"] == "raylm-pretrain")
+    assert config_path(pretrain_job["spec"]["entrypoint"]) == expected
 
 
 def _without_k8s_deltas(serve: dict) -> dict:
     serve = copy.deepcopy(serve)
     serve["http_options"].pop("host")
     for app in serve["applications"]:
-        app["args"].pop("export_dir")
-        app["args"].pop("adapters_dir")
+        for key in ("export_dir", "adapters_dir", "api_keys_env", "api_keys_file"):
+            app["args"].pop(key, None)
     return serve
 
 
@@ -282,7 +348,10 @@ def test_serve_config_v2_is_the_serving_config_and_validates(build):
     (service,) = docs_of_kind("RayService", build)
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve)
+    from serving.args import ServingArgs
+
     for app in serve["applications"]:
+        ServingArgs.model_validate(app["args"])
         module, _, attr = app["import_path"].partition(":")
         source = module_path(REPO, module)
         assert source is not None, f"import_path {app['import_path']}: no module {module}"
@@ -366,3 +435,242 @@ def test_grafana_dashboard_shows_training_and_serving_with_real_metrics():
         for metric in re.findall(r"\b(ray_[a-z0-9_]+)\{", expr):
             base = re.sub(r"_(total|bucket|sum|count)$", "", metric.removeprefix("ray_"))
             assert f'"{base}"' in known, f"{metric} in {expr!r} is not a metric Ray or raylm defines"
+
+
+# -------------------------------------------------------------------------------------------------
+# Restricted pods, network policy, API keys, run storage
+
+
+def image_uid() -> int:
+    """The numeric user the image runs as: the last USER line of k8s/image/Dockerfile."""
+    users = re.findall(r"^USER\s+(\S+)", (K8S / "image" / "Dockerfile").read_text(encoding="utf-8"), re.M)
+    assert users, "k8s/image/Dockerfile sets no USER"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit(), f"Dockerfile USER {users[-1]!r}: use a numeric uid, so that runAsNonRoot can be verified"
+    return int(uid)
+
+
+def pod_specs(node, where: str = ""):
+    """Every pod spec (a mapping with a `containers` list) inside a manifest, with its path."""
+    if isinstance(node, dict):
+        if isinstance(node.get("containers"), list):
+            yield where, node
+        for key, value in node.items():
+            yield from pod_specs(value, f"{where}.{key}" if where else key)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            name = value.get("groupName") or value.get("name") if isinstance(value, dict) else None
+            yield from pod_specs(value, f"{where}[{name or i}]")
+
+
+def restriction_problems(doc: dict, uid: int) -> list[str]:
+    """What each pod and container of a manifest lacks of the restricted securityContext, by name."""
+    problems = []
+    where_doc = f"{doc['kind']} {doc['metadata']['name']}"
+    pods = list(pod_specs(doc))
+    for path, pod in pods:
+        pod_ctx = pod.get("securityContext") or {}
+        where = f"{where_doc} {path}"
+        if pod_ctx.get("runAsNonRoot") is not True:
+            problems.append(f"{where}: pod securityContext.runAsNonRoot is not true")
+        if pod_ctx.get("runAsUser") != uid:
+            problems.append(f"{where}: pod securityContext.runAsUser {pod_ctx.get('runAsUser')!r} is not the image's user {uid}")
+        if (pod_ctx.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            problems.append(f"{where}: pod securityContext.seccompProfile is not RuntimeDefault")
+        containers = [(c.get("name", "?"), c) for c in pod["containers"] + pod.get("initContainers", [])]
+        # The autoscaler sidecar KubeRay adds to the head pod takes its securityContext from autoscalerOptions.
+        cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig")
+        if cluster and cluster.get("enableInTreeAutoscaling") and path.endswith("headGroupSpec.template.spec"):
+            containers.append(("autoscaler (autoscalerOptions)", cluster.get("autoscalerOptions") or {}))
+        for name, container in containers:
+            ctx = container.get("securityContext") or {}
+            effective = {**pod_ctx, **ctx}
+            cwhere = f"{where} container {name}"
+            if ctx.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{cwhere}: allowPrivilegeEscalation is not false")
+            if "ALL" not in ((ctx.get("capabilities") or {}).get("drop") or []):
+                problems.append(f"{cwhere}: capabilities.drop lacks ALL")
+            if (ctx.get("capabilities") or {}).get("add"):
+                problems.append(f"{cwhere}: capabilities.add {ctx['capabilities']['add']}")
+            if effective.get("runAsNonRoot") is not True:
+                problems.append(f"{cwhere}: runAsNonRoot is not true")
+            if effective.get("runAsUser") != uid:
+                problems.append(f"{cwhere}: runAsUser {effective.get('runAsUser')!r} is not the image's user {uid}")
+            if (effective.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+                problems.append(f"{cwhere}: seccompProfile is not RuntimeDefault")
+            if ctx.get("privileged"):
+                problems.append(f"{cwhere}: privileged")
+    return problems
+
+
+@pytest.mark.parametrize("build", ["base"] + OVERLAYS)
+def test_every_pod_and_container_is_restricted(build):
+    uid = image_uid()
+    checked, problems = 0, []
+    for doc in built(build):
+        problems += restriction_problems(doc, uid)
+        checked += len(list(pod_specs(doc)))
+    assert problems == [], "\n".join(problems)
+    # head + 2 groups (RayCluster), head + group + submitter per RayJob (pretrain, tune), head + group (RayService);
+    # cpu-dev has one group each
+    assert checked == {"cpu-dev": 10}.get(build, 11), checked
+
+
+def test_restriction_check_names_what_is_missing():
+    """The check above can fail, and says which pod and container lacks what."""
+    uid = image_uid()
+    (job,) = [j for j in docs_of_kind("RayJob", "cpu-dev") if j["metadata"]["name"] == "raylm-pretrain"]
+    job = copy.deepcopy(job)
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    del worker["containers"][0]["securityContext"]["capabilities"]
+    worker["securityContext"]["seccompProfile"] = {"type": "Unconfined"}
+    job["spec"]["rayClusterSpec"]["autoscalerOptions"].pop("securityContext")
+    job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["securityContext"]["runAsUser"] = 0
+    found = restriction_problems(job, uid)
+    prefix = "RayJob raylm-pretrain spec."
+    assert f"{prefix}rayClusterSpec.workerGroupSpecs[cpu-workers].template.spec container ray-worker: capabilities.drop lacks ALL" in found
+    assert f"{prefix}rayClusterSpec.workerGroupSpecs[cpu-workers].template.spec: pod securityContext.seccompProfile is not RuntimeDefault" in found
+    assert f"{prefix}rayClusterSpec.headGroupSpec.template.spec container autoscaler (autoscalerOptions): allowPrivilegeEscalation is not false" in found
+    assert f"{prefix}submitterPodTemplate.spec container ray-job-submitter: runAsUser 0 is not the image's user {uid}" in found
+    # ... and nothing else: the autoscaler's two, the worker's seccomp twice (pod, and the container inheriting it)
+    assert len(found) == 6, found
+
+
+PRIVATE_PORTS = {6379: "GCS", 8265: "dashboard", 10001: "Ray client", 8080: "metrics"}
+RAY_PODS = {"matchExpressions": [{"key": "ray.io/cluster", "operator": "Exists"}]}
+
+
+def admitted_peers(policy: dict, port: int) -> list[dict | None]:
+    """The `from` peers of every ingress rule that admits `port` (None: a rule open to every source)."""
+    peers: list[dict | None] = []
+    for rule in policy["spec"].get("ingress") or []:
+        ports = rule.get("ports")
+        if ports and not any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+            continue
+        peers += rule.get("from") or [None]
+    return peers
+
+
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+DASHBOARD_CLIENTS = ({"app.kubernetes.io/name": "kuberay-operator"}, {"app.kubernetes.io/component": "ray-job-submitter"})
+
+
+def network_policy_problems(policy: dict) -> list[str]:
+    """Where the policy lets a private Ray port be reached from outside the Ray pods, monitoring (metrics
+    only), the KubeRay operator and the RayJob submitter (dashboard only); or blocks what must get through."""
+    problems = []
+    if policy["spec"].get("podSelector") != RAY_PODS:
+        problems.append(f"podSelector {policy['spec'].get('podSelector')} does not select every pod labelled ray.io/cluster")
+    if "Ingress" not in policy["spec"].get("policyTypes", []):
+        problems.append("policyTypes lacks Ingress")
+    for port, name in PRIVATE_PORTS.items():
+        for peer in admitted_peers(policy, port):
+            if peer == {"podSelector": RAY_PODS}:
+                continue  # pods of the Ray clusters (same namespace: no namespaceSelector)
+            if peer == MONITORING and port == 8080:
+                continue
+            if peer is not None and set(peer) <= {"podSelector", "namespaceSelector"} and port == 8265 \
+                    and (peer.get("podSelector") or {}).get("matchLabels") in DASHBOARD_CLIENTS:
+                continue
+            problems.append(f"{name} port {port} admits {peer or 'every source'}")
+        if {"podSelector": RAY_PODS} not in admitted_peers(policy, port):
+            problems.append(f"{name} port {port}: Ray pods cannot reach each other")
+    if MONITORING not in admitted_peers(policy, 8080):
+        problems.append("the monitoring namespace cannot scrape the metrics port")
+    if None not in admitted_peers(policy, 8000):
+        problems.append("clients cannot reach the Serve port 8000")
+    if None in admitted_peers(policy, 6380):
+        problems.append("a rule opens every port to every source")
+    return problems
+
+
+@pytest.mark.parametrize("build", ["base"] + OVERLAYS)
+def test_network_policy_keeps_ray_ports_inside(build):
+    (policy,) = docs_of_kind("NetworkPolicy", build)
+    assert network_policy_problems(policy) == []
+    # The submitter the policy admits is the RayJob's.
+    for job in docs_of_kind("RayJob", build):
+        assert job["spec"]["submitterPodTemplate"]["metadata"]["labels"]["app.kubernetes.io/component"] == "ray-job-submitter"
+
+
+def test_network_policy_check_catches_openings():
+    (policy,) = docs_of_kind("NetworkPolicy", "base")
+    opened = copy.deepcopy(policy)
+    opened["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": 8265}]})
+    assert network_policy_problems(opened) == ["dashboard port 8265 admits every source"]
+    opened = copy.deepcopy(policy)
+    opened["spec"]["ingress"][1]["ports"].append({"protocol": "TCP", "port": 6379})  # monitoring may reach the GCS
+    assert network_policy_problems(opened) == [f"GCS port 6379 admits {MONITORING}"]
+    opened = copy.deepcopy(policy)
+    opened["spec"]["ingress"][0]["from"][0]["namespaceSelector"] = {}  # Ray-labelled pods of any namespace
+    assert "GCS port 6379: Ray pods cannot reach each other" in network_policy_problems(opened)
+    assert any(p.startswith("GCS port 6379 admits {'podSelector'") for p in network_policy_problems(opened))
+    opened = copy.deepcopy(policy)
+    opened["spec"]["ingress"].append({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})
+    assert "metrics port 8080 admits {'ipBlock': {'cidr': '0.0.0.0/0'}}" in network_policy_problems(opened)
+
+
+def _mentions_secret(node, name: str) -> bool:
+    return name in json.dumps(node)
+
+
+@pytest.mark.parametrize("build", ["base"] + OVERLAYS)
+def test_api_keys_are_a_file_on_the_serving_pods_only(build):
+    secret = "raylm-serving-api-keys"
+    for doc in built(build):
+        for path, pod in pod_specs(doc):
+            for container in pod["containers"]:
+                env = json.dumps([container.get("env"), container.get("envFrom")])
+                assert secret not in env and "RAYLM_API_KEYS" not in env, f"{doc['kind']} {path}: API keys in the environment"
+            serving_group = doc["kind"] == "RayService" and ".workerGroupSpecs[" in path
+            assert _mentions_secret(pod.get("volumes"), secret) == serving_group, f"{build} {doc['kind']} {path}"
+    (service,) = docs_of_kind("RayService", build)
+    spec = service["spec"]["rayClusterConfig"]
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "replicas never land on the head, which has no keys"
+    for app in serve["applications"]:
+        assert app["args"]["api_keys_env"] is None
+        keys_file = Path(app["args"]["api_keys_file"])
+        for group in spec["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            (volume,) = [v for v in pod["volumes"] if "secret" in v]
+            assert volume["secret"]["secretName"] == secret and volume["secret"]["defaultMode"] == 0o440
+            (item,) = volume["secret"]["items"]
+            (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+            assert mount["readOnly"] is True
+            assert keys_file == Path(mount["mountPath"]) / item["path"], f"{group['groupName']}: api_keys_file {keys_file} is not the mounted key"
+            assert pod["securityContext"]["fsGroup"] == 100, "the ray user reads the 0440 key file through its group"
+
+
+@pytest.mark.parametrize("build", ["base"] + OVERLAYS)
+def test_rayjob_runs_are_written_to_the_shared_volume(build):
+    """The job's cluster is deleted after the job: a run outside the shared volume would go with it."""
+    from training.config import load_config
+
+    for job in docs_of_kind("RayJob", build):
+        argv = job["spec"]["entrypoint"].split()
+        overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        if argv[:3] == ["python", "-m", "tune.search"]:  # a sweep: its trials live under its storage_path
+            from tune.config import load_sweep
+
+            storage = str(load_sweep(REPO / config_path(job["spec"]["entrypoint"]), overrides).sweep_dir)
+        else:
+            storage = load_config(REPO / config_path(job["spec"]["entrypoint"]), overrides).run.storage_path
+        assert storage.startswith("/mnt/shared/"), f"{build}: {job['metadata']['name']} writes to {storage}"
+        for _, container in containers(cluster_specs(job)):
+            assert any(m["mountPath"] == "/mnt/shared" and not m.get("readOnly") for m in container["volumeMounts"])
+
+
+def test_prometheus_rule_schema_rejects_what_the_operator_would():
+    (rule,) = docs_of_kind("PrometheusRule", "base")
+    assert rule["metadata"]["labels"]["release"] == "prometheus", "kube-prometheus-stack selects rules by its release label"
+    for breakage in (
+        lambda r: r["spec"]["groups"][0]["rules"][0].update(severity="critical"),  # a label outside `labels`
+        lambda r: r["spec"]["groups"][0]["rules"][0].update(**{"for": "5 minutes"}),
+        lambda r: r["spec"]["groups"][0]["rules"][0].pop("expr"),
+        lambda r: r["spec"]["groups"][0]["rules"][0]["annotations"].update(runbook=3),
+    ):
+        broken = copy.deepcopy(rule)
+        breakage(broken)
+        with pytest.raises(jsonschema.ValidationError):
+            validate_manifest(broken)

@@ -4,7 +4,9 @@ import concurrent.futures as futures
 
 import httpx
 import pytest
-from serving_fixtures import auth, config_for_test, serve_run_config, shared_exports, start_ray, stop_ray
+from serving_fixtures import (
+    Raw, auth, check_error_table, config_for_test, raw_body_rows, serve_run_config, shared_exports, start_ray, stop_ray,
+)
 
 from serving.tiny_exports import NER_LABELS, SENTIMENT_LABELS
 
@@ -95,3 +97,68 @@ def test_encoder_endpoints_check_keys_limits_and_task(server):
     assert post("/sentiment/v1/classify", {"inputs": "typo"}).status_code == 422
     schema = httpx.get(f"{BASE}/sentiment/openapi.json", headers=auth(), timeout=10).json()
     assert {"ClassifyRequest", "ClassifyResponse", "NerResponse"} <= set(schema["components"]["schemas"])
+
+
+# ---- no input gets a 500 (issue 11 item 2) -----------------------------------------------------------
+def _encoder_rows(model: str) -> list[tuple]:
+    return raw_body_rows(None) + [
+        ("no input", {}, 422, "input: field required"),
+        ("input null", {"input": None}, 422, "input"),
+        ("input number", {"input": 5}, 422, "input"),
+        ("input negative", {"input": -1}, 422, "input"),
+        ("input 2**70", {"input": 2**70}, 422, "input"),
+        ("input float", {"input": 1.5}, 422, "input"),
+        ("input bool", {"input": True}, 422, "input"),
+        ("input NaN", {"input": float("nan")}, 422, "input"),
+        ("input Infinity", {"input": float("inf")}, 422, "input"),
+        ("input empty list", {"input": []}, 400, "input is empty"),
+        ("input list of empty list", {"input": [[]]}, 422, "input"),
+        ("input nested list", {"input": [["a"]]}, 422, "input"),
+        ("input token ids", {"input": [1, 2]}, 422, "input"),
+        ("input object", {"input": {"text": "x"}}, 422, "input"),
+        ("input nested object", {"input": {"a": [1]}}, 422, "input"),
+        ("input mixed list", {"input": ["a", 5]}, 422, "input"),
+        ("input list with null", {"input": [None]}, 422, "input"),
+        ("input content parts", {"input": [{"type": "text", "text": "x"}]}, 422, "input"),
+        ("lone surrogate in list", Raw(b'{"input": ["ok", "\\udc00"]}'), 422, "surrogate"),
+        ("9 texts", {"input": ["a"] * 9}, 400, "limit of 8"),
+        ("65 texts", {"input": ["a"] * 65}, 400, "limit of 8"),
+        ("text too long", {"input": "word " * 100}, 400, "limit of 64"),
+        ("one of two too long", {"input": ["ok", "word " * 100]}, 400, "limit of 64"),
+        ("control chars and words too long", {"input": "\x00\x1b word " * 100}, 400, "limit of 64"),
+        ("model unknown", {"input": "x", "model": "nope"}, 404, "is not served here"),
+        ("model empty", {"input": "x", "model": ""}, 404, "is not served here"),
+        ("model 5000 chars", {"input": "x", "model": "m" * 5000}, 404, "5000 chars"),
+        ("model control chars", {"input": "x", "model": model + "\x00"}, 404, "is not served here"),
+        ("model number", {"input": "x", "model": 5}, 422, "model"),
+        ("model list", {"input": "x", "model": [model]}, 422, "model"),
+        ("field typo inputs", {"inputs": "x"}, 422, "inputs"),
+        ("field typo Input", {"Input": "x"}, 422, "Input"),
+        ("field texts", {"input": "x", "texts": ["y"]}, 422, "texts"),
+        ("field top_k", {"input": "x", "top_k": 3}, 422, "top_k"),
+        ("field user", {"input": "x", "user": "u"}, 422, "user"),
+        ("tools", {"input": "x", "tools": []}, 422, "tool and function calling"),
+        ("response_format", {"input": "x", "response_format": {}}, 422, "response_format"),
+        ("body over 1 MB", {"input": "x" * 1_100_000}, 413, "1000000 bytes"),
+    ]
+
+
+@pytest.mark.parametrize("route,model", [("/sentiment/v1/classify", "tiny-bert-sequence-classification"),
+                                         ("/ner/v1/ner", "tiny-bert-token-classification")])
+def test_bad_encoder_bodies_get_4xx_in_openai_shape(server, route, model):
+    rows = _encoder_rows(model)
+    assert len(rows) >= 50
+    problems = check_error_table(f"{BASE}{route}", rows, auth())
+    assert not problems, f"{len(problems)} of {len(rows)} rows:\n" + "\n".join(problems)
+    odd_but_valid = ["", "\x00\x01 control", "emoji 🦙 中文 العربية", "\u200b\u202e"]
+    response = post(route, {"input": odd_but_valid, "model": model})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == len(odd_but_valid)
+
+
+def test_concurrent_mixed_lengths_keep_the_limit_and_the_batch(server):
+    """Issue 11 item 8 under Serve: over-long texts are refused while short ones batch on the model thread."""
+    bodies = [{"input": "word " * 100}, {"input": TEXTS[0]}, {"input": ["ok", "word " * 70]}, {"input": TEXTS[1]}] * 6
+    with futures.ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda b: post("/sentiment/v1/classify", b).status_code, bodies))
+    assert codes == [400, 200, 400, 200] * 6

@@ -10,7 +10,8 @@ import httpx
 import openai
 import pytest
 from serving_fixtures import (
-    API_KEYS, auth, config_for_test, metric_samples, scrape, serve_run_config, shared_exports, start_ray, stop_ray,
+    API_KEYS, auth, check_error_table, config_for_test, metric_samples, raw_body_rows, scrape, serve_run_config,
+    shared_exports, start_ray, stop_ray,
 )
 
 from serving.metrics import EXPORTED_NAMES
@@ -20,6 +21,16 @@ HTTP_PORT = 18011
 METRICS_PORT = 18111
 BASE = f"http://127.0.0.1:{HTTP_PORT}"
 MODEL = "tiny-llama"
+# ChatML, except that it refuses the developer role, as many shipped chat templates refuse roles they
+# do not know (the server must answer such a refusal with a 400 naming it), and that it has a bug
+# (str + int) for one content: an internal error, which must be a 500 in OpenAI's shape.
+STRICT_CHATML = (
+    "{% for message in messages %}{% if message['role'] == 'developer' %}"
+    "{{ raise_exception('this template does not know the developer role') }}{% endif %}"
+    "{% if message['content'] == 'trigger a template bug' %}{{ message['content'] + 1 }}{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +59,8 @@ def server(exports, monkeypatch_module):
                 "max_prompt_tokens": 100,
                 "max_body_bytes": 20_000,
                 "pii_masking": True,
+                "pii_mask_output": True,  # streams and whole answers must still agree (line-held masking)
+                "chat_template": STRICT_CHATML,
                 "observers": ["serving.observers:JsonlAuditObserver"],
             },
             deployment_overrides={
@@ -213,3 +226,233 @@ def test_custom_metrics_appear_next_to_ray_serve_metrics(server):
     assert any('route="/v1/completions"' in labels and 'status="200"' in labels and value > 0 for labels, value in requests)
     assert any('status="401"' in labels for labels, _ in requests)
     assert all('application="causal-lm"' in labels and 'replica="' in labels for labels, _ in requests)
+
+
+# ---- no input gets a 500 (issue 11 item 2) -----------------------------------------------------------
+def _sampling_rows(body: dict) -> list[tuple]:
+    """Bad values of the fields completions and chat share, on top of an otherwise valid body."""
+    def b(**fields):
+        return {**body, **fields}
+
+    return [
+        ("no model", {k: v for k, v in body.items() if k != "model"}, 422, "model: field required"),
+        ("model number", b(model=42), 422, "model"),
+        ("model null", b(model=None), 422, "model"),
+        ("model empty", b(model=""), 404, "is not served here"),
+        ("model unknown", b(model="gpt-4"), 404, MODEL),
+        ("model 5000 chars", b(model="m" * 5000), 404, "5000 chars"),
+        ("model control chars", b(model=MODEL + "\x00\x1b[31m"), 404, "is not served here"),
+        ("adapter missing", b(model=f"{MODEL}:nope"), 404, "adapter"),
+        ("adapter path traversal", b(model=f"{MODEL}:../../etc"), 404, "adapter"),
+        ("max_tokens 0", b(max_tokens=0), 422, "max_tokens"),
+        ("max_tokens negative", b(max_tokens=-5), 422, "max_tokens"),
+        ("max_tokens 2**70", b(max_tokens=2**70), 400, "limit of 64"),
+        ("max_tokens float", b(max_tokens=1.5), 422, "max_tokens"),
+        ("max_tokens string", b(max_tokens="10"), 422, "max_tokens"),
+        ("max_tokens NaN", b(max_tokens=float("nan")), 422, "max_tokens"),
+        ("max_tokens Infinity", b(max_tokens=float("inf")), 422, "max_tokens"),
+        ("temperature NaN", b(temperature=float("nan")), 422, "finite"),
+        ("temperature Infinity", b(temperature=float("inf")), 422, "finite"),
+        ("temperature -Infinity", b(temperature=float("-inf")), 422, "finite"),
+        ("temperature negative", b(temperature=-1), 422, "temperature"),
+        ("temperature 2.5", b(temperature=2.5), 422, "temperature"),
+        ("temperature string", b(temperature="hot"), 422, "temperature"),
+        ("top_p 0", b(top_p=0), 422, "top_p"),
+        ("top_p 1.5", b(top_p=1.5), 422, "top_p"),
+        ("top_p NaN", b(top_p=float("nan")), 422, "top_p"),
+        ("seed 2**70", b(seed=2**70), 422, "seed"),
+        ("seed -2**70", b(seed=-(2**70)), 422, "seed"),
+        ("seed float", b(seed=1.5), 422, "seed"),
+        ("seed string", b(seed="42"), 422, "seed"),
+        ("n 2", b(n=2), 422, "n:"),
+        ("n 0", b(n=0), 422, "n:"),
+        ("five stop strings", b(stop=["a", "b", "c", "d", "e"]), 422, "at most 4"),
+        ("empty stop string", b(stop=[""]), 422, "non-empty"),
+        ("long stop string", b(stop="x" * 201), 422, "at most 200"),
+        ("stop number", b(stop=[1]), 422, "stop"),
+        ("stop nested", b(stop=[["a"]]), 422, "stop"),
+        ("stream string", b(stream="yes"), 422, "stream"),
+        ("stream number", b(stream=1), 422, "stream"),
+        ("stream_options typo", b(stream=True, stream_options={"usage": True}), 422, "stream_options"),
+        ("stream_options string", b(stream=True, stream_options={"include_usage": "yes"}), 422, "include_usage"),
+        ("presence_penalty", b(presence_penalty=0.5), 422, "presence_penalty"),
+        ("frequency_penalty NaN", b(frequency_penalty=float("nan")), 422, "frequency_penalty"),
+        ("user number", b(user=123), 422, "user"),
+        ("unknown field", b(max_token=5), 422, "max_token"),
+        ("tools", b(tools=[{"type": "function", "function": {"name": "f"}}]), 422, "tool and function calling"),
+        ("tool_choice", b(tool_choice="auto"), 422, "tool and function calling"),
+        ("functions", b(functions=[{"name": "f"}]), 422, "tool and function calling"),
+        ("response_format", b(response_format={"type": "json_object"}), 422, "response_format"),
+        ("logit_bias", b(logit_bias={"1": 5}), 422, "logit_bias"),
+        ("best_of", b(best_of=2), 422, "best_of"),
+    ]
+
+
+def _completion_rows() -> list[tuple]:
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4}
+    return _sampling_rows(body) + raw_body_rows(MODEL) + [
+        ("no prompt", {"model": MODEL}, 422, "prompt: field required"),
+        ("prompt empty list", {**body, "prompt": []}, 422, "at least 1"),
+        ("prompt list of empty list", {**body, "prompt": [[]]}, 422, "prompt"),
+        ("prompt nested list", {**body, "prompt": [["a"]]}, 422, "prompt"),
+        ("prompt token ids", {**body, "prompt": [1, 2, 3]}, 422, "token-id prompts"),
+        ("prompt token id lists", {**body, "prompt": [[1, 2], [3]]}, 422, "token-id prompts"),
+        ("prompt number", {**body, "prompt": 123}, 422, "prompt"),
+        ("prompt null", {**body, "prompt": None}, 422, "prompt"),
+        ("prompt object", {**body, "prompt": {"text": "x"}}, 422, "prompt"),
+        ("prompt bool", {**body, "prompt": True}, 422, "prompt"),
+        ("prompt mixed list", {**body, "prompt": ["a", 5]}, 422, "prompt"),
+        ("prompt empty string", {**body, "prompt": ""}, 400, "prompt is empty"),
+        ("prompt list with empty", {**body, "prompt": ["ok", ""]}, 400, "prompt is empty"),
+        ("prompt too long", {**body, "prompt": "word " * 150}, 400, "limit of 100"),
+        ("65 prompts", {**body, "prompt": ["a"] * 65}, 400, "limit of 64"),
+        ("stream with 2 prompts", {**body, "prompt": ["a", "b"], "stream": True}, 400, "single prompt"),
+        ("echo", {**body, "echo": True}, 422, "echo"),
+        ("logprobs", {**body, "logprobs": 5}, 422, "logprobs"),
+        ("suffix", {**body, "suffix": "x"}, 422, "suffix"),
+        ("body over max_body_bytes", {**body, "prompt": "x" * 25_000}, 413, "20000 bytes"),
+    ]
+
+
+def _chat_rows() -> list[tuple]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+    def msg(**fields):
+        return {**body, "messages": [{"role": "user", "content": "Hi", **fields}]}
+
+    def parts(*content):
+        return {**body, "messages": [{"role": "user", "content": list(content)}]}
+
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    return _sampling_rows(body) + raw_body_rows(MODEL) + [
+        ("no messages", {"model": MODEL}, 422, "messages: field required"),
+        ("messages empty", {**body, "messages": []}, 422, "at least 1"),
+        ("messages string", {**body, "messages": "Hi"}, 422, "messages"),
+        ("message empty object", {**body, "messages": [{}]}, 422, "role"),
+        ("message without content", {**body, "messages": [{"role": "user"}]}, 422, "content"),
+        ("message without role", {**body, "messages": [{"content": "x"}]}, 422, "role"),
+        ("unknown role", msg(role="robot"), 422, "role"),
+        ("empty role", msg(role=""), 422, "role"),
+        ("role number", msg(role=1), 422, "role"),
+        ("tool message", msg(role="tool", tool_call_id="c1"), 422, "tool and function calling"),
+        ("function message", msg(role="function", name="f"), 422, "tool and function calling"),
+        ("assistant tool_calls", {**body, "messages": [{"role": "assistant", "content": "",
+                                                         "tool_calls": [{"id": "c1"}]}]}, 422, "tool_calls"),
+        ("content null", msg(content=None), 422, "content"),
+        ("content number", msg(content=5), 422, "content"),
+        ("content empty parts", msg(content=[]), 422, "content"),
+        ("image part", parts(image), 400, "image_url"),
+        ("image among text parts", parts({"type": "text", "text": "look"}, image), 400, "reads text only"),
+        ("audio part", parts({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}), 400, "input_audio"),
+        ("file part", parts({"type": "file", "file": {"file_id": "f"}}), 400, "file"),
+        ("text part without text", parts({"type": "text"}), 400, "a text part is"),
+        ("text part with number", parts({"type": "text", "text": 5}), 422, "text"),
+        ("text part with extra key", parts({"type": "text", "text": "a", "cache": 1}), 400, "a text part is"),
+        ("unknown part type", parts({"type": "mystery", "text": "x"}), 400, "unknown content part type"),
+        ("part without type", parts({"text": "x"}), 422, "type"),
+        ("part as string", parts("plain"), 422, "content"),
+        ("parts nested", parts([{"type": "text", "text": "x"}]), 422, "content"),
+        ("name number", msg(name=5), 422, "name"),
+        ("message extra field", msg(mood="happy"), 422, "mood"),
+        ("template refuses role", msg(role="developer"), 400, "does not know the developer role"),
+        ("parallel_tool_calls", {**body, "parallel_tool_calls": True}, 422, "tool and function calling"),
+        ("modalities", {**body, "modalities": ["audio"]}, 422, "text only"),
+        ("top_logprobs", {**body, "top_logprobs": 2}, 422, "logprobs"),
+        ("logprobs true", {**body, "logprobs": True}, 422, "logprobs"),
+        ("max_completion_tokens 0", {**body, "max_completion_tokens": 0}, 422, "max_completion_tokens"),
+        ("max_completion_tokens 2**70", {**body, "max_tokens": None, "max_completion_tokens": 2**70}, 400, "limit of 64"),
+        ("two max_tokens that differ", {**body, "max_tokens": 5, "max_completion_tokens": 6}, 422, "differ"),
+        ("messages too long", {**body, "messages": [{"role": "user", "content": "word " * 30}] * 5}, 400, "limit of 100"),
+    ]
+
+
+def _assert_answers_afterwards() -> None:
+    odd_but_valid = [
+        {"model": MODEL, "prompt": "\x00\x01\x1b[31m control \u200b\u202e chars", "max_tokens": 3},
+        {"model": MODEL, "prompt": "emoji 🦙 and 中文 and العربية", "max_tokens": 3, "seed": 2**64 - 1, "temperature": 0.5},
+        {"model": MODEL, "prompt": ["a", "b"], "max_tokens": 2, "stop": ["\x00"], "seed": -(2**63)},
+    ]
+    for body in odd_but_valid:
+        response = httpx.post(f"{BASE}/v1/completions", json=body, headers=auth(), timeout=60)
+        assert response.status_code == 200, (body, response.text)
+    chat = {"model": MODEL, "max_completion_tokens": 3, "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]}
+    response = httpx.post(f"{BASE}/v1/chat/completions", json=chat, headers=auth(), timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_bad_completion_bodies_get_4xx_in_openai_shape(server):
+    rows = _completion_rows()
+    assert len(rows) >= 50
+    problems = check_error_table(f"{BASE}/v1/completions", rows, auth())
+    assert not problems, f"{len(problems)} of {len(rows)} rows:\n" + "\n".join(problems)
+    _assert_answers_afterwards()
+
+
+def test_bad_chat_bodies_get_4xx_in_openai_shape(server):
+    rows = _chat_rows()
+    assert len(rows) >= 50
+    problems = check_error_table(f"{BASE}/v1/chat/completions", rows, auth())
+    assert not problems, f"{len(problems)} of {len(rows)} rows:\n" + "\n".join(problems)
+    _assert_answers_afterwards()
+
+
+def test_a_bad_value_never_fails_the_requests_batched_with_it(server):
+    """Valid and invalid requests sent together: the valid ones answer exactly as alone."""
+    prompts = ["The quick brown fox", "Hi", "Order status?", "年报显示营业收入增长"]
+    alone = [complete(p)["choices"][0]["text"] for p in prompts]
+    bad = [{"seed": 2**70, "temperature": 0.5}, {"prompt": []}, {"temperature": float("nan")}, {"stop": [""] * 5}]
+
+    def send(item):
+        if isinstance(item, str):
+            return complete(item)["choices"][0]["text"]
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 12, "temperature": 0, **item}
+        return httpx.post(f"{BASE}/v1/completions", content=json.dumps(body), headers=auth(), timeout=60).status_code
+
+    with futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, [x for pair in zip(prompts, bad) for x in pair]))
+    assert results[0::2] == alone
+    assert results[1::2] == [422, 422, 422, 422]
+
+
+def test_incompatible_adapters_get_a_400_naming_the_reason(server, exports):
+    """Issue 7's hand-off: another base's shape, a peft type that cannot be batched, another task."""
+    cases = {
+        "other-base": ({"base_shape": {"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2,
+                                       "vocab_size": 512}}, "hidden_size: adapter 128, served 64"),
+        "prompt-tuned": ({"peft_type": "PROMPT_TUNING"}, "PROMPT_TUNING cannot be batched"),
+        "classifier-head": ({"task": "sequence-classification"}, "task 'sequence-classification'"),
+    }
+    for name, (change, _) in cases.items():
+        target = exports["adapters"] / name
+        shutil.copytree(exports["adapters"] / "support", target)
+        manifest = json.loads((target / "raylm.json").read_text())
+        (target / "raylm.json").write_text(json.dumps({**manifest, **change}))
+    for name, (_, reason) in cases.items():
+        response = httpx.post(f"{BASE}/v1/completions", headers=auth(), timeout=30,
+                              json={"model": f"{MODEL}:{name}", "prompt": "Hi", "max_tokens": 2})
+        assert response.status_code == 400, response.text
+        assert reason in response.json()["error"]["message"] and response.json()["error"]["code"] == "adapter_incompatible"
+    assert complete("Hi", model=f"{MODEL}:support")["choices"]
+
+
+def test_an_internal_error_is_a_500_in_openai_shape_and_the_server_goes_on(server):
+    body = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "trigger a template bug"}]}
+    response = httpx.post(f"{BASE}/v1/chat/completions", json=body, headers=auth(), timeout=60)
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error" and response.json()["error"]["code"] == "internal_error"
+    assert "TypeError" not in response.text and response.headers["x-should-retry"] == "false"
+    body["messages"][0]["content"] = "Hi"
+    assert httpx.post(f"{BASE}/v1/chat/completions", json=body, headers=auth(), timeout=60).status_code == 200
+
+
+def test_a_corrupt_adapter_file_is_a_400_and_never_loaded(server, exports):
+    broken = shutil.copytree(exports["adapters"] / "support", exports["adapters"] / "cut-short")
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    response = httpx.post(f"{BASE}/v1/completions", headers=auth(), timeout=30,
+                          json={"model": f"{MODEL}:cut-short", "prompt": "Hi", "max_tokens": 2})
+    assert response.status_code == 400 and "file is truncated" in response.json()["error"]["message"]
+    assert complete("Hi")["choices"][0]["text"] == complete("Hi")["choices"][0]["text"]

@@ -1,15 +1,21 @@
 """Autoscaling 1 -> 2 -> 1 replicas under load, backpressure (429 with Retry-After, and 503) with
-max_queued_requests, and graceful shutdown of in-flight requests. Real Serve, tiny causal-LM export."""
+max_queued_requests, a replica killed under load (no request fails), and graceful shutdown of
+in-flight requests. Real Serve, tiny causal-LM export."""
 
 import concurrent.futures as futures
 import json
+import os
+import signal
 import threading
 import time
 
 import httpx
+import openai
 import pytest
 from ray import serve
-from serving_fixtures import auth, running_replicas, shared_exports, start_ray, stop_ray, wait_apps_running
+from serving_fixtures import (
+    API_KEYS, auth, replica_pids, running_replicas, shared_exports, start_ray, stop_ray, wait_apps_running,
+)
 
 from serving.app import CausalLMServer
 from serving.args import ServingArgs
@@ -44,7 +50,12 @@ def apps(tmp_path_factory):
                                          backpressure_config={"status_code": 429, "retry_after_s": 1},
                                          ray_actor_options=small)
         serve.run(limited.bind(args), name="bp429", route_prefix="/bp429", blocking=False)
-        wait_apps_running(["autoscaled", "bp429"])
+        # One batch per replica holds every request sent at once (a 1 s window to gather them).
+        one_batch = {**args, "max_batch_size": 32, "batch_wait_timeout_s": 1.0}
+        two = CausalLMServer.options(num_replicas=2, max_ongoing_requests=32, ray_actor_options=small,
+                                     health_check_period_s=1)
+        serve.run(two.bind(one_batch), name="killable", route_prefix="/killable", blocking=False)
+        wait_apps_running(["autoscaled", "bp429", "killable"])
         yield BASE
     finally:
         stop_ray()
@@ -89,7 +100,72 @@ def test_overload_is_refused_quickly_never_hangs(apps):
     assert set(codes) == {200, 429}, codes
     assert codes.count(200) >= 1 and codes.count(429) >= 8  # 1 running + 1 queued; the rest refused
     assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 429)
+    # Serve's proxy writes these; serving/errors.py puts them in OpenAI's error shape.
+    assert all(r.json()["error"]["type"] == "rate_limit_error" for r in responses if r.status_code == 429)
     assert elapsed < 50
+
+
+def test_a_replica_killed_under_load_fails_no_request(apps):
+    """Issue 11 item 3: SIGKILL one of two replicas while 16 OpenAI-client requests (default retries)
+    and 8 plain HTTP requests (no retries) are in flight. The proxy's answer for the dead replica's
+    requests is a 503 in OpenAI's shape with Retry-After (serving/errors.py), so the OpenAI client
+    retries them on the live replica and none fails; the plain requests see 200 or that 503."""
+    pids = replica_pids("killable", "CausalLMServer")
+    assert len(pids) == 2
+    client = openai.OpenAI(base_url=f"{BASE}/killable/v1", api_key=API_KEYS[0], timeout=120)
+    assert client.max_retries == 2  # the client's default
+
+    def with_client(i):
+        return client.completions.create(model=MODEL, prompt=f"Story number {i}:", max_tokens=240, temperature=0)
+
+    def plain(i):
+        body = {"model": MODEL, "prompt": f"Tale {i}:", "max_tokens": 240, "temperature": 0}
+        return httpx.post(f"{BASE}/killable/v1/completions", json=body, headers=auth(), timeout=120)
+
+    decoding = threading.Event()
+
+    def canary():
+        """A stream sent with the others: its first token means their batches are decoding."""
+        body = {"model": MODEL, "prompt": "Canary:", "max_tokens": 240, "temperature": 0, "stream": True}
+        try:
+            with httpx.stream("POST", f"{BASE}/killable/v1/completions", json=body, headers=auth(), timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        decoding.set()
+        except httpx.HTTPError:
+            pass  # it may have been on the killed replica: its stream just ends
+        finally:
+            decoding.set()
+
+    with futures.ThreadPoolExecutor(26) as pool:
+        openai_calls = [pool.submit(with_client, i) for i in range(16)]
+        plain_calls = [pool.submit(plain, i) for i in range(8)]
+        canaries = [pool.submit(canary) for _ in range(2)]
+        assert decoding.wait(180)
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
+        [f.result() for f in canaries]
+        completions = [f.result() for f in openai_calls]
+        responses = [f.result() for f in plain_calls]
+    assert all(c.choices[0].finish_reason in ("length", "stop") and c.usage.completion_tokens > 0 for c in completions)
+    lost = [r for r in responses if r.status_code != 200]
+    assert lost, "no plain request was on the killed replica"
+    for response in lost:
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["error"]["code"] == "replica_unavailable"
+    # Serve replaces the dead replica.
+    deadline = time.monotonic() + 60
+    while running_replicas("killable", "CausalLMServer") < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert running_replicas("killable", "CausalLMServer") == 2
+
+
+def test_proxy_errors_are_in_openai_shape(apps):
+    """Serve's own plain-text answers (unknown route here) come back in OpenAI's error shape."""
+    response = httpx.post(f"{BASE}/no-such-app/v1/completions", json={}, headers=auth(), timeout=30)
+    assert response.status_code == 404
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert response.json()["error"]["type"] == "not_found_error"
 
 
 def test_deleting_an_app_lets_in_flight_requests_finish(apps):

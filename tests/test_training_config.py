@@ -36,6 +36,11 @@ def test_shipped_configs_exist_and_validate():
     assert len(SHIPPED) >= 3, SHIPPED
     for path in SHIPPED:
         raw = read_yaml(path)
+        if raw.get("kind") == "tune":  # sweeps are tune's kind (tune imports training, never the reverse)
+            from tune.config import load_sweep
+
+            assert load_sweep(path).base.run.name, path
+            continue
         cls = config_class_for(raw)
         cfg = load_any_config(path)
         assert type(cfg) is cls, path
@@ -178,3 +183,17 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert lr_multiplier(110, optim) == pytest.approx(0.1)
     assert factors[60] == pytest.approx(0.1 + 0.9 * 0.5)  # cosine midpoint
+
+
+def test_credentials_in_uris_never_reach_saved_configs_or_trackers():
+    from training.config import load_any_config
+
+    kind_file = "configs/pretrain/tiny_cpu.yaml"
+    secret_uri = "https://alice:s3cr3t-pw@mlflow.internal:5000/?token=abc123&experiment=7"
+    cfg = load_any_config(REPO / kind_file, [f"run.mlflow_tracking_uri={secret_uri}"])
+    assert cfg.run.mlflow_tracking_uri == secret_uri  # the run itself still uses the real URI
+    saved, dumped = cfg.to_yaml(), cfg.redacted_dump()
+    for text in (saved, str(dumped)):
+        assert "s3cr3t-pw" not in text and "abc123" not in text and "alice" not in text
+    assert dumped["run"]["mlflow_tracking_uri"] == "https://***@mlflow.internal:5000/?token=***&experiment=7"
+    assert load_any_config(REPO / kind_file).redacted_dump()["run"]["mlflow_tracking_uri"] is None

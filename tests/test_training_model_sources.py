@@ -21,8 +21,16 @@ def test_scratch_model_follows_the_config_and_is_deterministic():
     assert a.config.num_hidden_layers == 2 and a.config.num_key_value_heads == 2
     assert a.config.intermediate_size == 192  # 8/3 * 64 rounded to a multiple of 64
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    # Tied input/output embeddings are counted once.
-    assert count_parameters(a) == sum(p.numel() for p in a.parameters())
+    # Tied input/output embeddings: one tensor (same object, same storage), counted once.
+    embed, head = a.get_input_embeddings().weight, a.get_output_embeddings().weight
+    assert embed is head and embed.data_ptr() == head.data_ptr()
+    assert count_parameters(a) == sum(p.numel() for p in a.parameters()) == a.num_parameters()
+    untied_cfg = validate_config({"data": {"train_files": ["x"]},
+                                  "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                                            "tie_word_embeddings": False}})
+    untied = build_model(untied_cfg.model, vocab_size=300, pad_token_id=1, eos_token_id=0, seed=7)
+    assert untied.get_input_embeddings().weight.data_ptr() != untied.get_output_embeddings().weight.data_ptr()
+    assert count_parameters(untied) == count_parameters(a) + 300 * 64
 
 
 def test_local_hf_directory_loads_with_its_own_tokenizer(tmp_path):

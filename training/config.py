@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -163,12 +163,30 @@ class DeepSpeedSection(_Section):
 class ScalingSection(_Section):
     """How many Ray Train workers, and what each one reserves."""
 
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        2,
+        description="Ray Train workers; [min, max] for an elastic run that starts with what the cluster has, "
+        "shrinks when a node is lost and grows back when capacity returns, each time resuming the last "
+        "checkpoint at the new worker count (training.universal).",
+    )
+    elastic_resize_monitor_interval_s: float = Field(
+        60.0, ge=0, description="Elastic runs: how often a healthy run checks whether more workers fit (then restarts with them)."
+    )
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = Field(
         None, description="Ray resources per worker, e.g. {CPU: 4, GPU: 1}. Default: {CPU: 1} (+ {GPU: 1} with use_gpu)."
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _count_or_range(cls, value):
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        is_pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not (is_int or is_pair):
+            raise ValueError(f"scaling.num_workers: {value!r} must be a count (2) or an elastic range [min, max] ([1, 2])")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "ScalingSection":
@@ -176,6 +194,11 @@ class ScalingSection(_Section):
         problems = [
             f"scaling.resources_per_worker.{k}: {v} must be >= 0" for k, v in res.items() if v < 0
         ]
+        if self.min_workers < 1 or self.min_workers > self.max_workers:
+            problems.append(
+                f"scaling.num_workers: {list(self.num_workers) if self.is_elastic else self.num_workers}: worker counts "
+                "must be greater than or equal to 1, and an elastic range [min, max] needs min <= max, e.g. 2 or [1, 2]"
+            )
         if res.get("GPU", 0) > 0 and not self.use_gpu:
             problems.append("scaling.resources_per_worker.GPU: GPUs reserved while scaling.use_gpu is false; set use_gpu: true")
         if self.use_gpu and "GPU" in res and res["GPU"] == 0:
@@ -183,6 +206,18 @@ class ScalingSection(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def is_elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.is_elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.is_elastic else self.num_workers
 
     @property
     def worker_resources(self) -> dict[str, float]:
@@ -235,8 +270,13 @@ class RunConfigBase(_Section):
             return Path(self.data.prepared_dir).expanduser().resolve()
         return self.run_dir / "data"
 
+    def redacted_dump(self) -> dict:
+        """The config as plain data with credentials in URIs replaced by '***' (for logs, trackers, files)."""
+        return redact_credentials(self.model_dump(mode="json"))
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        """The resolved config written beside checkpoints and exports; never carries credentials."""
+        return yaml.safe_dump(self.redacted_dump(), sort_keys=False, allow_unicode=True)
 
 
 class PretrainConfig(RunConfigBase):
@@ -263,17 +303,48 @@ class PretrainConfig(RunConfigBase):
             # bf16 runs on CPUs too, but fp16 needs a loss scaler that DeepSpeed only supports on accelerators.
             if self.deepspeed.precision == "fp16":
                 problems.append("deepspeed.precision: fp16 needs GPUs (scaling.use_gpu: true); use fp32 or bf16 on CPU")
+        if self.scaling.is_elastic:
+            # The global batch is fixed at max workers; every smaller world size must reach it by accumulation.
+            per_worker = self.global_batch_blocks // self.optim.micro_batch_size
+            odd = [w for w in range(self.scaling.min_workers, self.scaling.max_workers + 1) if per_worker % w]
+            if odd:
+                sizes = range(self.scaling.min_workers, self.scaling.max_workers + 1)
+                fit = next(g for g in range(1, 10**6) if all(g * self.scaling.max_workers % w == 0 for w in sizes))
+                problems.append(
+                    f"scaling.num_workers: an elastic run keeps the global batch of {self.scaling.max_workers} workers "
+                    f"x {self.optim.grad_accum_steps} accumulation step(s), which {odd} worker(s) cannot reach by "
+                    f"accumulation: set optim.grad_accum_steps to a multiple of {fit}, or narrow scaling.num_workers"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     @property
     def global_batch_blocks(self) -> int:
-        return self.optim.micro_batch_size * self.optim.grad_accum_steps * self.scaling.num_workers
+        """Blocks per optimizer step; elastic runs keep the one of their largest size at any size."""
+        return self.optim.micro_batch_size * self.optim.grad_accum_steps * self.scaling.max_workers
 
 
 # --------------------------------------------------------------------------------------------
 # Loading and error reporting
+
+
+# user:password@ (or token@) in a URI's authority, and secret-looking query parameters.
+_URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_SECRET_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|access_token|secret|api_key|apikey|key|sig|signature)=)[^&#\s]+",
+                           re.IGNORECASE)
+
+
+def redact_credentials(value: Any) -> Any:
+    """Replace credentials inside URI strings (e.g. an MLflow tracking URI) with '***', recursively."""
+    if isinstance(value, str):
+        value = _URI_USERINFO.sub(lambda m: f"{m['scheme']}***@", value)
+        return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", value)
+    if isinstance(value, dict):
+        return {k: redact_credentials(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_credentials(v) for v in value]
+    return value
 
 
 def _allowed_keys(model_cls: type[BaseModel], loc: tuple) -> list[str]:

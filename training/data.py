@@ -68,9 +68,15 @@ def expand_files(specs: list[str]) -> list[Path]:
     missing = []
     for spec in specs:
         path = resolve_data_path(spec)
-        matches = sorted(glob.glob(path)) if any(ch in path for ch in "*?[") else ([path] if Path(path).is_file() else [])
+        matches = sorted(glob.glob(path)) if any(ch in path for ch in "*?[") else ([path] if Path(path).exists() else [])
         if not matches:
             missing.append(spec)
+        directories = [m for m in matches if Path(m).is_dir()]
+        if directories:
+            raise ValueError(
+                f"data.train_files: {spec!r} matches director{'ies' if len(directories) > 1 else 'y'} {directories[:3]}; "
+                f"name files, e.g. '{directories[0]}/*.txt'"
+            )
         files.extend(Path(m) for m in matches if Path(m) not in files)
     if missing:
         raise FileNotFoundError(f"data.train_files: no file matches {missing}; check the paths (relative to the working dir)")

@@ -13,9 +13,13 @@ if TYPE_CHECKING:  # either config kind: only its optim, deepspeed and scaling s
     from training.finetune_config import FinetuneConfig
 
 
-def build_deepspeed_config(cfg: "PretrainConfig | FinetuneConfig", world_size: int) -> dict[str, Any]:
+def build_deepspeed_config(cfg: "PretrainConfig | FinetuneConfig", world_size: int, grad_accum_steps: int | None = None,
+                           load_universal: bool = False) -> dict[str, Any]:
     """DeepSpeed config dict for `deepspeed.initialize(config=...)`.
 
+    `grad_accum_steps` overrides the config's when the world size changed and the global batch is
+    kept (training.universal.accumulation_for); `load_universal` makes `engine.load_checkpoint`
+    read a universal checkpoint (the copy training.universal converts for a different world size).
     The lr schedule is not in here: it is a torch LambdaLR built from `cfg.optim` by
     `training.schedule`, so the same function drives DeepSpeed and the plain-torch reference.
     """
@@ -54,16 +58,19 @@ def build_deepspeed_config(cfg: "PretrainConfig | FinetuneConfig", world_size: i
         # With offload, DeepSpeed insists on its own (much faster) DeepSpeedCPUAdam.
         adamw_params["torch_adam"] = True
 
+    gas = grad_accum_steps or optim.grad_accum_steps
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": optim.micro_batch_size,
-        "gradient_accumulation_steps": optim.grad_accum_steps,
-        "train_batch_size": optim.micro_batch_size * optim.grad_accum_steps * world_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": optim.micro_batch_size * gas * world_size,
         "gradient_clipping": optim.grad_clip,
         "optimizer": {"type": "AdamW", "params": adamw_params},
         "zero_optimization": zero,
         "steps_per_print": 10**9,  # raylm reports its own metrics
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if ds.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif ds.precision == "fp16":

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from training.checkpoints import list_checkpoints
+from training.checkpoints import latest_complete_checkpoint, list_checkpoints
 from training.config import ConfigError, read_yaml
 
 FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")
@@ -20,23 +20,29 @@ MATERIALIZE_MAX_BYTES = 256 * 2**20
 
 
 def check_resume(cfg, shape_sections: Sequence[str]) -> str | None:
-    """Refuse to mix a new config into an old run's checkpoints; return the latest checkpoint if any.
+    """Refuse to mix a new config into an old run's checkpoints; return the latest complete checkpoint if any.
 
-    `shape_sections` are the config sections that must match the checkpoint for its shards to load.
+    `shape_sections` are the config sections that must match the checkpoint for it to mean the same
+    run (model shape, data, tokenizer, DeepSpeed: ZeRO stage, precision, offload). The worker count
+    may change: the shards are converted to DeepSpeed's universal format and the global batch is
+    kept by gradient accumulation (training.universal), refused here when it cannot be.
+    Checkpoints whose manifest does not verify (half-written) are skipped with a warning.
     """
-    checkpoints = list_checkpoints(cfg.run_dir)
-    if not checkpoints:
+    if not list_checkpoints(cfg.run_dir):
         return None
     if not cfg.run.resume:
         raise ConfigError([
-            f"run.resume: false, but {cfg.run_dir} already holds {len(checkpoints)} checkpoint(s); "
+            f"run.resume: false, but {cfg.run_dir} already holds checkpoint(s); "
             "pick a new run.name (or set resume: true to continue it)"
         ])
-    saved_path = checkpoints[-1] / "resolved_config.yaml"
+    latest = latest_complete_checkpoint(cfg.run_dir, warn=lambda msg: print(msg, file=sys.stderr))
+    if latest is None:
+        return None
+    saved_path = latest / "resolved_config.yaml"
+    problems = []
     if saved_path.is_file():
         saved = read_yaml(saved_path)
         current = cfg.model_dump(mode="json")
-        problems = []
         for section in shape_sections:
             if section not in saved:
                 continue
@@ -51,20 +57,40 @@ def check_resume(cfg, shape_sections: Sequence[str]) -> str | None:
                 for key, value in current[section].items()
                 if saved[section].get(key) != value
             ]
-        if saved.get("scaling", {}).get("num_workers") != cfg.scaling.num_workers:
-            problems.append(
-                f"scaling.num_workers: checkpoint was written by {saved['scaling']['num_workers']} workers, "
-                f"config now says {cfg.scaling.num_workers}; ZeRO shards need the same count"
-            )
-        if problems:
-            raise ConfigError(problems, f"resume of {cfg.run_dir}")
-    return str(checkpoints[-1])
+    problems += _global_batch_problems(cfg, latest)
+    if problems:
+        raise ConfigError(problems, f"resume of {cfg.run_dir}")
+    return str(latest)
+
+
+def _global_batch_problems(cfg, checkpoint: Path) -> list[str]:
+    """A resumed run keeps its checkpoint's global batch: every worker count it may run at must reach it."""
+    import json
+
+    from training.universal import accumulation_for
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    config_rows = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * cfg.scaling.max_workers
+    rows = state.get("global_batch_rows") or config_rows
+    problems = []
+    for workers in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1):
+        try:
+            accumulation_for(rows, cfg.optim.micro_batch_size, workers)
+        except ValueError as err:
+            problems.append(f"scaling.num_workers: resuming {checkpoint.name} on {workers} worker(s): {err}")
+    if not problems and rows != config_rows:
+        print(f"[raylm] keeping the checkpoint's global batch of {rows} rows per step (this config's is {config_rows}); "
+              "gradient accumulation follows the worker count", file=sys.stderr)
+    return problems
 
 
 def start_ray(cfg, address: str | None) -> None:
     """Attach to a cluster when an address is given, else start a private local Ray."""
     import ray
 
+    from training.tracking import quiet_console
+
+    quiet_console()
     if ray.is_initialized():  # embedded use (tests, notebooks, tune): the caller owns the Ray instance
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -76,7 +102,7 @@ def start_ray(cfg, address: str | None) -> None:
     per_worker_cpu = cfg.scaling.worker_resources.get("CPU", 1.0)
     # Ray Data's read tasks need a CPU slot of their own; with every core reserved by Train
     # workers the stream starves and the run hangs. One extra logical CPU keeps it moving.
-    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.scaling.num_workers * per_worker_cpu) + 1)
+    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.scaling.max_workers * per_worker_cpu) + 1)
     ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=True,
              dashboard_host="127.0.0.1")
 
@@ -122,7 +148,7 @@ def torch_trainer(
     """
     import ray.data
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.loop import FAULT_ENV
@@ -134,10 +160,12 @@ def torch_trainer(
     ray.data.DataContext.get_current().enable_progress_bars = False
     return TorchTrainer(
         train_loop,
-        train_loop_config={**loop_config, "test_fault": os.environ.get(FAULT_ENV)},
+        # run_dir: where the workers write checkpoints in place and pick the one to resume (training.loop).
+        train_loop_config={**loop_config, "run_dir": str(Path(storage) / run_name), "test_fault": os.environ.get(FAULT_ENV)},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=cfg.scaling.num_workers,  # (min, max): Ray Train's elastic scaling
+            elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_monitor_interval_s,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=cfg.scaling.worker_resources,
             placement_strategy=cfg.scaling.placement_strategy,
@@ -148,6 +176,8 @@ def torch_trainer(
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=[MetricsLogCallback(str(Path(storage) / run_name)), *callbacks],
+            # Ray Train's per-report and checkpoint lines go to its log files, not the console.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         # Unsplit and order-preserving: each rank takes its slice of every global batch, so the
@@ -158,9 +188,12 @@ def torch_trainer(
 
 def fit_with_progress(cfg, trainer):
     """trainer.fit() with the live progress line, TensorBoard and MLflow; None when the run failed."""
-    from training.tracking import ProgressMonitor
+    from training.tracking import ProgressMonitor, link_ray_logs
 
-    monitor = ProgressMonitor(cfg.run_dir, cfg.model_dump(mode="json"), cfg.run.mlflow_tracking_uri).start()
+    logs = link_ray_logs(cfg.run_dir)
+    if logs:
+        print(f"[raylm] Ray's full logs (every process, Ray Train's per-report lines included): {logs}")
+    monitor = ProgressMonitor(cfg.run_dir, cfg.redacted_dump(), cfg.run.mlflow_tracking_uri).start()
     try:
         result = trainer.fit()
     except Exception as err:  # the run failed beyond max_failures: say so, keep what was saved

@@ -10,19 +10,22 @@ from training.deepspeed_config import build_deepspeed_config
 from training.schedule import lambda_scheduler, param_groups
 
 
-def build_engine(model, cfg, world_size: int, ds_config: dict | None = None):
+def build_engine(model, cfg, world_size: int, ds_config: dict | None = None, grad_accum_steps: int | None = None,
+                 load_universal: bool = False):
     """Wrap `model` in a DeepSpeed engine for `world_size` ranks; returns the engine.
 
     Only parameters with requires_grad reach the optimizer (frozen bases of LoRA/prompt tuning
     hold no optimizer state). `ds_config` overrides the JSON built from `cfg` (benchmarks that
-    measure a variant pass their own).
+    measure a variant pass their own). `grad_accum_steps` and `load_universal` come from the resume
+    plan when a checkpoint of another world size is resumed (training.universal).
     """
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=ds_config if ds_config is not None else build_deepspeed_config(cfg, world_size),
+        config=ds_config if ds_config is not None else build_deepspeed_config(
+            cfg, world_size, grad_accum_steps=grad_accum_steps, load_universal=load_universal),
         lr_scheduler=lambda_scheduler(cfg.optim),
     )
     return engine

@@ -15,6 +15,10 @@ needs --base. Prints a table and writes JSON (--out).
 
 from __future__ import annotations
 
+from cluster.requirements_check import check_requirements
+
+check_requirements("training.evaluate", run_as_main=__name__ == "__main__")  # before any third-party import
+
 import argparse
 import json
 import math

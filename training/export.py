@@ -13,6 +13,10 @@ Every export is staged in a hidden sibling directory, re-read with serving's `re
 
 from __future__ import annotations
 
+from cluster.requirements_check import check_requirements
+
+check_requirements("training.export", run_as_main=__name__ == "__main__")  # before any third-party import
+
 import argparse
 import json
 import os
@@ -22,7 +26,7 @@ import time
 from pathlib import Path
 
 from serving.export_format import EXPORT_FORMAT, AdapterManifest, ExportManifest, read_adapter, read_export
-from training.checkpoints import list_checkpoints
+from training.checkpoints import manifest_problem, scan_checkpoints
 from training.config import read_yaml
 
 EXPORT_FORMAT_VERSION = 1
@@ -47,18 +51,27 @@ def best_checkpoint(checkpoints: list[Path]) -> Path | None:
 
 
 def find_checkpoint(path: Path, which: str = "auto") -> Path:
-    """A checkpoint directory itself, or one inside a run directory.
+    """A complete checkpoint directory itself, or one inside a run directory.
 
     which: "latest", "best" (by the fine-tune selection metric), or "auto": best for fine-tuning
-    runs, latest for pretraining.
+    runs, latest for pretraining. Complete means its manifest verifies (training.checkpoints): a
+    checkpoint half-written when a node died is never exported.
     """
     path = Path(path)
     if _is_checkpoint(path):
+        problem = manifest_problem(path)
+        if problem:
+            raise FileNotFoundError(f"{path}: incomplete checkpoint ({problem}); export an earlier one of the run")
         return path
-    candidates = [p for p in list_checkpoints(path) if _is_checkpoint(p)]
+    complete, skipped = scan_checkpoints(path)
+    candidates = [p for p in complete if _is_checkpoint(p)]
+    for ckpt, why in skipped:
+        if not candidates or ckpt.name > candidates[-1].name:
+            print(f"[raylm] warning: skipping incomplete checkpoint {ckpt}: {why}", file=sys.stderr)
     if not candidates:
         raise FileNotFoundError(
-            f"{path}: neither a raylm checkpoint (model/ + trainer_state.json) nor a run directory holding one"
+            f"{path}: neither a complete raylm checkpoint (model/ + trainer_state.json + a verifying "
+            "raylm_manifest.json) nor a run directory holding one"
         )
     kind = read_yaml(candidates[-1] / "resolved_config.yaml").get("kind", "pretrain")
     if which == "best" or (which == "auto" and kind == "finetune"):

@@ -10,6 +10,10 @@ the best checkpoint afterwards with `python -m training.export <run_dir> <out_di
 
 from __future__ import annotations
 
+from cluster.requirements_check import check_requirements
+
+check_requirements("training.finetune", run_as_main=__name__ == "__main__")  # before any third-party import
+
 import argparse
 import json
 import sys

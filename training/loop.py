@@ -12,16 +12,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.checkpoints import checkpoint_dir_name
-
-DS_TAG = "ds"  # fixed DeepSpeed checkpoint tag: one checkpoint per directory
+from training.checkpoints import checkpoint_dir_name, write_manifest
+from training.tracking import quiet_console
+from training.universal import DS_TAG, ResumePlan, accumulation_for, prepare_resume
 FAULT_ENV = "RAYLM_TEST_FAULT"  # test-only: "rank:step:marker_file" kills that rank once after that step
 
 
@@ -33,6 +33,10 @@ class WorkerContext:
     world: int
     device: Any
     use_gpu: bool
+    # Accumulation steps at this world size and the global batch (rows per optimizer step) they keep:
+    # a run resumed on another worker count keeps its checkpoint's global batch (training.universal).
+    grad_accum_steps: int = 1
+    global_batch_rows: int = 0
 
 
 @dataclass
@@ -41,7 +45,7 @@ class WorkerTask:
 
     model: Any
     # start micro-batch index -> this rank's micro-batches, forever (data order fixed: resume is exact)
-    micro_batches: Callable[[int], Iterator[Any]]
+    micro_batches: Callable[[int], Iterator[Any]]  # with WorkerContext.grad_accum_steps per step
     # (engine, micro-batch) -> (mean loss tensor, tokens counted for throughput)
     step_loss: Callable[[Any, Any], tuple[Any, int]]
     # (engine, checkpoint dir) -> None: collective; rank 0 writes loadable weights (+ tokenizer) into the dir
@@ -91,6 +95,21 @@ def global_batches(shard, batch_rows: int, start_batch: int):
             raise ValueError(f"the training split has fewer than {batch_rows} rows: lower optim.micro_batch_size")
 
 
+def step_micro_batches(shard, wctx: "WorkerContext", per_rank: int, start_step: int):
+    """This rank's micro-batch row slices, step after step, from `start_step` on.
+
+    One global batch is one optimizer step's rows; micro-batch m of a step is rows
+    [(m * world + rank) * per_rank, + per_rank). Any (world size, accumulation) pair with the same
+    global batch averages each step's gradient over the same rows, so a run resumed on another
+    number of workers continues the same data order.
+    """
+    gas, world, rank = wctx.grad_accum_steps, wctx.world, wctx.rank
+    for batch in global_batches(shard, wctx.global_batch_rows, start_step):
+        for m in range(gas):
+            first = (m * world + rank) * per_rank
+            yield {key: column[first:first + per_rank] for key, column in batch.items()}
+
+
 def init_worker(cfg) -> WorkerContext:
     """Device and process group for this rank (DeepSpeed reuses Ray Train's)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
@@ -106,41 +125,94 @@ def init_worker(cfg) -> WorkerContext:
     if cfg.scaling.use_gpu:
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    quiet_console()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint
     return WorkerContext(rank=rank, world=world, device=device, use_gpu=cfg.scaling.use_gpu)
 
 
-def _save_checkpoint(engine, task: WorkerTask, cfg, state: dict, rank: int) -> str:
-    """Every rank writes its DeepSpeed shards; the task writes loadable weights; rank 0 adds config and state."""
+def _save_checkpoint(engine, task: WorkerTask, cfg, state: dict, run_dir: str, rank: int) -> str:
+    """Every rank writes its DeepSpeed shards straight into the run directory; rank 0 the manifest, last.
+
+    Ray Train hears of the checkpoint only after that (a NO_UPLOAD report), and resume, export and
+    conversion take only checkpoints whose manifest verifies: a node that dies mid-save leaves a
+    directory that is never used.
+    """
     import torch.distributed as dist
 
-    ckpt_dir = tempfile.mkdtemp(prefix=f"raylm-ckpt-r{rank}-")
-    engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={"raylm_step": state["step"]})
-    task.save_weights(engine, ckpt_dir)
+    ckpt_dir = Path(run_dir) / checkpoint_dir_name(state["step"])
+    if rank == 0 and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # left by an attempt that died while saving this step: never mix its files in
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=DS_TAG, client_state={"raylm_step": state["step"]})
+    task.save_weights(engine, str(ckpt_dir))
     if rank == 0:
         Path(ckpt_dir, "resolved_config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         Path(ckpt_dir, "trainer_state.json").write_text(json.dumps(state, indent=2))
-    dist.barrier()
-    return ckpt_dir
-
-
-def _resume(engine, world: int, rank: int, state: dict) -> tuple[dict, int | None]:
-    """Load the latest reported checkpoint (if any) into the engine; return the saved trainer state."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if not checkpoint:
-        return state, None
-    with checkpoint.as_directory() as ckpt_dir:
-        saved = json.loads(Path(ckpt_dir, "trainer_state.json").read_text())
-        if saved.get("world_size", world) != world:
-            raise RuntimeError(
-                f"checkpoint was written by {saved['world_size']} workers, this run has {world}: ZeRO shards "
-                "cannot be re-partitioned; resume with the same scaling.num_workers"
-            )
-        engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+    dist.barrier()  # every rank's files are on disk
     if rank == 0:
-        print(f"[raylm] resumed from step {saved['step']} ({checkpoint.path})", flush=True)
-    return saved, saved["step"]
+        write_manifest(ckpt_dir, {k: state.get(k) for k in ("step", "world_size", "global_batch_rows", "zero_stage")})
+    dist.barrier()
+    return str(ckpt_dir)
+
+
+def _plan_resume(cfg, wctx: WorkerContext, run_dir: str) -> ResumePlan | None:
+    """Before the engine exists: which checkpoint to resume and at what accumulation (see training.universal).
+
+    Sets `wctx.grad_accum_steps` / `wctx.global_batch_rows`: the checkpoint's global batch when
+    resuming, else the config's (the one of `scaling.num_workers`' maximum for an elastic run).
+    """
+    import ray.train
+    import torch.distributed as dist
+
+    reported = ray.train.get_checkpoint()  # on local/shared storage its path is the directory itself
+    plan = prepare_resume(run_dir, wctx.world, cfg.optim.micro_batch_size, cfg.deepspeed.zero_stage, wctx.rank, dist,
+                          log=lambda msg: print(msg, flush=True), reported=reported.path if reported else None)
+    rows = plan.global_batch_rows if plan else (
+        cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * cfg.scaling.max_workers)
+    wctx.global_batch_rows = rows
+    wctx.grad_accum_steps = plan.grad_accum_steps if plan else accumulation_for(rows, cfg.optim.micro_batch_size,
+                                                                                wctx.world)
+    return plan
+
+
+def _start_from_other_run(engine, init_checkpoint: str, optim, world: int, rank: int) -> dict:
+    """Load another run's checkpoint (a PBT exploit) with this run's optimizer settings in effect.
+
+    The saved lr scheduler and optimizer param groups hold the other run's lr / weight decay: keep its
+    weights and moments, put `optim`'s settings in effect at the saved step. Returns its trainer state.
+    """
+    saved = json.loads(Path(init_checkpoint, "trainer_state.json").read_text())
+    if saved.get("world_size", world) != world:
+        raise RuntimeError(f"{init_checkpoint} was written by {saved['world_size']} workers, this run has {world}; "
+                           "a sweep's trials share one scaling.num_workers")
+    engine.load_checkpoint(init_checkpoint, tag=DS_TAG, load_lr_scheduler_states=False)
+    apply_optimizer_settings(engine, optim, saved["step"])
+    if rank == 0:
+        print(f"[raylm] started from step {saved['step']} of {init_checkpoint}", flush=True)
+    return saved
+
+
+def apply_optimizer_settings(engine, optim, step: int) -> None:
+    """Put `optim`'s lr schedule, weight decay, betas and eps in effect after loading another run's optimizer.
+
+    Param groups follow `training.schedule.param_groups`: group 0 decays, later groups (1-D tensors) do not.
+    The scheduler continues at `step`, so the lr of the next update is optim.lr * lr_multiplier(step).
+    """
+    from training.schedule import lr_multiplier
+
+    groups = engine.optimizer.param_groups
+    for i, group in enumerate(groups):
+        group["lr"] = optim.lr * lr_multiplier(step, optim)
+        group["initial_lr"] = optim.lr
+        group["weight_decay"] = optim.weight_decay if i == 0 else 0.0
+        group["betas"] = (optim.beta1, optim.beta2)
+        group["eps"] = optim.eps
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    scheduler.last_epoch = step
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 SELECTION_SCORE = "selection_score"  # reported with every checkpoint: Ray keeps the highest (the best ones)
@@ -172,12 +244,27 @@ def run_worker(loop_config: dict, cfg, build_task: Callable[[Any, dict, WorkerCo
 
     wctx = init_worker(cfg)
     rank, world, device = wctx.rank, wctx.world, wctx.device
+    run_dir = loop_config["run_dir"]
+    plan = _plan_resume(cfg, wctx, run_dir)
     task = build_task(cfg, loop_config["prepared"], wctx)
-    engine = build_engine(task.model, cfg, world)
-    state, resumed_from_step = _resume(engine, world, rank, {"step": 0, "tokens_seen": 0, "world_size": world})
+    engine = build_engine(task.model, cfg, world, grad_accum_steps=wctx.grad_accum_steps,
+                          load_universal=bool(plan and plan.load_universal))
+    state, resumed = {"step": 0, "tokens_seen": 0}, {}
+    if plan:
+        engine.load_checkpoint(str(plan.load_dir), tag=DS_TAG)
+        state = dict(plan.saved_state)
+        resumed = {"resumed_from_step": state["step"], "resumed_from_world_size": plan.saved_world_size}
+        if plan.load_universal:
+            resumed["universal_conversion_s"] = plan.conversion_s
+        if rank == 0:
+            print(f"[raylm] resumed from step {state['step']} ({plan.checkpoint})", flush=True)
+    elif loop_config.get("init_checkpoint"):
+        state = _start_from_other_run(engine, loop_config["init_checkpoint"], cfg.optim, world, rank)
+        resumed = {"resumed_from_step": state["step"]}
+    state.update(world_size=world, global_batch_rows=wctx.global_batch_rows, zero_stage=cfg.deepspeed.zero_stage)
 
     optim, run = cfg.optim, cfg.run
-    gas = optim.grad_accum_steps
+    gas = wctx.grad_accum_steps
     batches = task.micro_batches(state["step"] * gas)
     window_start, window_steps, window_tokens, reported = time.perf_counter(), 0, 0, False
     while state["step"] < optim.max_steps and not state.get("stopped_early"):
@@ -222,8 +309,7 @@ def run_worker(loop_config: dict, cfg, build_task: Callable[[Any, dict, WorkerCo
         }
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             metrics["grad_norm"] = float(grad_norm)  # DeepSpeed only tracks it when ZeRO clips
-        if resumed_from_step is not None:
-            metrics["resumed_from_step"] = resumed_from_step
+        metrics.update(resumed)
         if want_eval:
             metrics.update(task.evaluate(engine))
             if task.selection is not None:
@@ -244,7 +330,7 @@ def run_worker(loop_config: dict, cfg, build_task: Callable[[Any, dict, WorkerCo
                     metrics["early_stopped"] = True
         if want_ckpt:
             state["last_eval"] = {k: v for k, v in metrics.items() if k.startswith("val_")}
-            ckpt_dir = _save_checkpoint(engine, task, cfg, dict(state), rank)
+            ckpt_dir = _save_checkpoint(engine, task, cfg, dict(state), run_dir, rank)
         # Evaluation and checkpoint writing are not training throughput; the report itself is
         # (it can block until the controller takes the previous one), so the next window starts here.
         window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
@@ -253,7 +339,7 @@ def run_worker(loop_config: dict, cfg, build_task: Callable[[Any, dict, WorkerCo
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
                 checkpoint_dir_name=checkpoint_dir_name(step),
-                delete_local_checkpoint_after_upload=True,
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,  # written in place, manifest last
             )
         else:
             ray.train.report(metrics)
@@ -270,8 +356,14 @@ def run_worker(loop_config: dict, cfg, build_task: Callable[[Any, dict, WorkerCo
 
 
 def _rank_slice(batch, rank: int, per_rank: int, torch, device):
-    rows = batch["input_ids"][rank * per_rank:(rank + 1) * per_rank]
-    return torch.as_tensor(list(rows) if rows.dtype == object else rows, dtype=torch.long, device=device)
+    return _as_ids(batch["input_ids"][rank * per_rank:(rank + 1) * per_rank], torch, device)
+
+
+def _as_ids(rows, torch, device):
+    import numpy as np
+
+    # Parquet list columns arrive as an object array of per-row arrays: stack them into one 2-D array.
+    return torch.as_tensor(np.stack(list(rows)) if rows.dtype == object else rows, dtype=torch.long, device=device)
 
 
 def load_validation_blocks(val_shard, cfg, rank: int, world: int, torch, device) -> list:
@@ -318,8 +410,9 @@ def pretrain_task(cfg, prepared: dict, wctx: WorkerContext) -> WorkerTask:
     val_blocks: list | None = None
 
     def micro_batches(start: int):
-        for batch in global_batches(train_shard, per_rank * world, start):
-            yield _rank_slice(batch, rank, per_rank, torch, device)
+        # `start` counts micro-batches at this world size's accumulation: step start // gas.
+        for batch in step_micro_batches(train_shard, wctx, per_rank, start // wctx.grad_accum_steps):
+            yield _as_ids(batch["input_ids"], torch, device)
 
     def step_loss(engine, ids):
         return engine(input_ids=ids, labels=ids).loss, ids.numel()

@@ -9,6 +9,10 @@ build the trainer -> fit -> write results. Rerunning the same command resumes th
 
 from __future__ import annotations
 
+from cluster.requirements_check import check_requirements
+
+check_requirements("training.pretrain", run_as_main=__name__ == "__main__")  # before any third-party import
+
 import argparse
 import json
 import sys
@@ -44,20 +48,29 @@ def start_ray(cfg: PretrainConfig, address: str | None):
 block_dataset = driver.parquet_dataset
 
 
-def build_trainer(cfg: PretrainConfig, prepared: dict, *, callbacks=(), storage_path: str | None = None,
-                  name: str | None = None):
-    """A TorchTrainer whose workers run `training.loop.train_loop_per_worker`.
-
-    `callbacks` are added to the RunConfig (e.g. Tune's TuneReportCallback); `storage_path` and
-    `name` override where the run lives (default: run.storage_path / run.name).
-    """
-    from training.loop import train_loop_per_worker
-
+def build_datasets(prepared: dict) -> dict:
+    """The Ray Data streams of the prepared blocks: {"train": ..., "val": ...} (val when held out)."""
     datasets = {"train": block_dataset(prepared["train_path"])}
     if prepared.get("val_path"):
         datasets["val"] = block_dataset(prepared["val_path"])
+    return datasets
+
+
+def build_trainer(cfg: PretrainConfig, prepared: dict, *, callbacks=(), storage_path: str | None = None,
+                  name: str | None = None, datasets: dict | None = None, init_checkpoint: str | None = None):
+    """A TorchTrainer whose workers run `training.loop.train_loop_per_worker`.
+
+    `callbacks` are added to the RunConfig (e.g. Tune's TuneReportCallback); `storage_path` and
+    `name` override where the run lives (default: run.storage_path / run.name). `datasets` reuses
+    streams built once (a sweep shares them across trials). `init_checkpoint`: a new run starts from
+    another run's checkpoint (weights, optimizer moments, step) with this config's optimizer settings
+    in effect (PBT); the run's own checkpoints, once it has some, win on resume.
+    """
+    from training.loop import train_loop_per_worker
+
+    loop_config = {"config": cfg.model_dump(mode="json"), "prepared": prepared, "init_checkpoint": init_checkpoint}
     return driver.torch_trainer(
-        cfg, train_loop_per_worker, {"config": cfg.model_dump(mode="json"), "prepared": prepared}, datasets,
+        cfg, train_loop_per_worker, loop_config, datasets or build_datasets(prepared),
         callbacks=callbacks, storage_path=storage_path, name=name,
     )
 

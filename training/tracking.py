@@ -7,10 +7,12 @@ is lost if the driver dies); the driver tails that file to draw progress and fee
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from ray.train.v2.api.callback import UserCallback
@@ -21,10 +23,23 @@ TASK_METRIC_KEYS = ("val_accuracy", "val_macro_f1", "val_precision", "val_recall
 
 
 class MetricsLogCallback(UserCallback):
-    """Runs in the Train controller: appends rank 0's metrics (and checkpoint path) as JSON lines."""
+    """Runs in the Train controller: appends rank 0's metrics (and checkpoint path) as JSON lines, and
+    sets the run's Prometheus gauges (training.run_metrics: step, loss, tokens/s, checkpoint age,
+    worker failures) that the alert rules watch."""
 
     def __init__(self, run_dir: str):
         self.path = Path(run_dir) / METRICS_FILE
+        self._gauges = None  # created in the controller, where they are set (not pickled from the driver)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_gauges": None}
+
+    def gauges(self):
+        if self._gauges is None:
+            from training.run_metrics import TrainRunGauges
+
+            self._gauges = TrainRunGauges(self.path.parent.name)
+        return self._gauges
 
     def after_report(self, run_context, metrics, checkpoint):
         record = dict(metrics[0]) if metrics else {}
@@ -34,6 +49,10 @@ class MetricsLogCallback(UserCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        self.gauges().on_report(record, checkpoint is not None, now=record["time"])
+
+    def after_exception(self, run_context, worker_exceptions):
+        self.gauges().on_worker_failure()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -53,7 +72,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def format_progress(rec: dict, started: float, first_step: int) -> str:
-    """'step 40/200 | loss 5.123 | val 5.3 | 12,345 tok/s | ETA 1m20s'."""
+    """'step 40/200 | loss 5.123 | val 5.3 | 12,345 tok/s | 2 workers | ETA 1m20s'."""
     step, total = rec["step"], rec.get("max_steps", 0)
     elapsed = time.time() - started
     done = max(1, step - first_step)
@@ -63,7 +82,10 @@ def format_progress(rec: dict, started: float, first_step: int) -> str:
         ppl = f" (ppl {rec['val_perplexity']:.1f})" if "val_perplexity" in rec else ""
         parts.append(f"val {rec['val_loss']:.4f}{ppl}")
     parts += [f"{key[4:]} {rec[key]:.4f}" for key in TASK_METRIC_KEYS if key in rec]
-    parts += [f"lr {rec['lr']:.2e}", f"{rec.get('tokens_per_s', 0):,.0f} tok/s", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
+    parts += [f"lr {rec['lr']:.2e}", f"{rec.get('tokens_per_s', 0):,.0f} tok/s"]
+    if "world_size" in rec:  # elastic runs change it: say how many workers made this step
+        parts.append(f"{rec['world_size']} worker{'s' if rec['world_size'] != 1 else ''}")
+    parts += [f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
     return " | ".join(parts)
 
 
@@ -211,3 +233,62 @@ def plot_loss_curve(records: list[dict], png_path: Path) -> Path | None:
     fig.savefig(png_path)
     plt.close(fig)
     return png_path
+
+
+RAY_LOGS_LINK = "ray_logs"
+
+
+def link_ray_logs(run_dir: Path) -> Path | None:
+    """`<run_dir>/ray_logs` -> this Ray session's log directory, where the full logs of every process go.
+
+    The console shows raylm's progress, warnings and errors only (`quiet_console`); everything else,
+    Ray Train's per-report lines included, stays in these files (Ray keeps a session's directory after
+    it shuts down). Returns the link, or None when this process is not connected to Ray.
+    """
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public accessor for the session dir
+    if not ray.is_initialized() or node is None:
+        return None
+    logs = Path(node.get_session_dir_path()) / "logs"
+    link = Path(run_dir) / RAY_LOGS_LINK
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():  # a copy kept by an earlier run of the same run directory
+        import shutil
+
+        shutil.rmtree(link)
+    link.symlink_to(logs, target_is_directory=True)
+    return link
+
+
+class _RayTrainInfoFilter(logging.Filter):
+    """Drops Ray Train's own INFO records (a "Reporting training result" line per rank per report,
+    checkpoint chatter); warnings and errors pass. Ray 2.60 names some of its loggers by file path
+    (`logging.getLogger(__file__)`), which its own `RunConfig(logging_config=...)` level misses."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = "." + record.name.replace(os.sep, ".") + "."
+        return record.levelno >= logging.WARNING or ".ray.train." not in name
+
+
+def quiet_console() -> None:
+    """Keep Ray Train's, Ray Data's and DeepSpeed's INFO lines off this process's console.
+
+    Called on the driver and in every Train worker: raylm's own lines, warnings and errors stay.
+    The files under the Ray session's `logs/` (linked from the run directory as `ray_logs`) keep
+    Ray's full logs: Ray Train's under `logs/train/`, Ray Data's under `logs/ray-data/`.
+    """
+    import ray.data  # noqa: F401 - importing Ray Data sets up the loggers adjusted below
+    from ray._private.log import PlainRayHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PlainRayHandler) and not any(isinstance(f, _RayTrainInfoFilter) for f in handler.filters):
+            handler.addFilter(_RayTrainInfoFilter())
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.setLevel(logging.WARNING)  # "Starting execution of Dataset ...", its plan, progress, "finished"
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its config dumps; warnings still show
+    # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step: not the user's to fix.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)

@@ -1,0 +1,498 @@
+"""Typed sweep configuration (`kind: tune`): a base run, a search space over its dotted keys, a
+scheduler and a search algorithm. Validated on the driver before Ray starts a single trial.
+
+    kind: tune
+    name: tiny-asha
+    base: ../pretrain/tiny_cpu.yaml          # a run YAML (relative to this file), or the run inline
+    space:
+      optim.lr: loguniform(1e-4, 3e-2)
+      optim.weight_decay: choice([0.0, 0.1])
+    metric: val_loss
+    mode: min
+    num_samples: 4
+    search: {type: random, seed: 0}
+    scheduler: {type: asha, grace_period: 10, reduction_factor: 2}
+
+Like `training.config`, this module imports without torch or ray: preflight and tests use it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from training.config import (
+    ConfigError,
+    _Section,
+    config_class_for,
+    apply_overrides,
+    format_validation_error,
+    read_yaml,
+)
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
+# Keys a trial cannot change: the world size (ZeRO shards and the data slicing are fixed by it), where
+# runs live (the sweep sets run.name/storage_path per trial), and what data preparation reads (data is
+# prepared once on the driver for every trial).
+FIXED_KEY_PREFIXES = {
+    "scaling.num_workers": "runs cannot change world size (ZeRO shards and data slices are fixed by it); "
+    "set it in the base run instead",
+    "run.name": "the sweep names each trial's run itself",
+    "run.storage_path": "every trial's run lives under the sweep's directory; set storage_path on the sweep",
+    "run.resume": "the sweep decides when a trial resumes",
+    "data.": "data is prepared once on the driver and shared by all trials; set it in the base run",
+    "tokenizer.": "the tokenizer is built once on the driver with the data; set it in the base run",
+}
+# PBT copies a checkpoint from one trial into another, so a mutation may only touch what a checkpoint
+# does not fix: the optimizer's numeric knobs, not the network, the data position or the batch shape.
+PBT_FROZEN_KEYS = {"optim.max_steps", "optim.micro_batch_size", "optim.grad_accum_steps"}
+EVAL_METRICS = {"pretrain": ("val_loss", "val_perplexity")}
+TRIAL_FUNCTION_CPU = 0.01  # Tune reserves this for the trial function; Ray refuses {"cpu": 0}
+DATA_RESERVE_CPU = 1.0  # Ray Data needs a free CPU to feed workers, or the run hangs (cpu-stack-facts)
+
+
+class Distribution(BaseModel):
+    """One searched key: `loguniform(1e-5, 1e-2)`, `choice([4, 8, 16])`, `grid([...])`, ..."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["uniform", "loguniform", "randint", "choice", "grid"]
+    args: tuple
+
+    def sample_points(self) -> list:
+        """Values whose validity bounds every sample: the ends of a range, or every listed value."""
+        if self.kind in ("uniform", "loguniform"):
+            return list(self.args)
+        if self.kind == "randint":
+            return [self.args[0], self.args[1] - 1]  # the upper bound is exclusive, as in Tune
+        return list(self.args[0])
+
+    @property
+    def numeric(self) -> bool:
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.sample_points())
+
+    def to_tune(self):
+        """The `ray.tune` search-space object for this distribution."""
+        from ray import tune
+
+        a = self.args
+        return {
+            "uniform": lambda: tune.uniform(a[0], a[1]),
+            "loguniform": lambda: tune.loguniform(a[0], a[1]),
+            "randint": lambda: tune.randint(a[0], a[1]),
+            "choice": lambda: tune.choice(list(a[0])),
+            "grid": lambda: tune.grid_search(list(a[0])),
+        }[self.kind]()
+
+    def to_pbt_mutation(self):
+        """What PBT resamples from; it perturbs the current value by its factors either way.
+
+        A grid or choice of numbers sets where trials start; as a mutation it stands for the range
+        between its smallest and largest value (log scale when all are positive), since PBT's factor
+        perturbation on a list would only step to a neighbouring listed value.
+        """
+        from ray import tune
+
+        if self.kind in ("grid", "choice"):
+            low, high = min(self.args[0]), max(self.args[0])
+            if low == high:
+                return [low]
+            return tune.loguniform(low, high) if low > 0 else tune.uniform(low, high)
+        return self.to_tune()
+
+    def __str__(self) -> str:
+        return f"{self.kind}({', '.join(repr(list(v)) if isinstance(v, tuple) else repr(v) for v in self.args)})"
+
+
+_CALL = re.compile(r"^\s*(?P<name>[A-Za-z_]+)\s*\((?P<args>.*)\)\s*$", re.S)
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _numbers(value):
+    """YAML 1.1 reads `1e-4` as a string; a distribution's arguments mean it as a number."""
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    return value
+
+
+def parse_distribution(key: str, spec: Any) -> Distribution:
+    """`'loguniform(1e-5, 1e-2)'` or `{loguniform: [1e-5, 1e-2]}` -> Distribution; ValueError names the fix."""
+    import yaml
+
+    where = f"space.{key}"
+    usage = ("write uniform(low, high), loguniform(low, high), randint(low, high_exclusive), "
+             "choice([a, b, ...]) or grid([a, b, ...])")
+    if isinstance(spec, dict) and len(spec) == 1:
+        name, args = next(iter(spec.items()))
+        args = list(args) if isinstance(args, (list, tuple)) and name not in ("choice", "grid") else [args]
+    elif isinstance(spec, str) and (m := _CALL.match(spec)):
+        name = m["name"]
+        try:
+            args = yaml.safe_load(f"[{m['args']}]")
+        except yaml.YAMLError:
+            raise ValueError(f"{where}: cannot read the arguments of {spec!r}; {usage}") from None
+    else:
+        raise ValueError(f"{where}: {spec!r} is not a distribution; {usage}")
+    args = _numbers(args)
+    if name not in DISTRIBUTIONS:
+        guess = difflib.get_close_matches(name, DISTRIBUTIONS, n=1)
+        hint = f" Did you mean '{guess[0]}'?" if guess else ""
+        raise ValueError(f"{where}: unknown distribution {name!r}.{hint} Allowed: {', '.join(DISTRIBUTIONS)}")
+    if name in ("uniform", "loguniform", "randint"):
+        if len(args) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args):
+            raise ValueError(f"{where}: {name} takes two numbers (low, high), got {args!r}")
+        low, high = args
+        if not low < high:
+            raise ValueError(f"{where}: {name} needs low < high, got ({low}, {high})")
+        if name == "loguniform" and low <= 0:
+            raise ValueError(f"{where}: loguniform needs low > 0, got {low}; use uniform for ranges touching 0")
+        if name == "randint" and not (isinstance(low, int) and isinstance(high, int)):
+            raise ValueError(f"{where}: randint takes integers (low, high_exclusive), got ({low}, {high})")
+        return Distribution(kind=name, args=(low, high))
+    if len(args) != 1 or not isinstance(args[0], list) or not args[0]:
+        raise ValueError(f"{where}: {name} takes one non-empty list, e.g. {name}([4, 8, 16]); got {args!r}")
+    return Distribution(kind=name, args=(tuple(args[0]),))
+
+
+class FifoScheduler(_Section):
+    """Run every trial to its end."""
+
+    type: Literal["fifo"]
+
+
+class AshaScheduler(_Section):
+    """Asynchronous successive halving: at step grace_period * reduction_factor^k a trial worse than the
+    top 1/reduction_factor of those that reached that step stops."""
+
+    type: Literal["asha"]
+    grace_period: int = Field(..., ge=1, description="Steps every trial runs before it can be stopped.")
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_t: int | None = Field(None, ge=1, description="Default: the base run's optim.max_steps.")
+    brackets: int = Field(1, ge=1)
+
+
+class PbtScheduler(_Section):
+    """Population based training: every perturbation_interval steps, a trial in the bottom quantile
+    restarts from a top trial's checkpoint with mutated hyperparameters."""
+
+    type: Literal["pbt"]
+    perturbation_interval: int = Field(..., ge=1, description="Steps between exploit/explore decisions.")
+    burn_in_period: int = Field(0, ge=0)
+    quantile_fraction: float = Field(0.25, gt=0.0, le=0.5)
+    resample_probability: float = Field(0.25, ge=0.0, le=1.0)
+    perturbation_factors: tuple[float, float] = (1.2, 0.8)
+    mutate: list[str] | None = Field(None, description="Space keys PBT mutates; default: every key of the space.")
+    synch: bool = Field(False, description="All trials pause at each perturbation (deterministic, slower).")
+
+
+class RandomSearch(_Section):
+    """Independent samples (grid() entries are crossed with them, as in Tune)."""
+
+    type: Literal["random"]
+    seed: int | None = None
+
+
+class GridSearch(_Section):
+    """Every combination of the grid() entries of the space, num_samples times."""
+
+    type: Literal["grid"]
+
+
+class OptunaSearch(_Section):
+    """Optuna's TPE sampler proposes each new trial from the results so far."""
+
+    type: Literal["optuna"]
+    seed: int | None = None
+
+
+Scheduler = Annotated[Union[FifoScheduler, AshaScheduler, PbtScheduler], Field(discriminator="type")]
+Search = Annotated[Union[RandomSearch, GridSearch, OptunaSearch], Field(discriminator="type")]
+
+
+class ExportSection(_Section):
+    """What to do with the best trial once the sweep ends (command-line flags override)."""
+
+    best_dir: str | None = Field(None, description="Export the best trial's final checkpoint here (must not exist).")
+    publish_to: str | None = Field(None, description="LoRA sweeps: publish the best adapter into this adapters dir.")
+
+
+class SweepConfig(_Section):
+    """A whole sweep. `base` is the run every trial starts from; `space` overrides its dotted keys."""
+
+    kind: Literal["tune"]
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    storage_path: str | None = Field(None, description="Sweeps live in <storage_path>/<name>. Default: the base run's run.storage_path.")
+    base: str | dict = Field(..., description="Path of a run YAML (relative to the sweep YAML), or the run config inline.")
+    base_set: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted keys set on the base run for every trial (e.g. shorter trials: optim.max_steps: 5000).")
+    space: dict[str, Any] = Field(..., min_length=1)
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(1, ge=1, description="Trials to sample (grid: repeats of the whole grid).")
+    scheduler: Scheduler = FifoScheduler(type="fifo")
+    search: Search = RandomSearch(type="random")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Default: as many as the cluster holds.")
+    max_failures: int = Field(0, ge=0, description="Tune-level retries of a failed trial (Train already retries workers).")
+    export: ExportSection = ExportSection()
+
+    @field_validator("storage_path")
+    @classmethod
+    def _no_uri(cls, value):
+        if value and "://" in value:
+            raise ValueError(f"storage_path: {value!r} is a URI; mount the bucket and give the mount's path")
+        return value
+
+
+class Sweep:
+    """A validated sweep: the typed sweep config, the typed base run, and the parsed search space."""
+
+    def __init__(self, cfg: SweepConfig, base, base_raw: dict, space: dict[str, Distribution], source: str):
+        self.cfg, self.base, self.base_raw, self.space, self.source = cfg, base, base_raw, space, source
+
+    @property
+    def kind(self) -> str:
+        return getattr(self.base, "kind", "pretrain")
+
+    @property
+    def sweep_dir(self) -> Path:
+        root = self.cfg.storage_path or self.base.run.storage_path
+        return Path(root).expanduser().resolve() / self.cfg.name
+
+    @property
+    def max_t(self) -> int:
+        sched = self.cfg.scheduler
+        return getattr(sched, "max_t", None) or self.base.optim.max_steps
+
+    @property
+    def pbt_mutations(self) -> dict[str, Distribution]:
+        sched = self.cfg.scheduler
+        if sched.type != "pbt":
+            return {}
+        return {k: self.space[k] for k in (sched.mutate or list(self.space))}
+
+    def trial_resources(self) -> dict[str, float]:
+        """What one trial holds: its workers, plus the trial function's sliver of CPU."""
+        per_worker = self.base.scaling.worker_resources
+        n = self.base.scaling.num_workers
+        res = {k: v * n for k, v in per_worker.items()}
+        res["CPU"] = res.get("CPU", 0.0) + TRIAL_FUNCTION_CPU
+        return res
+
+
+SWEEPABLE_KINDS = ("pretrain",)
+
+
+def run_config_class(raw: dict, source: str):
+    """The typed class of a run YAML, picked by its `kind` (absent = pretrain) as training does."""
+    kind = raw.get("kind", "pretrain")
+    if kind not in SWEEPABLE_KINDS:
+        raise ConfigError([f"base.kind: {kind!r} runs cannot be swept yet (sweepable: {', '.join(SWEEPABLE_KINDS)})"],
+                          source)
+    return config_class_for(raw, source)
+
+
+def field_info(model_cls: type[BaseModel], dotted: str):
+    """(FieldInfo, None) for a dotted key of a run config class, or (None, problem naming the key)."""
+    cls: Any = model_cls
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = getattr(cls, "model_fields", None)
+        if fields is None:
+            return None, f"'{'.'.join(parts[:i])}' is a value, not a section"
+        if part not in fields:
+            guess = difflib.get_close_matches(part, list(fields), n=1)
+            hint = f" Did you mean '{'.'.join(parts[:i] + [guess[0]])}'?" if guess else ""
+            where = ".".join(parts[:i]) or "the run config"
+            return None, f"unknown key.{hint} Keys of {where}: {', '.join(fields)}"
+        info = fields[part]
+        if i < len(parts) - 1:
+            cls = info.annotation
+    if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+        return None, "names a whole section; search one of its keys instead"
+    return info, None
+
+
+def _set_dotted(raw: dict, dotted: str, value) -> dict:
+    import copy
+
+    out = copy.deepcopy(raw)
+    node = out
+    for part in dotted.split(".")[:-1]:
+        node = node.setdefault(part, {})
+    node[dotted.split(".")[-1]] = value
+    return out
+
+
+def _check_space(space_raw: dict, base_raw: dict, base_cls) -> tuple[dict[str, Distribution], list[str]]:
+    """Parse every distribution and check each sample bound against the run config's own validation."""
+    space, problems = {}, []
+    for key, spec in space_raw.items():
+        fixed = next((why for prefix, why in FIXED_KEY_PREFIXES.items() if key == prefix or
+                      (prefix.endswith(".") and key.startswith(prefix))), None)
+        if fixed:
+            problems.append(f"space.{key}: cannot be searched: {fixed}")
+            continue
+        info, problem = field_info(base_cls, key)
+        if problem:
+            problems.append(f"space.{key}: {problem}")
+            continue
+        try:
+            dist = parse_distribution(key, spec)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        space[key] = dist
+        for value in dist.sample_points():
+            try:
+                base_cls.model_validate(_set_dotted(base_raw, key, value))
+            except ValidationError as err:
+                refused = [p for p in format_validation_error(err, base_cls) if key in p]
+                if refused:
+                    problems.append(f"space.{key}: value {value!r} ({dist}) is refused by the run config: "
+                                    + " / ".join(refused))
+    return space, problems
+
+
+def _check_scheduler(cfg: SweepConfig, base, space: dict[str, Distribution], base_cls) -> list[str]:
+    """Scheduler and search settings that cannot work with this base run and space."""
+    problems = []
+    sched, run = cfg.scheduler, base.run
+    kind = getattr(base, "kind", "pretrain")
+    metrics = EVAL_METRICS.get(kind)
+    if metrics and cfg.metric not in metrics:
+        problems.append(f"metric: {cfg.metric!r} is not reported at evaluations of a {kind} run; "
+                        f"use one of {', '.join(metrics)}")
+    if sched.type == "asha":
+        max_t = sched.max_t or base.optim.max_steps
+        if sched.grace_period >= max_t:
+            problems.append(f"scheduler.grace_period: {sched.grace_period} must be below max_t={max_t} "
+                            "(the base run's optim.max_steps unless scheduler.max_t is set)")
+        if sched.grace_period < run.eval_every_steps:
+            problems.append(f"scheduler.grace_period: {sched.grace_period} is below base run.eval_every_steps="
+                            f"{run.eval_every_steps}; trials report the metric only at evaluations")
+        if sched.max_t and sched.max_t > base.optim.max_steps:
+            problems.append(f"scheduler.max_t: {sched.max_t} exceeds the base run's optim.max_steps={base.optim.max_steps}")
+    if sched.type == "pbt":
+        for key in sched.mutate or []:
+            if key not in space:
+                problems.append(f"scheduler.mutate: {key!r} is not a key of space; PBT mutates searched keys "
+                                f"({', '.join(space)})")
+        for key in sched.mutate or list(space):
+            dist = space.get(key)
+            if dist is None:
+                continue
+            info, _ = field_info(base_cls, key)
+            annotation = getattr(info, "annotation", None)
+            if key in PBT_FROZEN_KEYS or not key.startswith("optim.") or not dist.numeric or annotation is bool:
+                why = ("is not numeric" if not dist.numeric or annotation is bool else
+                       "is fixed by the checkpoint a trial restarts from (network, data position or batch shape)")
+                problems.append(f"scheduler.mutate: {key} {why}; PBT can only perturb numeric optimizer "
+                                "settings (optim.lr, optim.weight_decay, ...); list the others under scheduler.mutate "
+                                "without it, or use asha")
+        if sched.perturbation_interval % run.eval_every_steps:
+            problems.append(f"scheduler.perturbation_interval: {sched.perturbation_interval} is not a multiple of "
+                            f"base run.eval_every_steps={run.eval_every_steps}; decisions happen at evaluations")
+        if run.eval_every_steps % run.checkpoint_every_steps:
+            problems.append(f"base.run.eval_every_steps: {run.eval_every_steps} is not a multiple of "
+                            f"run.checkpoint_every_steps={run.checkpoint_every_steps}; PBT needs a checkpoint at "
+                            "every evaluation to clone from")
+        population = cfg.num_samples * math.prod(len(d.args[0]) for d in space.values() if d.kind == "grid")
+        if population < 2:
+            problems.append(f"num_samples: PBT needs a population of at least 2 trials (this sweep starts {population})")
+    grids = [k for k, d in space.items() if d.kind == "grid"]
+    if cfg.search.type == "grid":
+        others = [k for k, d in space.items() if d.kind != "grid"]
+        if others:
+            problems.append(f"search: grid search enumerates grid([...]) entries only; {', '.join(others)} "
+                            "use other distributions (write them as grid([...]) or use search: {type: random})")
+    if cfg.search.type == "optuna":
+        if grids:
+            problems.append(f"search: optuna cannot enumerate grid([...]) ({', '.join(grids)}); use choice([...])")
+        if sched.type == "pbt":
+            problems.append("search: optuna proposes configs itself; PBT mutates them: use search: {type: random}")
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            problems.append("search: optuna is not installed; pip install 'raylm[tune]' or use "
+                            "search: {type: random}")
+    return problems
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None, base_overrides: list[str] | None = None) -> Sweep:
+    """Read and validate a sweep YAML and its base run; raise ConfigError listing every problem."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    return validate_sweep(raw, str(path), Path(path).parent, base_overrides)
+
+
+def validate_sweep(raw: dict, source: str, base_dir: Path, base_overrides: list[str] | None = None) -> Sweep:
+    """Validate a raw sweep dict (`base` paths resolve against `base_dir`); ConfigError lists every problem."""
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, SweepConfig), source) from None
+
+    if isinstance(cfg.base, str):
+        base_path = Path(cfg.base)
+        if not base_path.is_absolute():
+            candidates = [Path(base_dir) / base_path, base_path]
+            base_path = next((p for p in candidates if p.is_file()), candidates[0])
+        if not base_path.is_file():
+            raise ConfigError([f"base: run config {cfg.base!r} not found (looked relative to {base_dir} "
+                               "and the working directory)"], source)
+        base_raw = read_yaml(base_path)
+    else:
+        base_raw = dict(cfg.base)
+    base_raw = apply_overrides(base_raw, [f"{k}={json.dumps(v)}" for k, v in cfg.base_set.items()])
+    base_raw = apply_overrides(base_raw, base_overrides)
+    base_cls = run_config_class(base_raw, source)
+    try:
+        base = base_cls.model_validate(base_raw)
+    except ValidationError as err:
+        raise ConfigError([f"base.{p}" for p in format_validation_error(err, base_cls)], source) from None
+
+    space, problems = _check_space(cfg.space, base_raw, base_cls)
+    problems += _check_scheduler(cfg, base, space, base_cls)
+    if problems:
+        raise ConfigError(problems, source)
+    return Sweep(cfg, base, base_raw, space, source)
+
+
+def max_concurrent_trials(sweep: Sweep, cluster: dict[str, float]) -> int:
+    """How many trials the cluster holds at once; ConfigError when not even one fits.
+
+    Tune reserves only the trial function's CPU; the trial's workers are requested later by its
+    TorchTrainer. Starting more trials than the cluster holds leaves worker groups waiting until
+    WorkerGroupStartupTimeoutError, so the count is derived here (and a CPU stays free for Ray Data).
+    """
+    need = sweep.trial_resources()
+    fits = []
+    problems = []
+    for resource, amount in need.items():
+        have = cluster.get(resource, 0.0) - (DATA_RESERVE_CPU if resource == "CPU" else 0.0)
+        if amount > 0:
+            count = math.floor(have / amount + 1e-9)
+            fits.append(count)
+            if count < 1:
+                problems.append(
+                    f"base.scaling: a trial needs {amount:g} {resource} ({sweep.base.scaling.num_workers} workers x "
+                    f"{sweep.base.scaling.worker_resources.get(resource, 0):g}"
+                    + (f" + {TRIAL_FUNCTION_CPU} for the trial function" if resource == "CPU" else "")
+                    + f") but the cluster has {cluster.get(resource, 0.0):g}"
+                    + (f" ({DATA_RESERVE_CPU:g} kept free for Ray Data)" if resource == "CPU" else "")
+                    + "; lower scaling.num_workers or scaling.resources_per_worker, or use a bigger cluster")
+    if problems:
+        raise ConfigError(problems, sweep.source)
+    holds = min(fits) if fits else 1
+    wanted = sweep.cfg.max_concurrent_trials
+    if wanted and wanted > holds:
+        raise ConfigError([f"max_concurrent_trials: {wanted} trials need {wanted}x{need} but the cluster "
+                           f"({cluster}) holds {holds}; lower it (or leave it unset)"], sweep.source)
+    return wanted or holds
