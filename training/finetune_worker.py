@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from training.finetune_config import FinetuneConfig
-from training.loop import WorkerContext, WorkerTask, global_batches, run_worker
+from training.loop import WorkerContext, WorkerTask, run_worker, step_micro_batches
 
 IGNORE_INDEX = -100
 
@@ -225,8 +225,9 @@ def finetune_task(cfg: FinetuneConfig, prepared: dict, wctx: WorkerContext) -> W
     val_batches = None
 
     def micro_batches(start: int):
-        for batch in global_batches(train_shard, per_rank * world, start):
-            yield collate(_rows(batch, rank * per_rank, (rank + 1) * per_rank), cfg.task, pad, torch, device)
+        # `start` counts micro-batches at this world size's accumulation (the shared elastic data order).
+        for rows in step_micro_batches(train_shard, wctx, per_rank, start // wctx.grad_accum_steps):
+            yield collate(rows, cfg.task, pad, torch, device)
 
     def step_loss(engine, batch):
         return engine(**model_inputs(batch)).loss, int(batch["attention_mask"].sum())
