@@ -157,7 +157,7 @@ def test_cli_prints_a_table_writes_json_and_reports_bad_input(exports, tmp_path,
     out = tmp_path / "ppl.json"
     env_cmd = [sys.executable, "-m", "training.evaluate", "--export", str(exports["causal"]), "--data", str(text),
                "--task", "causal-lm", "--out", str(out)]
-    proc = subprocess.run(env_cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(env_cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["rows"] == 2 and result["stats"]["skipped_empty"] == 1 and result["metrics"]["perplexity"] > 1
