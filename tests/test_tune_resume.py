@@ -87,7 +87,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     finished_trial = finished[0]
     cut_trial = next(t for t in before if t != finished_trial)
     finished_lines = (sweep_dir / finished_trial / "run" / "metrics.jsonl").read_text()
-    checkpointed = max(int(p.name.split("_")[1]) for p in (sweep_dir / cut_trial / "run").glob("checkpoint_*"))
+    checkpointed = max(int(p.name.split("_")[1]) for p in (sweep_dir / cut_trial / "run").glob("checkpoint_0*"))
 
     resumed = driver(config, "--resume")
     output, _ = resumed.communicate(timeout=1200)

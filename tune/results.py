@@ -23,10 +23,7 @@ def trial_rows(result_grid, sweep) -> list[dict]:
     """One row per trial: id, searched values, final and best metric, steps run, status, run dir."""
     metric, mode, max_steps = sweep.cfg.metric, sweep.cfg.mode, sweep.base.optim.max_steps
     rows = []
-    # Tune's own trial states (private to ResultGrid, in the same order as its results) tell a trial cut
-    # short by an interrupted driver from one the scheduler stopped.
-    trials = getattr(getattr(result_grid, "_experiment_analysis", None), "trials", None) or [None] * len(result_grid)
-    for trial, result in zip(trials, result_grid):
+    for result in result_grid:
         trial_dir = Path(result.path)
         metrics = result.metrics or {}
         history = _history(result, metric)
@@ -35,7 +32,9 @@ def trial_rows(result_grid, sweep) -> list[dict]:
         step = metrics.get("step")
         if result.error is not None:
             status = "error"
-        elif trial is not None and trial.status in ("PENDING", "RUNNING", "PAUSED"):
+        elif not metrics.get("done"):
+            # Tune marks a trial's last result done when the trial ended (run finished, scheduler stop);
+            # without it the driver was interrupted while the trial ran (or before it started).
             status = "interrupted"
         elif step is not None and step >= max_steps:
             status = "completed"
