@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # per-step reports of a tiny model
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # workers inherit it from the local Ray
     import ray
 
     write_corpus(workdir)
