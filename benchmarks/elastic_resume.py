@@ -93,7 +93,6 @@ def resize_cases(workdir: Path, stage: int, steps: int = 6) -> dict:
     of the other's figure.
     """
     from training.checkpoints import checkpoint_dir_name
-    from training.tracking import read_metrics
 
     names = {k: f"{k}{stage}" for k in ("ref", "shrunk", "grown")}
     fit_s = {"reference": run(write_config(workdir, names["ref"], stage, 2, steps))}
@@ -103,7 +102,14 @@ def resize_cases(workdir: Path, stage: int, steps: int = 6) -> dict:
     shutil.copytree(workdir / names["shrunk"] / checkpoint_dir_name(GROW_STEP),
                     workdir / names["grown"] / checkpoint_dir_name(GROW_STEP))
     fit_s["1->2"] = run(write_config(workdir, names["grown"], stage, 2, steps))
+    return {"stage": stage, "cases": compare(workdir, stage), "fit_s": fit_s}
 
+
+def compare(workdir: Path, stage: int) -> dict:
+    """Per resize, the resumed run's losses against the never-resized run's, from their metrics.jsonl."""
+    from training.tracking import read_metrics
+
+    names = {k: f"{k}{stage}" for k in ("ref", "shrunk", "grown")}
     records = {k: {r["step"]: r for r in read_metrics(workdir / name)} for k, name in names.items()}
     cases = {}
     for label, resumed, never_resized, first in (("2->1", "shrunk", "ref", RESUME_STEP + 1),
@@ -119,7 +125,7 @@ def resize_cases(workdir: Path, stage: int, steps: int = 6) -> dict:
             "resumed_from_world_size": ours[first].get("resumed_from_world_size"),
             "conversion_s": ours[first].get("universal_conversion_s"),
         }
-    return {"stage": stage, "cases": cases, "fit_s": fit_s}
+    return cases
 
 
 def main(argv=None) -> int:
@@ -129,6 +135,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # per-step reports of a tiny model
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # workers inherit it from the local Ray
     import ray
 
     write_corpus(workdir)

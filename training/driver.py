@@ -96,6 +96,8 @@ def start_ray(cfg, address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray Data draws a progress bar per dataset iteration in every worker: raylm's progress line says more.
+    env_vars.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None)
         return
