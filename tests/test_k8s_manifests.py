@@ -674,3 +674,12 @@ def test_prometheus_rule_schema_rejects_what_the_operator_would():
         breakage(broken)
         with pytest.raises(jsonschema.ValidationError):
             validate_manifest(broken)
+
+
+@pytest.mark.parametrize("build", ["base"] + OVERLAYS)
+def test_serving_nodes_install_the_proxy_error_hook(build):
+    """Serve's proxy reads its callback when it starts: every RayService container must carry it (serving/errors.py)."""
+    (service,) = docs_of_kind("RayService", build)
+    for where, container in containers(cluster_specs(service)):
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == "serving.errors:proxy_middlewares", f"{build} {where}"
