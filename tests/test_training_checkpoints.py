@@ -119,3 +119,56 @@ def test_elastic_range_in_config():
         with pytest.raises(ConfigError, match=says):
             validate_config({**base, "scaling": {"num_workers": bad}})
     assert validate_config({**base, "scaling": {"num_workers": [2, 3]}, "optim": {"grad_accum_steps": 2}})
+
+
+def _resume_config(tmp_path, *sets):
+    """The shipped tiny pretraining config pointed at a run directory under tmp_path, tokenizer at its defaults."""
+    from training.config import load_config
+
+    overrides = [f"run.storage_path={tmp_path}", "run.name=old", "tokenizer={}", *sets]
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.yaml", overrides)
+
+
+def test_resume_check_fills_defaults_for_keys_and_null_sections_older_checkpoints_lack(tmp_path):
+    import yaml
+
+    from training.driver import check_resume
+
+    cfg = _resume_config(tmp_path)
+    ckpt = fake_checkpoint(cfg.run_dir, 4, world=cfg.scaling.max_workers, manifest=False)
+    saved = cfg.model_dump(mode="json")
+    saved["tokenizer"] = None  # a null section written by an older raylm
+    del saved["model"]["rope_theta"], saved["deepspeed"]["bucket_elements"]  # keys older checkpoints lack
+    saved["model"]["gradient_checkpointing"] = not cfg.model.gradient_checkpointing  # changes no checkpoint meaning
+    (ckpt / "resolved_config.yaml").write_text(yaml.safe_dump(saved))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": cfg.scaling.max_workers,
+                                                         "global_batch_rows": cfg.optim.micro_batch_size
+                                                         * cfg.optim.grad_accum_steps * cfg.scaling.max_workers}))
+    write_manifest(ckpt, {"step": 4})
+    assert check_resume(cfg, ("model", "data", "tokenizer", "deepspeed")) == str(ckpt)
+
+    changed = _resume_config(tmp_path, f"model.hidden_size={cfg.model.hidden_size * 2}")
+    with pytest.raises(ConfigError, match=rf"model.hidden_size: checkpoint has {cfg.model.hidden_size}, config now says"):
+        check_resume(changed, ("model", "data", "tokenizer", "deepspeed"))
+
+
+def test_resume_check_refuses_a_checkpoint_without_its_resolved_config(tmp_path):
+    from training.driver import check_resume
+
+    cfg = _resume_config(tmp_path)
+    ckpt = fake_checkpoint(cfg.run_dir, 4, world=cfg.scaling.max_workers, manifest=False)
+    (ckpt / "resolved_config.yaml").unlink()
+    write_manifest(ckpt, {"step": 4})
+    with pytest.raises(ConfigError, match="has no resolved_config.yaml"):
+        check_resume(cfg, ("model", "data", "tokenizer", "deepspeed"))
+
+
+def test_data_preparation_os_errors_are_one_line_with_the_fix(tmp_path):
+    from training.driver import data_error_message
+
+    denied = PermissionError(13, "Permission denied", str(tmp_path / "data"))
+    message = data_error_message(denied)
+    assert message.startswith("data: cannot read or write the prepared data") and "Permission denied" in message
+    assert "free disk space of data.prepared_dir" in message
+    assert data_error_message(OSError(28, "No space left on device")).count("No space left on device") == 1
+    assert data_error_message(FileNotFoundError("data.train_files: no file matches")) == "data: data.train_files: no file matches"

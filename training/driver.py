@@ -39,28 +39,65 @@ def check_resume(cfg, shape_sections: Sequence[str]) -> str | None:
     if latest is None:
         return None
     saved_path = latest / "resolved_config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError([
+            f"{latest.name}: has no resolved_config.yaml, so it cannot be checked against this config; "
+            "restore the file from the run's other checkpoints or pick a new run.name"
+        ], f"resume of {cfg.run_dir}")
+    saved = read_yaml(saved_path)
+    current = cfg.model_dump(mode="json")
     problems = []
-    if saved_path.is_file():
-        saved = read_yaml(saved_path)
-        current = cfg.model_dump(mode="json")
-        for section in shape_sections:
-            if section not in saved:
-                continue
-            if not isinstance(current[section], dict):
-                if saved[section] != current[section]:
-                    problems.append(f"{section}: checkpoint has {saved[section]!r}, config now says "
-                                    f"{current[section]!r}; restore it or pick a new run.name")
-                continue
-            problems += [
-                f"{section}.{key}: checkpoint has {saved[section].get(key)!r}, config now says {value!r}; "
-                "restore it or pick a new run.name"
-                for key, value in current[section].items()
-                if saved[section].get(key) != value
-            ]
+    for section in shape_sections:
+        if not isinstance(current[section], dict):
+            if section in saved and saved[section] != current[section]:
+                problems.append(f"{section}: checkpoint has {saved[section]!r}, config now says "
+                                f"{current[section]!r}; restore it or pick a new run.name")
+            continue
+        saved_section = _saved_section(cfg, section, saved.get(section))
+        if saved_section is None:
+            continue  # neither saved nor derivable from defaults: nothing to compare against
+        problems += [
+            f"{section}.{key}: checkpoint has {saved_section.get(key)!r}, config now says {value!r}; "
+            "restore it or pick a new run.name"
+            for key, value in current[section].items()
+            if f"{section}.{key}" not in MEANING_FREE_KEYS and saved_section.get(key) != value
+        ]
     problems += _global_batch_problems(cfg, latest)
     if problems:
         raise ConfigError(problems, f"resume of {cfg.run_dir}")
     return str(latest)
+
+
+def data_error_message(err: Exception) -> str:
+    """One line for a data-preparation failure: bad input says what is wrong; an OS error says what to fix."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        where = f" ({err.filename})" if err.filename else ""
+        return (f"data: cannot read or write the prepared data{where}: {err.strerror or err}; check the permissions "
+                "and free disk space of data.prepared_dir (default <run.storage_path>/<run.name>/data)")
+    return f"data: {err}"
+
+
+# Keys that change how a run executes, not what its checkpoint holds: they may differ on resume.
+MEANING_FREE_KEYS = frozenset({
+    "model.gradient_checkpointing", "model.trust_remote_code", "data.prepared_dir", "deepspeed.bucket_elements",
+})
+
+
+def _saved_section(cfg, section: str, raw) -> dict | None:
+    """A checkpoint's config section with the typed defaults filled in (older checkpoints lack newer keys).
+
+    A null or absent section counts as all defaults when the section has them; a saved section that
+    no longer validates (a key since removed) is compared as written; None when nothing can be compared.
+    """
+    from pydantic import BaseModel, ValidationError
+
+    section_cls = type(cfg).model_fields[section].annotation
+    if not (isinstance(section_cls, type) and issubclass(section_cls, BaseModel)):
+        return raw if isinstance(raw, dict) else None
+    try:
+        return section_cls.model_validate(raw if isinstance(raw, dict) else {}).model_dump(mode="json")
+    except ValidationError:
+        return raw if isinstance(raw, dict) else None
 
 
 def _global_batch_problems(cfg, checkpoint: Path) -> list[str]:

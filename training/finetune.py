@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         prepared_data = prepare_finetune_data(cfg)
-    except (FileNotFoundError, ValueError, DataError) as err:
-        print(f"data: {err}", file=sys.stderr)
+    except (OSError, ValueError, DataError) as err:  # missing files, bad rows, and permissions / a full disk
+        print(driver.data_error_message(err), file=sys.stderr)
         return 2
     prepared = {k: v for k, v in asdict(prepared_data).items() if k != "stats"}
     if resume_from:
