@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-test install-tools demo test test-all bench clean
+.PHONY: install install-test install-tools demo test test-unverified test-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,11 @@ install-tools: install
 	else echo "make: no promtool and no apt-get: put a promtool from prometheus.io on PATH (tests/test_k8s_alerts.py needs it)"; fi
 
 test: install install-tools
-	$(PY) -m pytest -m "not gpu" --durations=15 tests
+	$(PY) -m pytest -m "not gpu and not unverified" --durations=15 tests
+
+# Tests written this round that have not yet passed on a quiet machine (see pyproject's `unverified` marker).
+test-unverified: install install-tools
+	$(PY) -m pytest -m "unverified and not gpu" --durations=15 tests
 
 test-gpu: install
 	$(PY) -m pytest -m gpu tests

@@ -151,6 +151,7 @@ def results_labels(run_dir: Path) -> list[str]:
     return json.loads((find_checkpoint(run_dir) / "finetune.json").read_text())["labels"]
 
 
+@pytest.mark.unverified
 def test_lora_under_zero3_saves_full_adapter_tensors_equal_to_the_merged_model(local_ray, bases, root):
     """The run checks each save against the in-memory weights; here: every tensor is full-size and
     applying the saved adapter to the base gives the merged export's logits."""
@@ -197,6 +198,7 @@ def test_virtual_token_methods_train_on_sft_and_export_adapters(local_ray, bases
     assert not (root / f"merged-{method}").exists()
 
 
+@pytest.mark.unverified
 def test_early_stopping_stops_on_a_stalled_metric_and_exports_the_best_checkpoint(local_ray, bases, root):
     """lr 0 after the first evaluation's warm-up: the metric cannot improve, patience 1 stops the run."""
     path = write_config(root, bases, "cls-early", "classification", "lora",
@@ -216,6 +218,7 @@ def test_early_stopping_stops_on_a_stalled_metric_and_exports_the_best_checkpoin
     assert read_metrics(run_dir)[-1]["step"] == 4
 
 
+@pytest.mark.unverified
 def test_killed_worker_during_lora_run_resumes_to_the_same_loss(local_ray, bases, root, monkeypatch):
     clean = root / Path(run_once(root, bases, "classification", "lora", 3)).stem
     marker = root / "ft-fault.marker"
@@ -231,6 +234,7 @@ def test_killed_worker_during_lora_run_resumes_to_the_same_loss(local_ray, bases
     assert abs(faulted["val_loss"] - expected["val_loss"]) <= TOL
 
 
+@pytest.mark.unverified
 def test_publish_adapter_stages_hidden_then_renames_into_the_served_directory(local_ray, bases, root):
     from serving.export_format import list_adapters
     from training.export import main as export_main

@@ -27,7 +27,7 @@ BASE_PORT = 26700
 STEP_LINE = re.compile(r"\[raylm\] step (\d+)/(\d+) .*\| (\d+) workers? \|")
 MAX_STEPS = 60
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.unverified]  # never run yet
 
 
 @pytest.fixture(scope="module")
