@@ -151,7 +151,6 @@ def results_labels(run_dir: Path) -> list[str]:
     return json.loads((find_checkpoint(run_dir) / "finetune.json").read_text())["labels"]
 
 
-@pytest.mark.unverified
 def test_lora_under_zero3_saves_full_adapter_tensors_equal_to_the_merged_model(local_ray, bases, root):
     """The run checks each save against the in-memory weights; here: every tensor is full-size and
     applying the saved adapter to the base gives the merged export's logits."""
