@@ -197,7 +197,6 @@ def test_virtual_token_methods_train_on_sft_and_export_adapters(local_ray, bases
     assert not (root / f"merged-{method}").exists()
 
 
-@pytest.mark.unverified
 def test_early_stopping_stops_on_a_stalled_metric_and_exports_the_best_checkpoint(local_ray, bases, root):
     """lr 0 after the first evaluation's warm-up: the metric cannot improve, patience 1 stops the run."""
     path = write_config(root, bases, "cls-early", "classification", "lora",
@@ -217,6 +216,7 @@ def test_early_stopping_stops_on_a_stalled_metric_and_exports_the_best_checkpoin
     assert read_metrics(run_dir)[-1]["step"] == 4
 
 
+# Fails on main (2026-11-30): final loss 4.1e-3 from the clean run's (tolerance 1e-4); deselected until fixed.
 @pytest.mark.unverified
 def test_killed_worker_during_lora_run_resumes_to_the_same_loss(local_ray, bases, root, monkeypatch):
     clean = root / Path(run_once(root, bases, "classification", "lora", 3)).stem
@@ -233,7 +233,6 @@ def test_killed_worker_during_lora_run_resumes_to_the_same_loss(local_ray, bases
     assert abs(faulted["val_loss"] - expected["val_loss"]) <= TOL
 
 
-@pytest.mark.unverified
 def test_publish_adapter_stages_hidden_then_renames_into_the_served_directory(local_ray, bases, root):
     from serving.export_format import list_adapters
     from training.export import main as export_main
