@@ -201,51 +201,75 @@ def _mask_match(match: re.Match) -> str:
     return PII_PLACEHOLDERS["iban"] if _iban_valid(text) else text
 
 
+class _PastTheSpan(Exception):
+    """A kind found inside a card-shaped span runs on past its end (a sub callback cannot replace that)."""
+
+
+def _mask_digit_match(match: re.Match) -> str:
+    """re.sub callback of the digit pass (the common case: nothing runs on past a card-shaped span)."""
+    kind = match.lastgroup
+    if kind is None:
+        return match.group()  # a run in which nothing starts
+    placeholder = _FIXED.get(kind)
+    if placeholder is not None:
+        return placeholder
+    replacement, stop = _mask_card_shaped(match.string, match.start(), match.end())
+    if stop != match.end():
+        raise _PastTheSpan
+    return replacement
+
+
 def _mask_digit_kinds(text: str) -> str:
     """The digit pass: ID cards, mobiles, IPv4 addresses, cards and bare 10-digit phones, leftmost
-    first, in that order at one position. The other kinds may also start inside a card-shaped span
-    (at its start, or after a separator, and run on past its end: "0071 888-242.164.166.171"); those
-    are looked for in the span, in the full text so that lookarounds see the real neighbours, and the
-    scan resumes after them."""
+    first, in that order at one position. A card-shaped span may end inside another kind; then the
+    scan resumes after that kind."""
+    try:
+        return _DIGIT_PASS.sub(_mask_digit_match, text)
+    except _PastTheSpan:
+        pass
     pieces, kept, pos = [], 0, 0
     while pos is not None:
         resume = None
         for match in _DIGIT_PASS.finditer(text, pos):
             kind = match.lastgroup
             if kind is None:
-                continue  # a run in which nothing starts
+                continue
             start, end = match.span()
             placeholder = _FIXED.get(kind)
-            if placeholder is None:  # card-shaped
-                span = match.group()
-                inner = []
-                if (_MAY_HOLD_ANOTHER.search(span) or text.startswith(".", end)
-                        or (span[10:11] in (" ", "-") and span[:10].isdigit())):
-                    # What starts inside the span is at most 18 characters long; lookarounds need 2 more.
-                    for found in _INSIDE_CARD.finditer(text, start, min(end + 20, len(text))):
-                        if found.start() >= end:
-                            break
-                        if found.lastgroup is not None:
-                            inner.append(found)
-                if all(found.lastgroup == "phone10" for found in inner):  # nothing masked before cards
-                    if _luhn_valid(span, b" -"):
-                        pieces += [text[kept:start], PII_PLACEHOLDERS["card"]]
-                        kept = end
-                        continue
-                elif _is_card(before := text[start:inner[0].start()].rstrip(" -")):  # a card, then an ID card ...
-                    pieces += [text[kept:start], PII_PLACEHOLDERS["card"]]
-                    kept = start + len(before)
-                for found in inner:
-                    pieces += [text[kept:found.start()], _FIXED[found.lastgroup]]
-                    kept = found.end()
-                if kept > end:
-                    resume = kept
-                    break
-                continue
+            if placeholder is None:
+                placeholder, end = _mask_card_shaped(text, start, end)
             pieces += [text[kept:start], placeholder]
             kept = end
+            if end > match.end():
+                resume = end
+                break
         pos = resume
-    return "".join(pieces) + text[kept:] if pieces else text
+    return "".join(pieces) + text[kept:]
+
+
+def _mask_card_shaped(text: str, start: int, end: int) -> tuple[str, int]:
+    """The masked text of a card-shaped span text[start:end] and where it stops (past `end` when a kind
+    inside it runs on). The kinds masked before cards may start inside it (after a separator, or at its
+    end: "0071 888-242.164.166.171"), a bare 10-digit phone at its start ("4155550132 123"); they are
+    looked for in the full text, so lookarounds see the real neighbours."""
+    span = text[start:end]
+    if not (_MAY_HOLD_ANOTHER.search(span) or text.startswith(".", end)
+            or (span[10:11] in (" ", "-") and span[:10].isdigit())):
+        return (PII_PLACEHOLDERS["card"] if _luhn_valid(span, b" -") else span), end
+    # What starts inside the span is at most 18 characters long; lookarounds need 2 more.
+    inner = [found for found in _INSIDE_CARD.finditer(text, start, min(end + 20, len(text)))
+             if found.lastgroup is not None and found.start() < end]
+    pieces, kept = [], start
+    if all(found.lastgroup == "phone10" for found in inner):  # nothing masked before cards
+        if _luhn_valid(span, b" -"):
+            return PII_PLACEHOLDERS["card"], end
+    elif _is_card(before := text[start:inner[0].start()].rstrip(" -")):  # a card, then an ID card ...
+        pieces.append(PII_PLACEHOLDERS["card"])
+        kept = start + len(before)
+    for found in inner:
+        pieces += [text[kept:found.start()], _FIXED[found.lastgroup]]
+        kept = found.end()
+    return "".join(pieces) + text[kept:end], max(kept, end)
 
 
 def _is_card(text: str) -> bool:
