@@ -71,9 +71,10 @@ class ApiKeyGuard:
 # Linear by construction, and cheap per character on any input (issue 11 item 4: the old unbounded
 # email pattern took 1.2 s for 40,000 "a"; the next version, nine bounded patterns applied one after
 # another, took 0.5 s per MB of "1 1 1 ..." because each of them was tried at every digit):
-# - three passes, each entered only at the characters its kinds can start with (a pattern that begins
-#   with a character class lets the regex engine skip every other position in C): uppercase letters
-#   (IBAN), "+" and "(" (international and bracketed phones), digits (every other kind);
+# - a few passes, each entered only at the characters its kinds can start with (a pattern that begins
+#   with a character class or a literal lets the regex engine skip every other position in C): emails
+#   (local-part characters, only when the text holds an "@"), IBANs (uppercase letters), "+86" mobiles,
+#   the other digit kinds (digits), phone numbers (digits, "+" and "(");
 # - within the digit pass, one attempt per digit run: the run's start tries only the kinds its first
 #   group fits (10+ digits, 2-9 digits, a single digit before a separator), and when none matches the
 #   rest of the run is consumed at once (every kind refuses to start right after a digit);
@@ -104,7 +105,7 @@ _IBAN_PASS = re.compile(rf"[A-Z](?:(?P<iban>{_IBAN})|[A-Za-z]{{7,4095}}+)", _FLA
 # the legacy 15-digit form: region, YYMMDD, 3-digit sequence. Not preceded or followed by a letter.
 _CN_ID = (r"(?<![A-Za-z]\d)(?<=[1-9])(?:\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"
           r"|\d{7}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3})(?![0-9A-Za-z])")
-# Mainland mobile: 1[3-9] + 9 digits, optional 86 prefix (+86 is in the sign pass), optional 3-4-4 grouping.
+# Mainland mobile: 1[3-9] + 9 digits, optional 86 prefix (+86: _PLUS86_MOBILE), optional 3-4-4 grouping.
 _MOBILE = r"(?:(?<=8)6[ -]?1|(?<=1))[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)"
 # IPv4: four octets 0-255, not inside a longer dotted number. Atomic octets: a shorter octet would
 # leave a digit where a dot or the end must follow, so never giving one back loses no address.
@@ -156,7 +157,6 @@ _PHONE_PASS = re.compile(
     _FLAGS)
 _DATE = re.compile(r"\d{4}([-./])\d{1,2}\1\d{1,2}", _FLAGS)
 _ANY_DIGIT = re.compile(r"\d", _FLAGS)
-_TWO_DIGITS = re.compile(r"\d\d", _FLAGS)
 PII_PATTERNS = (_EMAIL, _IBAN_PASS, _PLUS86_MOBILE, _DIGIT_PASS, _INSIDE_CARD, _MAY_HOLD_ANOTHER,
                 _PHONE_PASS)  # the scanners
 
