@@ -253,8 +253,8 @@ def _mask_card_shaped(text: str, start: int, end: int) -> tuple[str, int]:
     end: "0071 888-242.164.166.171"), a bare 10-digit phone at its start ("4155550132 123"); they are
     looked for in the full text, so lookarounds see the real neighbours."""
     span = text[start:end]
-    if not (_MAY_HOLD_ANOTHER.search(span) or text.startswith(".", end)
-            or (span[10:11] in (" ", "-") and span[:10].isdigit())):
+    if not (text.startswith(".", end) or (not span.isdigit() and (
+            _MAY_HOLD_ANOTHER.search(span) or (span[10:11] in (" ", "-") and span[:10].isdigit())))):
         return (PII_PLACEHOLDERS["card"] if _luhn_valid(span, b" -") else span), end
     # What starts inside the span is at most 18 characters long; lookarounds need 2 more.
     inner = [found for found in _INSIDE_CARD.finditer(text, start, min(end + 20, len(text)))
