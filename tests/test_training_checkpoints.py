@@ -18,6 +18,8 @@ from training.checkpoints import (
 )
 from training.config import ConfigError, validate_config
 from training.export import find_checkpoint
+from training.finetune import FINETUNE_MEANING_KEYS
+from training.pretrain import PRETRAIN_MEANING_KEYS
 from training.universal import accumulation_for, convert_to_universal, plan_resume
 
 
@@ -145,11 +147,11 @@ def test_resume_check_fills_defaults_for_keys_and_null_sections_older_checkpoint
                                                          "global_batch_rows": cfg.optim.micro_batch_size
                                                          * cfg.optim.grad_accum_steps * cfg.scaling.max_workers}))
     write_manifest(ckpt, {"step": 4})
-    assert check_resume(cfg, ("model", "data", "tokenizer", "deepspeed")) == str(ckpt)
+    assert check_resume(cfg, PRETRAIN_MEANING_KEYS) == str(ckpt)
 
     changed = _resume_config(tmp_path, f"model.hidden_size={cfg.model.hidden_size * 2}")
     with pytest.raises(ConfigError, match=rf"model.hidden_size: checkpoint has {cfg.model.hidden_size}, config now says"):
-        check_resume(changed, ("model", "data", "tokenizer", "deepspeed"))
+        check_resume(changed, PRETRAIN_MEANING_KEYS)
 
 
 def test_resume_check_refuses_a_checkpoint_without_its_resolved_config(tmp_path):
@@ -160,7 +162,94 @@ def test_resume_check_refuses_a_checkpoint_without_its_resolved_config(tmp_path)
     (ckpt / "resolved_config.yaml").unlink()
     write_manifest(ckpt, {"step": 4})
     with pytest.raises(ConfigError, match="has no resolved_config.yaml"):
-        check_resume(cfg, ("model", "data", "tokenizer", "deepspeed"))
+        check_resume(cfg, PRETRAIN_MEANING_KEYS)
+
+
+def _checkpoint_of(cfg, step: int = 4) -> Path:
+    """A checkpoint of `cfg`'s run whose resolved_config.yaml is `cfg` itself, with a verifying manifest."""
+    ckpt = fake_checkpoint(cfg.run_dir, step, world=cfg.scaling.max_workers, manifest=False)
+    (ckpt / "resolved_config.yaml").write_text(cfg.to_yaml())
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": cfg.scaling.max_workers,
+                                                         "global_batch_rows": cfg.optim.micro_batch_size
+                                                         * cfg.optim.grad_accum_steps * cfg.scaling.max_workers}))
+    write_manifest(ckpt, {"step": step})
+    return ckpt
+
+
+def test_resume_check_compares_only_what_changes_the_checkpoints_meaning(tmp_path):
+    """Training settings, cadences and paths may change on resume; model shape, tokenizer and ZeRO
+    sharding may not, and every refused key is named with both values."""
+    from training.driver import check_resume
+
+    cfg = _resume_config(tmp_path)
+    ckpt = _checkpoint_of(cfg)
+    free = _resume_config(tmp_path, "optim.lr=0.01", "optim.max_steps=999", "optim.warmup_steps=0", "run.eval_every_steps=7",
+                          "run.checkpoint_every_steps=3", "data.seq_len=32", f"data.prepared_dir={tmp_path / 'p'}",
+                          "model.gradient_checkpointing=true", "deepspeed.bucket_elements=20000")
+    assert check_resume(free, PRETRAIN_MEANING_KEYS) == str(ckpt)
+
+    other_stage = 3 if cfg.deepspeed.zero_stage != 3 else 1
+    changed = _resume_config(tmp_path, f"model.hidden_size={cfg.model.hidden_size * 2}", "optim.lr=0.01",
+                             f"deepspeed.zero_stage={other_stage}", "tokenizer.vocab_size=5000")
+    with pytest.raises(ConfigError) as refused:
+        check_resume(changed, PRETRAIN_MEANING_KEYS)
+    message = str(refused.value)
+    assert f"model.hidden_size: checkpoint has {cfg.model.hidden_size}, config now says {cfg.model.hidden_size * 2}; " \
+           "restore it or pick a new run.name" in message
+    assert f"deepspeed.zero_stage: checkpoint has {cfg.deepspeed.zero_stage}, config now says {other_stage}" in message
+    assert f"tokenizer.vocab_size: checkpoint has {cfg.tokenizer.vocab_size}, config now says 5000" in message
+    assert "optim.lr" not in message
+
+
+def _finetune_config(tmp_path, **changes):
+    raw = {"kind": "finetune", "task": "classification", "model": {"source": "hf_dir", "path": str(tmp_path / "base")},
+           "method": {"type": "lora", "lora": {"r": 8}}, "data": {"train_files": ["reviews.csv"]},
+           "scaling": {"num_workers": 1}, "run": {"storage_path": str(tmp_path), "name": "ft"}}
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return validate_config(raw)
+
+
+def test_finetune_resume_check_refuses_another_adapter_shape_and_allows_another_lr(tmp_path):
+    from training.driver import check_resume
+
+    cfg = _finetune_config(tmp_path)
+    ckpt = _checkpoint_of(cfg)
+    assert check_resume(_finetune_config(tmp_path, optim__lr=0.5, optim__max_steps=70, method__lora__dropout=0.2,
+                                         data__max_len=64, run__eval_every_steps=3), FINETUNE_MEANING_KEYS) == str(ckpt)
+    for key, value, says in [("method__lora__r", 16, "method.lora.r: checkpoint has 8, config now says 16"),
+                             ("task", "ner", "task: checkpoint has 'classification', config now says 'ner'"),
+                             ("model__path", "/elsewhere", "model.path: checkpoint has"),
+                             ("deepspeed__zero_stage", 3, "deepspeed.zero_stage: checkpoint has 2, config now says 3")]:
+        with pytest.raises(ConfigError, match=says):
+            check_resume(_finetune_config(tmp_path, **{key: value}), FINETUNE_MEANING_KEYS)
+
+
+def test_resume_data_check_refuses_another_vocabulary_or_label_set(tmp_path):
+    from training.driver import check_resume_data
+
+    def tokenizer(where: Path, vocab: dict) -> Path:
+        where.mkdir(parents=True)
+        (where / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab}, "added_tokens": [
+            {"id": len(vocab), "content": "<|endoftext|>"}]}))
+        return where
+
+    ckpt = tmp_path / "checkpoint_000004"
+    tokenizer(ckpt / "tokenizer", {"a": 0, "b": 1, "ab": 2})
+    (ckpt / "finetune.json").write_text(json.dumps({"labels": ["neg", "pos"]}))
+    same = tokenizer(tmp_path / "same", {"a": 0, "b": 1, "ab": 2})
+    check_resume_data(str(ckpt), str(same), ["neg", "pos"])
+    check_resume_data(None, str(tmp_path / "nowhere"), ["x"])  # nothing to resume: nothing to compare
+
+    retrained = tokenizer(tmp_path / "retrained", {"a": 0, "b": 1, "ba": 2})
+    with pytest.raises(ConfigError, match=r"tokenizer: checkpoint_000004 was trained with a vocabulary of 4 tokens.*2 token/id pairs differ"):
+        check_resume_data(str(ckpt), str(retrained), ["neg", "pos"])
+    with pytest.raises(ConfigError, match=r"labels: checkpoint has \['neg', 'pos'\], the data now gives \['neg', 'neutral', 'pos'\]"):
+        check_resume_data(str(ckpt), str(same), ["neg", "neutral", "pos"])
 
 
 def test_data_preparation_os_errors_are_one_line_with_the_fix(tmp_path):

@@ -19,13 +19,16 @@ FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")
 MATERIALIZE_MAX_BYTES = 256 * 2**20
 
 
-def check_resume(cfg, shape_sections: Sequence[str]) -> str | None:
+def check_resume(cfg, meaning_keys: Sequence[str]) -> str | None:
     """Refuse to mix a new config into an old run's checkpoints; return the latest complete checkpoint if any.
 
-    `shape_sections` are the config sections that must match the checkpoint for it to mean the same
-    run (model shape, data, tokenizer, DeepSpeed: ZeRO stage, precision, offload). The worker count
-    may change: the shards are converted to DeepSpeed's universal format and the global batch is
-    kept by gradient accumulation (training.universal), refused here when it cannot be.
+    `meaning_keys` are the dotted config keys that decide what a checkpoint means (model shape, the
+    tokenizer, ZeRO sharding; for fine-tuning also the base model, task and adapter shape): they must
+    match for its shards to load and mean the same run. Every other key may change on resume (lr,
+    max_steps, eval cadence, paths, batch size). The worker count may change too: the shards are
+    converted to DeepSpeed's universal format and the global batch is kept by gradient accumulation
+    (training.universal), refused here when it cannot be. What the data decides (a tokenizer trained on
+    the corpus, a label set) is checked after data preparation by `check_resume_data`.
     Checkpoints whose manifest does not verify (half-written) are skipped with a warning.
     """
     if not list_checkpoints(cfg.run_dir):
@@ -46,26 +49,77 @@ def check_resume(cfg, shape_sections: Sequence[str]) -> str | None:
         ], f"resume of {cfg.run_dir}")
     saved = read_yaml(saved_path)
     current = cfg.model_dump(mode="json")
+    saved_sections: dict[str, dict | None] = {}
     problems = []
-    for section in shape_sections:
-        if not isinstance(current[section], dict):
+    for key in meaning_keys:
+        section, _, rest = key.partition(".")
+        if not rest:  # a top-level key (task): compared when the checkpoint has it
             if section in saved and saved[section] != current[section]:
-                problems.append(f"{section}: checkpoint has {saved[section]!r}, config now says "
-                                f"{current[section]!r}; restore it or pick a new run.name")
+                problems.append(_resume_mismatch(key, saved[section], current[section]))
             continue
-        saved_section = _saved_section(cfg, section, saved.get(section))
-        if saved_section is None:
+        if section not in saved_sections:
+            saved_sections[section] = _saved_section(cfg, section, saved.get(section))
+        if saved_sections[section] is None:
             continue  # neither saved nor derivable from defaults: nothing to compare against
-        problems += [
-            f"{section}.{key}: checkpoint has {saved_section.get(key)!r}, config now says {value!r}; "
-            "restore it or pick a new run.name"
-            for key, value in current[section].items()
-            if f"{section}.{key}" not in MEANING_FREE_KEYS and saved_section.get(key) != value
-        ]
+        then, now = _lookup(saved_sections[section], rest), _lookup(current[section], rest)
+        if then != now:
+            problems.append(_resume_mismatch(key, then, now))
     problems += _global_batch_problems(cfg, latest)
     if problems:
         raise ConfigError(problems, f"resume of {cfg.run_dir}")
     return str(latest)
+
+
+def check_resume_data(checkpoint: str | None, tokenizer_dir: str, labels: list[str] | None = None) -> None:
+    """After data preparation: the checkpoint must have been trained with the tokenizer and label set the
+    data gives now (a BPE trained on other files, or a label added to the data, changes what its ids
+    mean although no config key that `check_resume` compares changed). Checkpoints written without a
+    tokenizer.json or a label list are not compared on that part."""
+    if checkpoint is None:
+        return
+    import json
+
+    problems = []
+    saved_vocab = _vocabulary(Path(checkpoint, "tokenizer", "tokenizer.json"))
+    new_vocab = _vocabulary(Path(tokenizer_dir, "tokenizer.json"))
+    if saved_vocab is not None and new_vocab is not None and saved_vocab != new_vocab:
+        differing = len(set(saved_vocab.items()) ^ set(new_vocab.items()))
+        problems.append(
+            f"tokenizer: {Path(checkpoint).name} was trained with a vocabulary of {len(saved_vocab)} tokens, the data now "
+            f"gives {len(new_vocab)} ({differing} token/id pairs differ); restore the tokenizer settings and the "
+            "training files it was trained on (a trained BPE depends on them), or pick a new run.name")
+    facts_path = Path(checkpoint, "finetune.json")
+    saved_labels = json.loads(facts_path.read_text()).get("labels") if facts_path.is_file() else None
+    if labels is not None and saved_labels is not None and list(saved_labels) != list(labels):
+        problems.append(_resume_mismatch("labels", saved_labels, labels, now_from="the data now gives"))
+    if problems:
+        raise ConfigError(problems, f"resume from {checkpoint}")
+
+
+def _resume_mismatch(key: str, then, now, now_from: str = "config now says") -> str:
+    return f"{key}: checkpoint has {then!r}, {now_from} {now!r}; restore it or pick a new run.name"
+
+
+def _lookup(section, dotted: str):
+    """section["a"]["b"] for "a.b"; None where a level is missing."""
+    value = section
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _vocabulary(tokenizer_json: Path) -> dict | None:
+    """Token -> id of a fast tokenizer file (vocabulary and added tokens); None when there is none."""
+    import json
+
+    if not tokenizer_json.is_file():
+        return None
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    raw = (data.get("model") or {}).get("vocab") or {}
+    # BPE / WordPiece: {token: id}; Unigram: [[token, score], ...] with the position as the id.
+    vocab = dict(raw) if isinstance(raw, dict) else {entry[0]: i for i, entry in enumerate(raw)}
+    vocab.update({token["content"]: token["id"] for token in data.get("added_tokens") or []})
+    return vocab
 
 
 def data_error_message(err: Exception) -> str:
@@ -75,12 +129,6 @@ def data_error_message(err: Exception) -> str:
         return (f"data: cannot read or write the prepared data{where}: {err.strerror or err}; check the permissions "
                 "and free disk space of data.prepared_dir (default <run.storage_path>/<run.name>/data)")
     return f"data: {err}"
-
-
-# Keys that change how a run executes, not what its checkpoint holds: they may differ on resume.
-MEANING_FREE_KEYS = frozenset({
-    "model.gradient_checkpointing", "model.trust_remote_code", "data.prepared_dir", "deepspeed.bucket_elements",
-})
 
 
 def _saved_section(cfg, section: str, raw) -> dict | None:

@@ -22,8 +22,15 @@ from training import driver
 from training.config import ConfigError, load_config_of_kind
 from training.finetune_config import FinetuneConfig
 
-# What must match a checkpoint for its shards (and its labels) to load on resume.
-FINETUNE_SHAPE_SECTIONS = ("task", "model", "method", "data", "deepspeed")
+# What a checkpoint means: the keys that must match for its shards to load and mean the same run. The
+# task and base model, the method and the adapter's shape and scale, and what decides the DeepSpeed shard
+# layout (see training.pretrain). The label set and the tokenizer come from the data and the base model:
+# compared after data preparation by driver.check_resume_data.
+FINETUNE_MEANING_KEYS = (
+    "task", "model.source", "model.path",
+    "method.type", "method.lora.r", "method.lora.alpha", "method.lora.target_modules", "method.num_virtual_tokens",
+    "deepspeed.zero_stage", "deepspeed.precision", "deepspeed.offload_optimizer", "deepspeed.offload_params",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_resume(cfg: FinetuneConfig) -> str | None:
     """Refuse to mix a changed config into an old run's checkpoints; return the latest checkpoint if any."""
-    return driver.check_resume(cfg, FINETUNE_SHAPE_SECTIONS)
+    return driver.check_resume(cfg, FINETUNE_MEANING_KEYS)
 
 
 def build_trainer(cfg: FinetuneConfig, prepared: dict, *, callbacks=(), storage_path: str | None = None,
@@ -123,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         print(driver.data_error_message(err), file=sys.stderr)
         return 2
     prepared = {k: v for k, v in asdict(prepared_data).items() if k != "stats"}
+    try:
+        driver.check_resume_data(resume_from, prepared["tokenizer_dir"], prepared["labels"])
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
     if resume_from:
         print(f"[raylm] resuming {cfg.run_dir} from {resume_from}")
 

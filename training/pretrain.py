@@ -20,7 +20,16 @@ import sys
 from training import driver
 from training.config import ConfigError, PretrainConfig, load_config_of_kind
 
-PRETRAIN_SHAPE_SECTIONS = ("model", "data", "tokenizer", "deepspeed")
+# What a checkpoint means: the keys that must match for its shards to load and mean the same run.
+# The model's architecture, the tokenizer's identity (a trained BPE also depends on the corpus: compared
+# after data preparation by driver.check_resume_data), and what decides the DeepSpeed shard layout: the
+# ZeRO stage, the precision (bf16/fp16 keep fp32 master copies) and offload (another optimizer class).
+PRETRAIN_MEANING_KEYS = (
+    "model.source", "model.path", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
+    "model.intermediate_size", "model.max_position_embeddings", "model.rope_theta", "model.tie_word_embeddings",
+    "tokenizer.path", "tokenizer.vocab_size", "tokenizer.min_frequency",
+    "deepspeed.zero_stage", "deepspeed.precision", "deepspeed.offload_optimizer", "deepspeed.offload_params",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,8 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_resume(cfg: PretrainConfig) -> str | None:
     """Refuse to mix a new config into an old run's checkpoints; return the latest checkpoint if any."""
-    # The shape of the network, the data and the sharding must match to load the shards.
-    return driver.check_resume(cfg, PRETRAIN_SHAPE_SECTIONS)
+    return driver.check_resume(cfg, PRETRAIN_MEANING_KEYS)
 
 
 def start_ray(cfg: PretrainConfig, address: str | None):
@@ -119,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prepared = {k: v for k, v in asdict(prepared_data).items() if k != "stats"}
     data_stats = asdict(prepared_data.stats)
+    try:
+        driver.check_resume_data(resume_from, prepared["tokenizer_dir"])
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
     if resume_from:
         print(f"[raylm] resuming {cfg.run_dir} from {resume_from}")
 
