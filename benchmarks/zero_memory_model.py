@@ -15,9 +15,10 @@ params (between steps)
                                                         persistence_threshold keeps its full data on every rank (ds_persist)
 optimizer states (Adam moments + fp32 master, K=12 in the paper's terms)
   stage 0      8*Psi + 4 per param tensor               torch AdamW exp_avg, exp_avg_sq and a 0-dim fp32 `step` per tensor
-  stage 1-3    12*P + 4 per param group                 P = this rank's padded partition (stage_1_and_2.py:556 partition_size,
-                                                        stage3.py fp32_partitioned_groups_flat): master copy
-                                                        (`single_partition_of_fp32_groups`, even in fp32 training) + 2 moments
+  stage 1-3    12*P + 4 per param group                 P = this rank's padded partition (stage_1_and_2.py:586
+                                                        partition_size): the fp32 master copy, kept even in fp32
+                                                        training (stage_1_and_2.py:577 single_partition_of_fp32_groups,
+                                                        stage3.py:1155 fp32_partitioned_groups_flat) + 2 Adam moments
 comm buffers (allocated by config, not by the model)
   stage 1, 2   4*reduce_bucket_size*(2 if overlap_comm else 1)   stage_1_and_2.py:3266/3275 setup_buckets, at the first
                                                         gradient hook; freed by the epilogue (_release_ipg_buffers, :924)
@@ -25,7 +26,7 @@ comm buffers (allocated by config, not by the model)
 gradients: the peak over DeepSpeed's reduction boundaries (before and after every bucket reduction), replayed
   by `gradient_points` from DeepSpeed's rules over the order in which it received the gradients:
   - partition buffer, stage 1/2: 4*sum of n_p over the params that overlap this rank's partition, whole
-    (stage_1_and_2.py:2186 `total_size += param_in_partition.numel()`, get_partition_info :2579 counts a
+    (stage_1_and_2.py:2186-2192 `total_size += param_in_partition.numel()`, get_partition_info :2579 counts a
     param that straddles the partition boundary on both ranks), allocated at the first copy into it
     (copy_grads_in_partition) and kept until step() through `averaged_gradients`;
     stage 3: 4*sum_p ceil(n_p/N) (stage3.py:791 grad_partitions_flat_buffer, allocated at init).
@@ -59,7 +60,7 @@ SOURCES = {
                          "keep their full data",
     "adam_moments": "torch AdamW exp_avg + exp_avg_sq over what the inner optimizer updates",
     "adam_step": "torch AdamW 0-dim fp32 `step` per optimized tensor",
-    "fp32_master": "stage_1_and_2.py:542 single_partition_of_fp32_groups / stage3.py fp32_partitioned_groups_flat: "
+    "fp32_master": "stage_1_and_2.py:577 single_partition_of_fp32_groups / stage3.py:1155 fp32_partitioned_groups_flat: "
                    "fp32 master partition, kept even in fp32 training",
     "reduce_bucket": "stage_1_and_2.py:3266 setup_buckets (x2 with overlap_comm, :3275) / stage3.py:782 ipg bucket "
                      "buffer, reduce_bucket_size elements",
@@ -99,7 +100,7 @@ def stage12_layout(groups: list[list[Param]], world: int, rank: int, param_align
 
     stage_1_and_2.py:440-446: per group, params padded to `param_alignment` elements (16 bytes / fp32) except
     the last, the group to 2N (nccl_start_alignment_factor 2 x world); partition = len // N
-    (:556); get_partition_info (:2579): a param belongs to a partition when it starts inside it, or
+    (:586); get_partition_info (:2579): a param belongs to a partition when it starts inside it, or
     starts before it and ends inside it (a straddling param belongs to both).
     """
     padded, partition, in_partition = [], [], set()
