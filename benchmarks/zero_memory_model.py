@@ -11,8 +11,11 @@ params (between steps)
   stage 1, 2   4*sum_g align(n_g + pad_g, 2N)           stage_1_and_2.py:446 (`aligned_numel`): each param group is
                                                         flattened into one buffer padded to 2N elements; params are views
   stage 3      4*sum_p ceil(n_p/N)                      partition_parameters.py:1816 (`_aligned_size // world`): ds_tensor
-               + 4*sum_{p persistent} n_p               partition_parameters.py:1292: a param with n_p <= stage3_param_
-                                                        persistence_threshold keeps its full data on every rank (ds_persist)
+               + 4*sum_{p persistent} n_p  (N > 1)      parameter_offload.py:317 mark_persistent_parameters: a param with
+                                                        n_p <= stage3_param_persistence_threshold (ds_persist) keeps its
+                                                        gathered full data between steps; at N = 1 the "gathered" data
+                                                        is a view of the partition (partition_parameters.py:1559
+                                                        _no_gather_coalesced -> NoGatherHandle, :74)
 optimizer states (Adam moments + fp32 master, K=12 in the paper's terms)
   stage 0      8*Psi + 4 per param tensor               torch AdamW exp_avg, exp_avg_sq and a 0-dim fp32 `step` per tensor
   stage 1-3    12*P + 4 per param group                 P = this rank's padded partition (stage_1_and_2.py:586
@@ -56,8 +59,9 @@ SOURCES = {
     "model_params": "the model's own fp32 tensors (stage 0: no flattening)",
     "flat_param_groups": "stage_1_and_2.py:446 aligned_numel: each param group flattened, padded to 2N elements",
     "param_partitions": "partition_parameters.py:1816 ds_tensor of ceil(n/N) elements per param",
-    "persistent_params": "partition_parameters.py:1292 ds_persist: params with n <= stage3_param_persistence_threshold "
-                         "keep their full data",
+    "persistent_params": "parameter_offload.py:317 ds_persist: params with n <= stage3_param_persistence_threshold "
+                         "keep their gathered full data (N > 1; at N = 1 it is a view of the partition, "
+                         "partition_parameters.py:1559/:74)",
     "adam_moments": "torch AdamW exp_avg + exp_avg_sq over what the inner optimizer updates",
     "adam_step": "torch AdamW 0-dim fp32 `step` per optimized tensor",
     "fp32_master": "stage_1_and_2.py:577 single_partition_of_fp32_groups / stage3.py:1155 fp32_partitioned_groups_flat: "
@@ -208,7 +212,7 @@ def expected_bytes(stage: int, world: int, rank: int, groups: list[list[Param]],
         terms["comm_buffers"] = {"reduce_bucket": FP32 * bucket * (2 if overlap_comm else 1)}
     else:
         partition = sum(math.ceil(p.numel / world) for p in params)
-        persistent = sum(p.numel for p in params if p.numel <= persistence_threshold)
+        persistent = sum(p.numel for p in params if p.numel <= persistence_threshold) if world > 1 else 0
         terms["params"] = {"param_partitions": FP32 * partition, "persistent_params": FP32 * persistent}
         terms["optim_states"] = {"fp32_master": FP32 * partition, "adam_moments": 2 * FP32 * partition,
                                  "adam_step": FP32 * len(groups)}

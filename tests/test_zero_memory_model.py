@@ -48,3 +48,6 @@ def test_stage3_holds_ceil_partitions_and_keeps_small_params_whole():
     assert stage3["terms"]["params"] == {"param_partitions": 4 * 958, "persistent_params": 4 * 16}
     assert stage3["bytes"]["grads"] == 4 * 958 + 4 * 1000
     assert stage3["terms"]["optim_states"] == {"fp32_master": 4 * 958, "adam_moments": 8 * 958, "adam_step": 8}
+    # one rank: the gathered data of a persistent param is a view of its (whole) partition
+    single = expected_bytes(3, 1, 0, GROUPS, BACKWARD, bucket=500, persistence_threshold=10)
+    assert single["terms"]["params"] == {"param_partitions": 4 * PSI, "persistent_params": 0}
