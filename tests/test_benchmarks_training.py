@@ -26,7 +26,8 @@ def last_line_pairs(stdout: str) -> dict[str, str]:
 
 def test_zero_memory_measures_sharded_bytes_against_the_paper():
     args = zero_memory.parse_args(["--hidden", "128", "--layers", "1", "--heads", "4", "--vocab", "512",
-                                   "--seq-len", "16", "--micro-batch", "1", "--worlds", "2", "--stages", "0", "3"])
+                                   "--seq-len", "16", "--micro-batch", "1", "--worlds", "2", "--stages", "0", "3",
+                                   "--bucket-elements", "20000"])
     result = zero_memory.compare(zero_memory.measure(args))
     rows = result["rows"]
     assert sorted((r["stage"], r["rank"]) for r in rows) == [(0, 0), (0, 1), (3, 0), (3, 1)]
@@ -34,13 +35,17 @@ def test_zero_memory_measures_sharded_bytes_against_the_paper():
         assert row["psi"] > 0
         assert all(row["measured"][k] > 0 for k in ("params", "grads", "optim_states"))
         assert all(v > 0 for v in row["paper_bytes"].values())
+        assert set(row["expected_terms"]) == {"params", "grads", "optim_states", "comm_buffers"}
     stage0 = next(r for r in rows if r["stage"] == 0 and r["rank"] == 0)
     stage3 = next(r for r in rows if r["stage"] == 3 and r["rank"] == 0)
     # Stage 0 holds the whole model on every rank, stage 3 about half of it with 2 ranks.
     assert stage0["measured"]["params"] == pytest.approx(4 * stage0["psi"], rel=0.01)
     assert stage3["measured"]["params"] < 0.7 * stage0["measured"]["params"]
     assert stage3["measured"]["optim_states"] < 0.7 * stage0["measured"]["optim_states"]
-    assert result["max_rel_dev"] >= result["max_rel_dev_buckets_as_buffers"] >= 0
+    # DeepSpeed's allocations replayed from its rules (benchmarks.zero_memory_model) account for every class;
+    # the paper's formulas leave out the bucket-bypassing embedding gradient at stage 3.
+    assert result["max_rel_dev"] <= 0.05, [r["rel_dev"] for r in rows]
+    assert result["max_paper_rel_dev"] > 0.05
     assert "max dev" in zero_memory.format_table(rows)
 
 

@@ -32,8 +32,7 @@ def workdir(tmp_path_factory):
     return root
 
 
-# Stage 1 passed as this test; stages 2 and 3 have only passed through benchmarks.elastic_resume so far.
-@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.unverified), pytest.param(3, marks=pytest.mark.unverified)])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_on_another_worker_count_continues_the_loss_curve(local_ray, workdir, stage, capfd):
     result = resize_cases(workdir, stage, steps=6)
     console = "".join(capfd.readouterr())
