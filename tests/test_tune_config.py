@@ -284,3 +284,26 @@ def test_publish_needs_a_lora_finetune_sweep_and_an_adapters_dir(tmp_path, capsy
     assert "--adapter-name" in capsys.readouterr().err
     assert search.main(["--config", lora, "--publish-to", str(tmp_path / "adapters"), "--adapter-name", "v2",
                         "--validate-only"]) == 0
+
+
+@pytest.mark.parametrize("scheduler,rungs", [
+    ({"grace_period": 4, "reduction_factor": 1.5}, "6, 9"),   # rungs 4, 6, 9: 6 and 9 between evaluations
+    ({"grace_period": 6, "reduction_factor": 2}, "6"),        # 6 is not an evaluation step (every 4)
+])
+def test_asha_rungs_between_evaluations_are_refused(tmp_path, scheduler, rungs):
+    problems = problems_of(sweep_yaml(tmp_path, scheduler={"type": "asha", **scheduler}))
+    matching = [p for p in problems if p.startswith("scheduler:")]
+    assert matching and f"rungs at step {rungs} " in matching[0], problems
+
+
+def test_asha_rungs_match_ray_and_finetune_checkpoints_count_as_evaluations(tmp_path):
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from tune.config import asha_rungs
+
+    for grace, rf, max_t, brackets in [(2, 4, 24, 1), (4, 1.5, 24, 1), (3, 2, 100, 3), (1000, 3, 6000, 1)]:
+        ray_rungs = {r for s in range(brackets) for r, _ in _Bracket(grace, max_t, rf, s)._rungs if r < max_t}
+        assert asha_rungs(grace, rf, max_t, brackets) == sorted(ray_rungs)
+    # A fine-tune evaluates at every checkpoint too: a rung on a checkpoint step is a decision point.
+    base = {**FT_BASE, "run": {"eval_every_steps": 10, "checkpoint_every_steps": 5}}
+    load_sweep(ft_sweep_yaml(tmp_path, base=base, scheduler={"type": "asha", "grace_period": 5}))

@@ -305,6 +305,39 @@ def _check_space(space_raw: dict, base_raw: dict, base, base_cls) -> tuple[dict[
     return space, problems
 
 
+def asha_rungs(grace_period: int, reduction_factor: float, max_t: int, brackets: int = 1) -> list[float]:
+    """The steps at which Ray's ASHA compares trials (`ray.tune.schedulers.async_hyperband._Bracket`):
+    grace_period * reduction_factor^(k+s) for each bracket s, below max_t (a trial stops at max_t anyway)."""
+    rungs = set()
+    for s in range(brackets):
+        count = int(math.log(max_t / grace_period) / math.log(reduction_factor) - s + 1)
+        rungs.update(grace_period * reduction_factor ** (k + s) for k in range(count))
+    return sorted(r for r in rungs if r < max_t)
+
+
+def _evaluated(step: float, base) -> bool:
+    """Whether a run of `base` evaluates (reports the tuned metric) at `step`; fine-tunes also at checkpoints."""
+    run = base.run
+    every = [run.eval_every_steps] + ([run.checkpoint_every_steps] if getattr(base, "kind", "") == "finetune" else [])
+    return float(step).is_integer() and any(int(step) % e == 0 for e in every)
+
+
+def _rung_problems(sched, base, max_t: int) -> list[str]:
+    """ASHA decides at the first evaluation at or past each rung: a rung between evaluations lets every trial
+    it would stop train on until the next evaluation. Rungs must fall on evaluation steps."""
+    rungs = asha_rungs(sched.grace_period, sched.reduction_factor, max_t, sched.brackets)
+    off = [r for r in rungs if not _evaluated(r, base)]
+    if not off:
+        return []
+    every = base.run.eval_every_steps
+    shown = ", ".join(f"{r:g}" for r in off)
+    return [f"scheduler: ASHA rungs at step {shown} (grace_period {sched.grace_period} x reduction_factor "
+            f"{sched.reduction_factor:g}^k) fall between the base run's evaluations (every {every} steps), so each "
+            "trial ASHA stops there trains on to the next evaluation first; use a grace_period that is a multiple "
+            f"of run.eval_every_steps={every} and a whole-number reduction_factor (rungs: "
+            f"{', '.join(f'{r:g}' for r in rungs)})"]
+
+
 def _check_scheduler(cfg: SweepConfig, base, space: dict[str, Distribution], base_cls) -> list[str]:
     """Scheduler and search settings that cannot work with this base run and space."""
     problems = []
@@ -323,9 +356,11 @@ def _check_scheduler(cfg: SweepConfig, base, space: dict[str, Distribution], bas
         if sched.grace_period >= max_t:
             problems.append(f"scheduler.grace_period: {sched.grace_period} must be below max_t={max_t} "
                             "(the base run's optim.max_steps unless scheduler.max_t is set)")
-        if sched.grace_period < run.eval_every_steps:
+        if sched.grace_period < run.eval_every_steps and not _evaluated(sched.grace_period, base):
             problems.append(f"scheduler.grace_period: {sched.grace_period} is below base run.eval_every_steps="
                             f"{run.eval_every_steps}; trials report the metric only at evaluations")
+        elif sched.grace_period < max_t:
+            problems += _rung_problems(sched, base, max_t)
         if sched.max_t and sched.max_t > base.optim.max_steps:
             problems.append(f"scheduler.max_t: {sched.max_t} exceeds the base run's optim.max_steps={base.optim.max_steps}")
     if sched.type == "pbt":
