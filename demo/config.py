@@ -188,12 +188,10 @@ def check_stage_configs(demo_plan: Plan) -> list[str]:
     except ConfigError as err:
         problems += [f"pretrain ({cfg.pretrain.config}): {p}" for p in err.problems]
     try:
-        sweep = load_sweep_of(demo_plan)
-        if sweep.kind != "finetune" or sweep.base.method.type != "lora" or sweep.base.task != "sft":
-            problems.append(f"sweep.config: {cfg.sweep.config} must sweep a LoRA sft fine-tune (the endpoint serves "
-                            f"its adapter on the chat route); its base is a {sweep.kind} run")
+        problems += sweep_kind_problems(load_sweep_of(demo_plan), demo_plan)
     except ConfigError as err:
-        problems += [f"sweep ({cfg.sweep.config}): {p}" for p in err.problems]
+        # A sweep of another kind fails on the demo's model/data overrides: name the real problem first.
+        problems += own_sweep_kind_problems(demo_plan) or [f"sweep ({cfg.sweep.config}): {p}" for p in err.problems]
     problems += serve_config_problems(demo_plan)
     if cfg.task_data.min_chars > cfg.task_data.max_chars:
         problems.append(f"task_data.min_chars: {cfg.task_data.min_chars} is above max_chars "
@@ -202,6 +200,26 @@ def check_stage_configs(demo_plan: Plan) -> list[str]:
         problems.append(f"serve.min_replicas: {cfg.serve.min_replicas} is above max_replicas "
                         f"{cfg.serve.max_replicas}; lower it")
     return problems
+
+
+def sweep_kind_problems(sweep, demo_plan: Plan) -> list[str]:
+    """The sweep's base must be a LoRA sft fine-tune: the endpoint serves its adapter on the chat route."""
+    base = sweep.base
+    if sweep.kind != "finetune" or base.method.type != "lora" or base.task != "sft":
+        what = f"a {sweep.kind} run" if sweep.kind != "finetune" else f"a {base.method.type} {base.task} fine-tune"
+        return [f"sweep.config: {demo_plan.cfg.sweep.config} must sweep a LoRA sft fine-tune (the endpoint serves "
+                f"its adapter on the chat route); its base is {what}"]
+    return []
+
+
+def own_sweep_kind_problems(demo_plan: Plan) -> list[str]:
+    """sweep_kind_problems of the sweep as its YAML stands (without the demo's overrides), if it loads."""
+    from tune.config import load_sweep
+
+    try:
+        return sweep_kind_problems(load_sweep(demo_plan.sweep_config), demo_plan)
+    except ConfigError:
+        return []
 
 
 def load_sweep_of(demo_plan: Plan):
