@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"starting a Ray node of its own ({demo_plan.cfg.ray_cpus} logical CPUs, token auth on)")
     try:
         node = start_node(demo_plan.cfg.ray_cpus)
-    except (RuntimeError, TimeoutError, ValueError) as err:
+    except (RuntimeError, OSError, ValueError) as err:  # TimeoutError, ConnectionError are OSErrors
         print(f"[demo] could not start Ray: {err}", file=sys.stderr)
         return 1
     try:

@@ -2,7 +2,7 @@
 
 Every stage runs on it, and the Serve endpoint outlives the demo on it, so the user can try the endpoint
 after `make demo` returns. Each run takes a free base port (a new node, a new endpoint); stopping one
-(`python -m cluster.local down --dir ...`, or Ctrl-C during the demo) ends exactly its processes.
+(`python -m cluster.local --dir ... down`, or Ctrl-C during the demo) ends exactly its processes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
-from cluster.local import LocalCluster, default_dir, node_ports
+from cluster.local import TOKEN_FILE, LocalCluster, default_dir, node_ports
 
 BASE_PORTS = range(26200, 26851, 150)  # one node's ports: base .. base+149 (cluster.local's layout), all <= 26999
 SERVE_PROXY_HOOK = "serving.errors:proxy_middlewares"  # OpenAI-shaped proxy errors, 503 + Retry-After (docs/serving.md)
@@ -36,7 +36,7 @@ def free_base_port() -> int:
         if all(_port_free(p) for p in (base, base + 1, base + 65, ports.node_manager, ports.metrics_export)):
             return base
     raise RuntimeError("no free port range for the demo's Ray node in 26200-26999: stop earlier demo endpoints "
-                       "(python -m cluster.local down --dir /tmp/raylm-cluster-<port>)")
+                       "(python -m cluster.local --dir /tmp/raylm-cluster-<port> down)")
 
 
 def free_http_port(start: int = 8000) -> int:
@@ -47,9 +47,11 @@ def free_http_port(start: int = 8000) -> int:
 
 
 def start_node(num_cpus: int) -> LocalCluster:
-    """Start the node (its processes inherit this environment) and connect this driver to it."""
-    import ray
+    """Start the node (its processes inherit this environment) and connect this driver to it.
 
+    Ray reads RAY_AUTH_MODE once, when it is first imported: this runs before anything in this process
+    imports ray (the demo runs as its own process: `python -m demo.main`).
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = SERVE_PROXY_HOOK
@@ -58,17 +60,24 @@ def start_node(num_cpus: int) -> LocalCluster:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [repo, os.environ.get("PYTHONPATH", "")] if p)
     base = free_base_port()
     node = LocalCluster(base_port=base, head_cpus=num_cpus)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(node.dir / TOKEN_FILE))
     node.up(workers=0, timeout_s=180)
     state = node.state
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=state.token_path, RAY_ADDRESS=state.gcs_address)
+    os.environ["RAY_ADDRESS"] = state.gcs_address
+    import ray
+
     env_vars = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") if k in os.environ}
     env_vars.update(TOKENIZERS_PARALLELISM="false", RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    ray.init(address=state.gcs_address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+    try:
+        ray.init(address=state.gcs_address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+    except BaseException:
+        node.down()  # never leave a node behind that nobody is connected to
+        raise
     return node
 
 
 def stop_command(node: LocalCluster) -> str:
-    return f"{Path(sys.executable).as_posix()} -m cluster.local down --dir {node.dir}"
+    return f"{Path(sys.executable).as_posix()} -m cluster.local --dir {node.dir} down"
 
 
 def stop_node(node: LocalCluster) -> None:

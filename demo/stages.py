@@ -80,12 +80,10 @@ def pretrain(demo_plan: Plan) -> dict:
             "run_dir": str(run_dir), "checkpoint": summary["checkpoint"], "loss_curve": summary.get("loss_curve"),
             "steps": summary["final_step"], "final_loss": summary["final_loss"], "final_val_loss": val_loss,
             "val_perplexity": math.exp(val_loss) if val_loss is not None else None,
-            "tokens_seen": summary.get("tokens_seen"),
-            "parameters": None}, [str(run_dir / "results.json")])
+            "tokens_seen": summary.get("tokens_seen")}, [str(run_dir / "results.json")])
     else:
         print(f"[demo] reusing pretraining run {result['run_dir']} (same config fingerprint {key})")
-    result["records"] = read_metrics(result["run_dir"])
-    result["cached"] = result.get("cached", False)
+    result["records"] = read_metrics(result["run_dir"])  # for the summary plot
     return result
 
 

@@ -9,6 +9,8 @@ over HTTP on 127.0.0.1, the real openai client. Then it reruns the demo (cached 
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,16 +70,16 @@ def tiny_overrides(workdir: Path, base_export: Path) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in sets.items()]
 
 
-def run_demo(workdir: Path, base_export: Path, capsys) -> tuple[dict, str]:
-    argv = ["--config", str(DEMO_CONFIG)]
+def run_demo(workdir: Path, base_export: Path) -> tuple[dict, str]:
+    """`python -m demo.main` in its own process, as `make demo` runs it (Ray reads its auth mode at import)."""
+    argv = [sys.executable, "-m", "demo.main", "--config", str(DEMO_CONFIG)]
     for item in tiny_overrides(workdir, base_export):
         argv += ["--set", item]
-    rc = demo_main.main(argv)
-    captured = capsys.readouterr()
-    assert rc == 0, captured.out[-3000:] + captured.err[-3000:]
-    out = captured.out
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     endpoint_dir = sorted((workdir / "endpoints").iterdir())[-1]
-    return json.loads((endpoint_dir / "summary.json").read_text(encoding="utf-8")), out
+    return json.loads((endpoint_dir / "summary.json").read_text(encoding="utf-8")), result.stdout
 
 
 def stop(summary: dict) -> None:
@@ -91,17 +93,16 @@ def stop(summary: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.unverified
-def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp_path, capsys):
+def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp_path):
     import openai
 
     from serving.export_format import read_adapter
     from serving.tiny_exports import build_causal_lm_export
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     base = build_causal_lm_export(tmp_path / "tiny-llama", hidden_size=64, num_layers=2, vocab_size=512,
                                   max_seq_len=256, initializer_range=0.02)
     workdir = tmp_path / "demo"
-    summary, out = run_demo(workdir, base, capsys)
+    summary, out = run_demo(workdir, base)
     try:
         for number in range(1, 6):
             assert f"=== [{number}/5]" in out
@@ -133,10 +134,10 @@ def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
         # 5: one PNG, the commands to try and to stop
         assert Path(artifacts["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert "cluster.local down --dir" in summary["commands"][1]
+        assert "cluster.local --dir" in summary["commands"][1]
 
         # A rerun reuses the pretraining and the sweep, and starts a new endpoint beside the first.
-        again, out = run_demo(workdir, base, capsys)
+        again, out = run_demo(workdir, base)
         try:
             assert "reusing pretraining run" in out and "reusing sweep" in out
             assert again["artifacts"]["best adapter"] == artifacts["best adapter"]
