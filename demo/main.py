@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError, ValueError) as err:  # TimeoutError, ConnectionError are OSErrors
         print(f"[demo] could not start Ray: {err}", file=sys.stderr)
         return 1
+    progress(f"Ray node up at {node.state.gcs_address}, its directory {node.dir} (Ctrl-C stops it)")
     try:
         summary = run_stages(demo_plan, node, started)
     except KeyboardInterrupt:

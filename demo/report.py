@@ -37,7 +37,7 @@ def plot_run(pretrain: dict, sweep: dict, served: dict, out: Path) -> Path:
 
     for name, run in served.items():
         latencies_ms = sorted(x * 1000 for x in run["latencies_s"])
-        ax3.plot(latencies_ms, [(i + 1) / len(latencies_ms) for i in range(len(latencies_ms))],
+        ax3.plot(latencies_ms, [(i + 1) / len(latencies_ms) for i in range(len(latencies_ms))], drawstyle="steps-post",
                  label=f"{name}: {run['requests_per_s']:.1f} req/s, acc {run['accuracy']:.0%}")
     ax3.set(title="3-4. serving latency (held-out reviews)", xlabel="latency (ms)", ylabel="share of requests ≤")
     ax3.legend(fontsize=8)

@@ -20,6 +20,16 @@ class StageFailed(RuntimeError):
     """A stage's entry point returned an error code; its own output above says why."""
 
 
+INTERRUPTED = 130  # what the entry points return after a Ctrl-C they handled themselves
+
+
+def check_exit(rc: int, what: str) -> None:
+    if rc == INTERRUPTED:
+        raise KeyboardInterrupt
+    if rc != 0:
+        raise StageFailed(f"{what} failed (see above)")
+
+
 def fingerprint(*parts) -> str:
     """sha256 of the parts as canonical JSON (first 10 hex digits: enough to tell configs apart)."""
     blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8")
@@ -72,8 +82,7 @@ def pretrain(demo_plan: Plan) -> dict:
         argv = ["--config", str(demo_plan.pretrain_config)]
         for item in [*demo_plan.pretrain_set, f"run.name={run_name}"]:
             argv += ["--set", item]
-        if pretrain_cli.main(argv) != 0:
-            raise StageFailed("pretraining failed (see above)")
+        check_exit(pretrain_cli.main(argv), "pretraining")
         summary = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
         val_loss = summary.get("final_val_loss")
         result = record(demo_plan, "pretrain", key, {
@@ -146,8 +155,7 @@ def sweep(demo_plan: Plan, base: dict) -> dict:
         argv.append("--resume")  # an earlier demo run was interrupted in this very sweep
     if not adapter.exists():
         argv += ["--publish-to", str(adapters_dir), "--adapter-name", demo_plan.cfg.sweep.adapter_name]
-    if search.main(argv) != 0:
-        raise StageFailed("the fine-tuning sweep failed (see above)")
+    check_exit(search.main(argv), "the fine-tuning sweep")
     return record(demo_plan, "sweep", key, sweep_figures(sweep_dir, loaded.cfg.metric, loaded.cfg.mode, adapter),
                   [str(adapter), str(sweep_dir / "trials.json")])
 

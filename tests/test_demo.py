@@ -146,3 +146,36 @@ def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp
             stop(again)
     finally:
         stop(summary)
+
+
+@pytest.mark.slow
+@pytest.mark.unverified
+def test_ctrl_c_during_pretraining_stops_every_process_of_the_demos_node(tmp_path):
+    import signal
+    import time
+
+    from cluster.local import _session_members
+
+    argv = [sys.executable, "-m", "demo.main", "--config", str(DEMO_CONFIG)]
+    for item in tiny_overrides(tmp_path / "demo", tmp_path / "unused"):
+        argv += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    lines = []
+    node_dir = None
+    for line in proc.stdout:  # wait until the pretraining stage runs on the node
+        lines.append(line)
+        if line.startswith("[demo] Ray node up at"):
+            node_dir = Path(line.split("its directory ", 1)[1].split(" ", 1)[0])
+        if line.startswith("=== [1/5]"):
+            break
+    assert node_dir is not None, "".join(lines)
+    state = json.loads((node_dir / "cluster.json").read_text())
+    session = state["nodes"]["head"]["pid"]
+    assert _session_members(session), "the demo's node is not running"
+    time.sleep(5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines) + out
+    assert "interrupted: stopping the demo's Ray node" in out
+    assert _session_members(session) == []
