@@ -156,6 +156,8 @@ def sweep(demo_plan: Plan, base: dict) -> dict:
     if not adapter.exists():
         argv += ["--publish-to", str(adapters_dir), "--adapter-name", demo_plan.cfg.sweep.adapter_name]
     check_exit(search.main(argv), "the fine-tuning sweep")
+    if not adapter.is_dir():
+        raise StageFailed(f"the sweep published no adapter at {adapter} (no trial reported {loaded.cfg.metric}?)")
     return record(demo_plan, "sweep", key, sweep_figures(sweep_dir, loaded.cfg.metric, loaded.cfg.mode, adapter),
                   [str(adapter), str(sweep_dir / "trials.json")])
 
