@@ -68,8 +68,11 @@ def test_lora_sweep_over_rank_and_lr_publishes_the_best_adapter(local_ray, tiny_
     adapters = tmp_path / "adapters"
     adapters.mkdir()
     assert search.main(["--config", str(config), "--publish-to", str(adapters), "--adapter-name", "best-lora"]) == 0
+    check_lora_sweep(tmp_path / "sweeps" / "lora-sweep", adapters, tiny_llama)
 
-    sweep_dir = tmp_path / "sweeps" / "lora-sweep"
+
+def check_lora_sweep(sweep_dir: Path, adapters: Path, tiny_llama: Path) -> None:
+    """What the sweep left: trials run with their sampled rank and lr, the best one's adapter published."""
     rows = json.loads((sweep_dir / "trials.json").read_text())
     assert sorted(r["method.lora.r"] for r in rows) == [2, 8]
     assert all(r["status"] == "completed" and r["steps"] == 6 for r in rows), rows
@@ -77,9 +80,12 @@ def test_lora_sweep_over_rank_and_lr_publishes_the_best_adapter(local_ray, tiny_
         run_dir = Path(row["run_dir"])
         # Each trial trained with its sampled rank (peft's own config of its checkpoints) and lr (the
         # lr its workers logged at step 3, after warmup, follows the sampled peak lr's schedule).
-        for ckpt in sorted(run_dir.glob("checkpoint_*")):
+        checkpoints = [p for p in sorted(run_dir.glob("checkpoint_*")) if (p / "model").is_dir()]
+        assert checkpoints, run_dir
+        for ckpt in checkpoints:
             assert json.loads((ckpt / "model" / "adapter_config.json").read_text())["r"] == row["method.lora.r"]
-        cfg = FinetuneConfig.model_validate(yaml.safe_load((run_dir / "resolved_config.yaml").read_text()))
+        resolved = checkpoints[-1] / "resolved_config.yaml"
+        cfg = FinetuneConfig.model_validate(yaml.safe_load(resolved.read_text()))
         assert cfg.method.lora.r == row["method.lora.r"] and cfg.optim.lr == pytest.approx(row["optim.lr"])
         logged = {r["step"]: r["lr"] for r in read_metrics(run_dir) if "lr" in r}
         assert logged[3] == pytest.approx(row["optim.lr"] * lr_multiplier(2, cfg.optim), rel=1e-6)
@@ -91,8 +97,13 @@ def test_lora_sweep_over_rank_and_lr_publishes_the_best_adapter(local_ray, tiny_
     published = adapters / "best-lora"
     adapter = read_adapter(published)  # serving's reader
     assert list_adapters(adapters) == ["best-lora"]  # staged outside the served names, renamed into place
-    assert Path(adapter.manifest.source_checkpoint).parent == Path(best["run_dir"]).resolve()
+    assert Path(adapter.manifest.source_checkpoint).resolve().parent == Path(best["run_dir"]).resolve()
     assert json.loads((published / "adapter_config.json").read_text())["r"] == best["method.lora.r"]
+    from safetensors import safe_open
+
+    with safe_open(str(published / "adapter_model.safetensors"), "pt") as weights:
+        lora_a = [k for k in weights.keys() if "lora_A" in k]
+        assert lora_a and all(weights.get_slice(k).get_shape()[0] == best["method.lora.r"] for k in lora_a)
     assert adapter.manifest.base_model == read_export(tiny_llama).manifest.model_name
     assert adapter.manifest.task == "causal-lm"
     assert adapter_problems(adapter, read_export(tiny_llama)) == []
