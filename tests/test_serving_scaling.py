@@ -118,34 +118,50 @@ def test_a_replica_killed_under_load_fails_no_request(apps):
     def with_client(i):
         return client.completions.create(model=MODEL, prompt=f"Story number {i}:", max_tokens=240, temperature=0)
 
-    def plain(i):
-        body = {"model": MODEL, "prompt": f"Tale {i}:", "max_tokens": 240, "temperature": 0}
-        return httpx.post(f"{BASE}/killable/v1/completions", json=body, headers=auth(), timeout=120)
+    killed = threading.Event()
 
-    decoding = threading.Event()
+    def plain_until_killed(i):
+        """Plain requests back to back until one that was in flight at the kill has answered: a greedy
+        tiny model may stop at EOS early, so one request per client could end before the kill."""
+        body = {"model": MODEL, "prompt": f"Tale {i}:", "max_tokens": 240, "temperature": 0}
+        answers, deadline = [], time.monotonic() + 300
+        while time.monotonic() < deadline:
+            answers.append(httpx.post(f"{BASE}/killable/v1/completions", json=body, headers=auth(), timeout=120))
+            if killed.is_set():
+                break
+        return answers
+
+    # Two canary streams, sent after the others: the router spreads them over both replicas, so once
+    # both have a token, the batches on both replicas (with the plain requests sent before) are decoding.
+    # Waiting for one canary only let a loaded machine kill a replica before any plain request reached it.
+    canaries_decoding = threading.Semaphore(0)
 
     def canary():
-        """A stream sent with the others: its first token means their batches are decoding."""
+        """A stream sent with the others: its first token means its replica's batch is decoding."""
         body = {"model": MODEL, "prompt": "Canary:", "max_tokens": 240, "temperature": 0, "stream": True}
+        signalled = False
         try:
             with httpx.stream("POST", f"{BASE}/killable/v1/completions", json=body, headers=auth(), timeout=120) as r:
                 for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        decoding.set()
+                    if line.startswith("data: ") and not signalled:
+                        signalled = True
+                        canaries_decoding.release()
         except httpx.HTTPError:
             pass  # it may have been on the killed replica: its stream just ends
         finally:
-            decoding.set()
+            if not signalled:
+                canaries_decoding.release()
 
     with futures.ThreadPoolExecutor(26) as pool:
         openai_calls = [pool.submit(with_client, i) for i in range(16)]
-        plain_calls = [pool.submit(plain, i) for i in range(8)]
+        plain_calls = [pool.submit(plain_until_killed, i) for i in range(8)]
         canaries = [pool.submit(canary) for _ in range(2)]
-        assert decoding.wait(180)
+        assert canaries_decoding.acquire(timeout=180) and canaries_decoding.acquire(timeout=180)
         os.kill(next(iter(pids.values())), signal.SIGKILL)
+        killed.set()
         [f.result() for f in canaries]
         completions = [f.result() for f in openai_calls]
-        responses = [f.result() for f in plain_calls]
+        responses = [r for f in plain_calls for r in f.result()]
     assert all(c.choices[0].finish_reason in ("length", "stop") and c.usage.completion_tokens > 0 for c in completions)
     lost = [r for r in responses if r.status_code != 200]
     assert lost, "no plain request was on the killed replica"
