@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - installs raylm and pretrains a small model on real text (2 Ray Train workers, ZeRO-2)
+#   make demo   - installs raylm, then runs it end to end: pretraining, a LoRA fine-tuning sweep (Ray Tune ASHA),
+#                 a Serve endpoint with the best adapter, requests through the openai client, a summary (demo/main.py)
 #   make test   - installs raylm with its test extras and runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-test install-tools demo test test-unverified test-all bench clean
+.PHONY: install install-test install-tools demo demo-pretrain test test-unverified test-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
+	$(PY) -m demo.main --config configs/demo/demo_cpu.yaml
+
+# The earlier demo: pretraining only (300 steps of a 3.4M-parameter Llama, ~10 min on 2 cores).
+demo-pretrain: install
 	$(PY) -m training.pretrain --config configs/pretrain/demo_cpu.yaml
 
 # promtool, for the alert rule tests (tests/test_k8s_alerts.py): when it is not on PATH, taken out of Debian's

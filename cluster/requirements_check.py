@@ -37,7 +37,7 @@ DISTRIBUTIONS = {
 # The cluster tools are torch-free: they run on a laptop that has raylm installed without a GPU stack.
 CLUSTER_TOOLS = ("pyyaml", "pydantic", "ray")
 NEEDS = {"training": tuple(DISTRIBUTIONS), "tune": tuple(DISTRIBUTIONS), "serving": tuple(DISTRIBUTIONS),
-         "cluster": CLUSTER_TOOLS}
+         "demo": tuple(DISTRIBUTIONS), "cluster": CLUSTER_TOOLS}
 EXIT_MISSING_REQUIREMENTS = 2
 
 FIX = (

@@ -19,7 +19,7 @@ import pytest
 from cluster.requirements_check import DISTRIBUTIONS, NEEDS, missing_distributions
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_MODULES = ["training.pretrain", "training.finetune", "training.export", "training.evaluate", "tune.search", "cluster.submit", "cluster.preflight", "cluster.local", "cluster.alerts"]
+ENTRY_MODULES = ["training.pretrain", "training.finetune", "training.export", "training.evaluate", "tune.search", "cluster.submit", "cluster.preflight", "cluster.local", "cluster.alerts", "demo.main"]
 IMPORTED_ENTRIES = ["serving.app"]  # the Serve import path: imported by Ray, not run
 NOT_ENTRIES = {"serving.tiny_exports"}  # builds test fixtures; run by the tests' own Python
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -84,7 +84,7 @@ def test_entry_checks_before_any_third_party_or_raylm_import(entry):
 def test_every_runnable_module_is_an_entry_that_checks():
     runnable = {
         ".".join(p.relative_to(REPO).with_suffix("").parts)
-        for package in ("training", "tune", "serving", "cluster")
+        for package in ("training", "tune", "serving", "cluster", "demo")
         for p in (REPO / package).rglob("*.py")
         if 'if __name__ == "__main__"' in p.read_text(encoding="utf-8") or p.name == "__main__.py"
     }

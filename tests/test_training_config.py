@@ -41,6 +41,11 @@ def test_shipped_configs_exist_and_validate():
 
             assert load_sweep(path).base.run.name, path
             continue
+        if raw.get("kind") == "demo":  # make demo: its own config plus every stage config it names
+            from demo.config import load_demo
+
+            assert load_demo(path).pretrain_config.is_file(), path
+            continue
         cls = config_class_for(raw)
         cfg = load_any_config(path)
         assert type(cfg) is cls, path

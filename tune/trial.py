@@ -40,8 +40,9 @@ class ForwardEvaluations(UserCallback):
         if self.metric not in record:
             return
         record["run_name"] = self.run_name
-        # The run's last evaluation ends the trial for Tune too, so no scheduler acts on a finished run.
-        record["done"] = record.get("step") == record.get("max_steps")
+        # The run's last evaluation (its last step, or a fine-tune's early stop) ends the trial for Tune
+        # too, so no scheduler acts on a finished run.
+        record["done"] = record.get("step") == record.get("max_steps") or bool(record.get("early_stopped"))
         if checkpoint is not None:
             record["checkpoint_path"] = checkpoint.path
         self.channel.put(record)
@@ -80,6 +81,8 @@ def run_trial(sampled: dict, *, base_raw: dict, prepared: dict, datasets: dict, 
               report_checkpoints: bool, sweep_dir: str) -> None:
     """Tune function trainable: build this trial's TorchTrainer, fit it, forward evaluations to Tune.
 
+    The trainer comes from the base run's own builder (training.pretrain or training.finetune).
+
     `report_checkpoints` (PBT): every forwarded evaluation also hands Tune the run's checkpoint, which
     Tune copies into the trial directory so that another trial can clone it. `datasets` are the Ray
     Data streams the driver built once for every trial. The trial's run lives in
@@ -90,8 +93,8 @@ def run_trial(sampled: dict, *, base_raw: dict, prepared: dict, datasets: dict, 
     from ray.util.queue import Empty, Queue
 
     from training.config import validate_config
-    from training.pretrain import build_trainer
     from training.tracking import read_metrics
+    from tune.runs import build_trainer
 
     trial_dir = Path(sweep_dir) / tune.get_context().get_trial_id()
     trial_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,181 @@
+"""`make demo` (python -m demo.main): its config checks, and the whole pipeline at tiny sizes.
+
+The end-to-end test runs exactly what `make demo` runs, `demo.main.main`, on the shipped demo config
+with tiny sizes set on top (a tiny Llama export as the fine-tuned base instead of SmolLM2, a few steps,
+2 trials): a real Ray node of its own, real Ray Train + DeepSpeed, a real Tune sweep, a real Serve app
+over HTTP on 127.0.0.1, the real openai client. Then it reruns the demo (cached stages, a new endpoint).
+"""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from demo import main as demo_main
+from demo.config import load_demo
+from training.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo" / "demo_cpu.yaml"
+
+
+def test_full_demo_config_and_its_stage_configs_validate(capsys):
+    assert demo_main.main(["--config", str(DEMO_CONFIG), "--validate-only"]) == 0
+    assert "valid" in capsys.readouterr().out
+    plan = load_demo(DEMO_CONFIG)
+    assert plan.pretrain_config.name == "demo_cpu.yaml" and plan.sweep_config.is_file() and plan.serve_config.is_file()
+
+
+def test_bad_demo_keys_and_bad_stage_overrides_are_reported_with_key_and_stage(capsys):
+    base = ["--config", str(DEMO_CONFIG), "--validate-only"]
+    assert demo_main.main(base + ["--set", "serve.max_replicaz=3", "--set", "ray_cpus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "serve.max_replicaz: unknown key. Did you mean 'max_replicas'?" in err and "ray_cpus" in err
+    # The stage configs are validated as the demo runs them, all problems at once, each under its stage.
+    argv = base + ["--set", 'pretrain.set={"optim.lrr": 1}', "--set", 'sweep.set_base={"method.lora.r": 0}']
+    assert demo_main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pretrain (../pretrain/demo_cpu.yaml): optim.lrr: unknown key" in err
+    assert "sweep (../tune/demo_sentiment_lora_asha_cpu.yaml): base.method.lora.r" in err
+
+
+def test_a_sweep_that_is_not_a_lora_sft_fine_tune_is_refused():
+    with pytest.raises(ConfigError, match="must sweep a LoRA sft fine-tune"):
+        load_demo(DEMO_CONFIG, ["sweep.config=../tune/tiny_asha_cpu.yaml"])
+
+
+def tiny_overrides(workdir: Path, base_export: Path) -> list[str]:
+    """The shipped demo at test sizes: every stage runs, each for seconds."""
+    sets = {
+        "workdir": str(workdir),
+        "pretrain.set": {"run.name": "demo-pretrain", "model.hidden_size": 64, "model.num_layers": 2,
+                         "model.num_heads": 4, "model.max_position_embeddings": 64, "tokenizer.vocab_size": 512,
+                         "data.seq_len": 32, "data.max_documents": 800, "optim.max_steps": 4, "optim.warmup_steps": 1,
+                         "optim.micro_batch_size": 4, "optim.grad_accum_steps": 1, "run.eval_every_steps": 2,
+                         "run.checkpoint_every_steps": 2, "run.eval_batches": 2, "run.log_every_steps": 2},
+        "base_model": {"source": "raylm_export", "path": str(base_export), "name": "tiny-llama"},
+        "task_data": {"train_examples": 48, "held_out": 4, "min_chars": 4, "max_chars": 12},
+        "sweep.set": {"space": {"optim.lr": "grid([1.0e-2, 1.0e-4])"},
+                      "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}},
+        "sweep.set_base": {"optim.max_steps": 4, "data.max_len": 160, "run.eval_every_steps": 2,
+                           "run.checkpoint_every_steps": 2, "run.eval_batches": 2, "run.log_every_steps": 2},
+        "serve.max_replicas": 1,
+        "requests": {"show": 2, "concurrency": 2, "max_tokens": 4, "stream_max_tokens": 4},
+    }
+    return [f"{key}={json.dumps(value)}" for key, value in sets.items()]
+
+
+def run_demo(workdir: Path, base_export: Path) -> tuple[dict, str]:
+    """`python -m demo.main` in its own process, as `make demo` runs it (Ray reads its auth mode at import)."""
+    argv = [sys.executable, "-m", "demo.main", "--config", str(DEMO_CONFIG)]
+    for item in tiny_overrides(workdir, base_export):
+        argv += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    endpoint_dir = sorted((workdir / "endpoints").iterdir())[-1]
+    return json.loads((endpoint_dir / "summary.json").read_text(encoding="utf-8")), result.stdout
+
+
+def stop(summary: dict) -> None:
+    from cluster.local import LocalCluster
+
+    node_dir = Path(summary["artifacts"]["Ray node (logs)"])
+    cluster = LocalCluster(directory=node_dir, base_port=int(node_dir.name.rsplit("-", 1)[1]))
+    cluster.down()
+    assert cluster.running_node_count() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.unverified
+def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp_path):
+    import openai
+
+    from serving.export_format import read_adapter
+    from serving.tiny_exports import build_causal_lm_export
+
+    base = build_causal_lm_export(tmp_path / "tiny-llama", hidden_size=64, num_layers=2, vocab_size=512,
+                                  max_seq_len=256, initializer_range=0.02)
+    workdir = tmp_path / "demo"
+    summary, out = run_demo(workdir, base)
+    try:
+        for number in range(1, 6):
+            assert f"=== [{number}/5]" in out
+        figures, artifacts = summary["figures"], summary["artifacts"]
+        # 1: the pretraining run with its results and loss curve
+        assert figures["pretrain"]["steps"] == 4 and figures["pretrain"]["val_perplexity"] > 1
+        assert (Path(artifacts["pretraining run"]) / "results.json").is_file()
+        # 2: two trials, the best adapter published where the app serves it
+        assert figures["sweep"]["trials"] == 2 and figures["sweep"]["best"] <= figures["sweep"]["worst"]
+        assert read_adapter(artifacts["best adapter"]).manifest.base_model == "tiny-llama"
+        # 3: the Serve config as deployed: 127.0.0.1, autoscaling, API key from a 0600 file
+        serve_config = yaml.safe_load(Path(artifacts["serve config"]).read_text())
+        assert serve_config["http_options"]["host"] == "127.0.0.1"
+        (app,) = serve_config["applications"]
+        assert app["deployments"][0]["autoscaling_config"]["max_replicas"] == 1
+        key_file = Path(artifacts["API key (0600)"])
+        assert app["args"]["api_keys_file"] == str(key_file) and app["args"]["require_api_key"]
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        # 4: answers from both models; the endpoint still answers the adapter after the demo returned
+        assert set(figures["serving"]) == {"base", "fine-tuned"}
+        assert all(run["requests"] == 4 and run["requests_per_s"] > 0 for run in figures["serving"].values())
+        curl = summary["commands"][0]
+        url = curl.split()[2].rsplit("/chat/completions", 1)[0]
+        client = openai.OpenAI(base_url=url, api_key=key_file.read_text().strip())
+        reply = client.chat.completions.create(model="tiny-llama:sentiment", max_tokens=4, temperature=0,
+                                               messages=[{"role": "user", "content": "评论：很好\n这条评论是正面还是负面？"}])
+        assert reply.choices[0].message.content and reply.usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        # 5: one PNG, the commands to try and to stop
+        assert Path(artifacts["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "cluster.local --dir" in summary["commands"][1]
+
+        # A rerun reuses the pretraining and the sweep, and starts a new endpoint beside the first.
+        again, out = run_demo(workdir, base)
+        try:
+            assert "reusing pretraining run" in out and "reusing sweep" in out
+            assert again["artifacts"]["best adapter"] == artifacts["best adapter"]
+            assert again["commands"][0].split()[2] != curl.split()[2]
+        finally:
+            stop(again)
+    finally:
+        stop(summary)
+
+
+@pytest.mark.slow
+@pytest.mark.unverified
+def test_ctrl_c_during_pretraining_stops_every_process_of_the_demos_node(tmp_path):
+    import signal
+    import time
+
+    from cluster.local import _session_members
+
+    argv = [sys.executable, "-m", "demo.main", "--config", str(DEMO_CONFIG)]
+    for item in tiny_overrides(tmp_path / "demo", tmp_path / "unused"):
+        argv += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    lines = []
+    node_dir = None
+    for line in proc.stdout:  # wait until the pretraining stage runs on the node
+        lines.append(line)
+        if line.startswith("[demo] Ray node up at"):
+            node_dir = Path(line.split("its directory ", 1)[1].split(" ", 1)[0])
+        if line.startswith("=== [1/5]"):
+            break
+    assert node_dir is not None, "".join(lines)
+    state = json.loads((node_dir / "cluster.json").read_text())
+    session = state["nodes"]["head"]["pid"]
+    assert _session_members(session), "the demo's node is not running"
+    time.sleep(5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines) + out
+    assert "interrupted: stopping the demo's Ray node" in out
+    assert _session_members(session) == []
