@@ -158,7 +158,6 @@ def test_parameter_fraction_target_with_both_methods(root, base, text_file):
 
 
 @pytest.mark.slow
-@pytest.mark.unverified
 def test_healing_runs_the_fine_tune_path_on_two_workers_and_merges(root, base, text_file):
     import ray
 
