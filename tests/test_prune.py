@@ -186,3 +186,30 @@ def test_healing_runs_the_fine_tune_path_on_two_workers_and_merges(root, base, t
     assert (logits(healed, ids) - logits(pruned, ids)).abs().max().item() > 1e-4  # the merged LoRA changed it
     report = json.loads((root / "runs" / "healed" / "report.json").read_text())
     assert set(report["models"]) == {"original", "pruned", "healed"}
+
+
+SMOLLM2 = dict(total_params=134_515_008, num_layers=30, hidden_size=576, intermediate_size=1536,
+               layer_params=3_540_096, num_layers_to_remove=None, width_multiple=8)
+
+
+@pytest.mark.parametrize("methods, layers, width", [
+    (["layers", "mlp_width"], 5, 1168),   # 16.8M by layers -> 5 layers (17.7M); 15.9M / (3*576*25) = 368 channels
+    (["layers"], 9, 1536),                # 33.6M / 3.54M = 9.5 -> 9 (round half to even)
+    (["mlp_width"], 0, 888),              # 33.6M / (3*576*30) = 649 channels
+])
+def test_plan_turns_a_parameter_fraction_into_layers_and_width(methods, layers, width):
+    from training.prune_ops import PrunePlan, plan_pruning
+
+    plan = plan_pruning(methods=methods, param_fraction=0.25, layer_share=0.5, **SMOLLM2)
+    assert plan == PrunePlan(layers, width)
+    removed = layers * SMOLLM2["layer_params"] + (30 - layers) * 3 * 576 * (1536 - width)
+    assert abs(removed / SMOLLM2["total_params"] - 0.25) < 0.02
+
+
+def test_plan_refuses_targets_that_leave_nothing():
+    from training.prune_ops import plan_pruning
+
+    with pytest.raises(ValueError, match="would remove every layer"):
+        plan_pruning(**{**SMOLLM2, "num_layers_to_remove": 30}, methods=["layers"], param_fraction=None, layer_share=0.5)
+    with pytest.raises(ValueError, match="leaves no MLP channels"):
+        plan_pruning(**SMOLLM2, methods=["mlp_width"], param_fraction=0.85, layer_share=0.5)

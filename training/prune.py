@@ -190,8 +190,15 @@ def heal(cfg: PruneConfig, pruned_dir: Path, tokenizer, heal_blocks: list[list[i
     shutil.rmtree(ft_cfg.data_dir, ignore_errors=True)
     prepared_data = prepare_finetune_data(ft_cfg)
     prepared = {k: v for k, v in asdict(prepared_data).items() if k != "stats"}
+    import ray
+
+    started_here = not ray.is_initialized()
     driver.start_ray(ft_cfg, address)
-    result = driver.fit_with_progress(ft_cfg, build_trainer(ft_cfg, prepared))
+    try:
+        result = driver.fit_with_progress(ft_cfg, build_trainer(ft_cfg, prepared))
+    finally:
+        if started_here:  # an idle local Ray would share the CPUs with the speed measurements that follow
+            ray.shutdown()
     if result is None:
         raise RuntimeError(f"the healing fine-tune failed; its logs are under {ft_cfg.run_dir}")
     checkpoint = find_checkpoint(ft_cfg.run_dir, "auto")
