@@ -17,6 +17,7 @@ from cluster.requirements_check import check_requirements
 check_requirements("training.prune", run_as_main=__name__ == "__main__")  # before any third-party import
 
 import argparse
+import gc
 import json
 import shutil
 import sys
@@ -131,15 +132,19 @@ def prune_model(cfg: PruneConfig, model, calibration):
     return pruned, facts
 
 
-def pruning_record(cfg: PruneConfig, source, original, pruned, facts: dict, heal_steps: int | None) -> PruningRecord:
+def model_shape(model) -> dict:
+    """What the pruning record compares before and after: layers, MLP width, parameters."""
     from training.prune_ops import count_parameters
 
+    return {"num_layers": model.config.num_hidden_layers, "intermediate_size": model.config.intermediate_size,
+            "parameters": count_parameters(model)}
+
+
+def pruning_record(cfg: PruneConfig, source, before: dict, after: dict, facts: dict,
+                   heal_steps: int | None) -> PruningRecord:
     return PruningRecord(
         source_model=source.manifest.model_name, source_path=str(source.path), methods=cfg.prune.methods,
-        removed_layers=facts["removed_layers"],
-        num_layers=(original.config.num_hidden_layers, pruned.config.num_hidden_layers),
-        intermediate_size=(original.config.intermediate_size, pruned.config.intermediate_size),
-        parameters=(count_parameters(original), count_parameters(pruned)),
+        removed_layers=facts["removed_layers"], **{key: (before[key], after[key]) for key in before},
         healing=cfg.heal.method.type if cfg.heal and heal_steps else None, healing_steps=heal_steps)
 
 
@@ -253,21 +258,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     pruned_dir = cfg.run_dir / "pruned"
-    record = pruning_record(cfg, source, original, pruned, facts, None)
+    before, after = model_shape(original), model_shape(pruned)
+    record = pruning_record(cfg, source, before, after, facts, None)
     write_export(pruned_dir, pruned, tokenizer, source, record, cfg, replace=True)
-    print(f"[raylm] pruned: {record.parameters[0]:,} -> {record.parameters[1]:,} parameters -> {pruned_dir}")
+    print(f"[raylm] pruned: {before['parameters']:,} -> {after['parameters']:,} parameters -> {pruned_dir}")
+    del original, pruned  # the healing workers and the measurements load what they need from the exports
+    gc.collect()
     exports = {"original": source.path, "pruned": pruned_dir}
     out_dir = Path(cfg.output.dir).expanduser().resolve()
     heal_steps = None
     if cfg.heal:
         healed, heal_steps = heal(cfg, pruned_dir, tokenizer, blocks["heal"], args.address)
-        write_export(out_dir, healed, tokenizer, source, pruning_record(cfg, source, original, healed, facts, heal_steps),
-                     cfg, replace=cfg.output.replace)
+        record = pruning_record(cfg, source, before, model_shape(healed), facts, heal_steps)
+        write_export(out_dir, healed, tokenizer, source, record, cfg, replace=cfg.output.replace)
         exports["healed"] = out_dir
         del healed
+        gc.collect()
     else:
         copy_export(pruned_dir, out_dir, replace=cfg.output.replace)
-    del original, pruned
     report = measure(cfg, exports, blocks["eval"])
     report.update(pruning=record.model_dump(mode="json"), removed_layers=facts["removed_layers"],
                   layer_similarity=facts["layer_similarity"], output=str(out_dir), healing_steps=heal_steps)

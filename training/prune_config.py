@@ -153,10 +153,11 @@ class PruneConfig(RunConfigBase):
     def heal_finetune_config(self, pruned_export: str, heal_file: str) -> FinetuneConfig:
         """The healing run: a normal sft fine-tune of the pruned export (kind: finetune), in <run_dir>/heal.
 
-        Without heal.data it trains on `heal_file`, calibration text written as one assistant turn per block."""
+        Without heal.data it trains on `heal_file`, calibration text written as one assistant turn per block
+        (max_len leaves room for the chat template's wrapping, e.g. a default system prompt)."""
         heal = self.heal
         data = heal.data.model_dump() if heal.data else {
-            "train_files": [heal_file], "val_fraction": 0.1, "max_len": self.calibration.seq_len + 16}
+            "train_files": [heal_file], "val_fraction": 0.1, "max_len": self.calibration.seq_len + 64}
         data["prepared_dir"] = str(self.run_dir / "heal-data")
         steps = heal.optim.max_steps
         return FinetuneConfig.model_validate({
