@@ -213,3 +213,28 @@ def test_plan_refuses_targets_that_leave_nothing():
         plan_pruning(**{**SMOLLM2, "num_layers_to_remove": 30}, methods=["layers"], param_fraction=None, layer_share=0.5)
     with pytest.raises(ValueError, match="leaves no MLP channels"):
         plan_pruning(**SMOLLM2, methods=["mlp_width"], param_fraction=0.85, layer_share=0.5)
+
+
+# A template that, like SmolLM2's, inserts a default system prompt when the conversation has none.
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_heal_rows_label_the_calibration_text_not_a_default_system_prompt(tmp_path):
+    from serving.tiny_exports import build_bpe_tokenizer
+    from training.finetune_data import TaskDataStats, read_sft_records
+    from training.finetune_encode import encode_sft
+
+    tokenizer = build_bpe_tokenizer(512, DEFAULT_SYSTEM_TEMPLATE)
+    blocks = [tokenizer("The for statement is used to iterate over the elements of a sequence.")["input_ids"],
+              tokenizer("这本书写得很好，值得一读。")["input_ids"]]
+    path = prune.write_heal_rows(tmp_path / "heal.jsonl", tokenizer, blocks)
+    records = list(read_sft_records([path], stats=TaskDataStats()))
+    assert len(records) == 2
+    for (messages, _), block in zip(records, blocks):
+        ids, labels = encode_sft(tokenizer, messages, max_len=256)
+        labelled = tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
+        assert labelled == tokenizer.decode(block) + "<|im_end|>", labelled

@@ -28,6 +28,8 @@ from serving.export_format import EXPORT_FORMAT, ExportFormatError, ExportManife
 from training.config import ConfigError, load_config_of_kind, resolve_data_path
 from training.prune_config import PruneConfig
 
+HEAL_PROMPT = {"role": "user", "content": "Continue the text."}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training.prune", description=__doc__.split("\n")[0])
@@ -173,10 +175,23 @@ def write_export(out_dir: Path, model, tokenizer, source, record: PruningRecord,
     return staged_export(out_dir, write, verify_with, replace=replace)
 
 
+def write_heal_rows(path: Path, tokenizer, blocks: list[list[int]]) -> Path:
+    """sft rows (jsonl) whose labelled tokens are the blocks' text: each block is the reply to a fixed user turn.
+
+    A conversation opening with the reply would, under templates that insert a default system prompt
+    (SmolLM2's), have that prompt labelled instead of the text."""
+    with path.open("w", encoding="utf-8") as handle:
+        for block in blocks:
+            reply = {"role": "assistant", "content": tokenizer.decode(block, skip_special_tokens=True)}
+            handle.write(json.dumps({"messages": [HEAL_PROMPT, reply]}, ensure_ascii=False) + "\n")
+    return path
+
+
 def heal(cfg: PruneConfig, pruned_dir: Path, tokenizer, heal_blocks: list[list[int]], address: str | None):
     """Fine-tune the pruned export through training.finetune's path, merge, and return (model, steps trained)."""
     from dataclasses import asdict
 
+    import ray
     from transformers import AutoModelForCausalLM
 
     from training import driver
@@ -185,18 +200,12 @@ def heal(cfg: PruneConfig, pruned_dir: Path, tokenizer, heal_blocks: list[list[i
     from training.finetune_export import export_finetune
     from training.finetune_prep import prepare_finetune_data
 
-    heal_file = cfg.run_dir / "heal.jsonl"
-    with heal_file.open("w", encoding="utf-8") as handle:
-        for block in heal_blocks:
-            turn = {"role": "assistant", "content": tokenizer.decode(block, skip_special_tokens=True)}
-            handle.write(json.dumps({"messages": [turn]}, ensure_ascii=False) + "\n")
+    heal_file = write_heal_rows(cfg.run_dir / "heal.jsonl", tokenizer, heal_blocks)
     ft_cfg = cfg.heal_finetune_config(str(pruned_dir), str(heal_file))
     shutil.rmtree(ft_cfg.run_dir, ignore_errors=True)  # a new pruned model: an old healing run cannot resume
     shutil.rmtree(ft_cfg.data_dir, ignore_errors=True)
     prepared_data = prepare_finetune_data(ft_cfg)
     prepared = {k: v for k, v in asdict(prepared_data).items() if k != "stats"}
-    import ray
-
     started_here = not ray.is_initialized()
     driver.start_ray(ft_cfg, address)
     try:

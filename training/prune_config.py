@@ -83,7 +83,7 @@ class HealSection(_Section):
     method: MethodSection = MethodSection()
     data: FinetuneDataSection | None = Field(
         None, description="sft rows to heal on (as in a fine-tune config); unset: the calibration text, each "
-        "block one assistant turn.")
+        "block the reply to a fixed user turn ('Continue the text.').")
     optim: OptimSection = OptimSection(lr=2e-4, warmup_steps=2, weight_decay=0.0, micro_batch_size=4, max_steps=30)
     num_sequences: int = Field(256, ge=2, description="Without heal.data: calibration-text blocks to heal on.")
 
@@ -153,7 +153,7 @@ class PruneConfig(RunConfigBase):
     def heal_finetune_config(self, pruned_export: str, heal_file: str) -> FinetuneConfig:
         """The healing run: a normal sft fine-tune of the pruned export (kind: finetune), in <run_dir>/heal.
 
-        Without heal.data it trains on `heal_file`, calibration text written as one assistant turn per block
+        Without heal.data it trains on `heal_file`, calibration text, one block per reply to a fixed user turn
         (max_len leaves room for the chat template's wrapping, e.g. a default system prompt)."""
         heal = self.heal
         data = heal.data.model_dump() if heal.data else {
