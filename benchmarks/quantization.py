@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import statistics
-import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,42 +67,6 @@ def held_out_texts(n: int = 24) -> list[str]:
     return english + chinese
 
 
-def agreement(fp32, int8, tokenizer, texts: list[str], max_len: int = 128) -> tuple[float, int]:
-    import torch
-
-    same = total = 0
-    with torch.inference_mode():
-        for text in texts:
-            ids = torch.tensor([tokenizer(text)["input_ids"][:max_len]])
-            a = fp32(input_ids=ids).logits.argmax(-1)
-            b = int8(input_ids=ids).logits.argmax(-1)
-            same += int((a == b).sum())
-            total += a.numel()
-    return same / total, total
-
-
-def timed_run(engine, prompts: list[str], batch: int, tokens: int) -> dict[str, float]:
-    """One greedy run of `batch` prompts through serving's decode loop, `tokens` tokens each (stop tokens
-    suppressed, so both engines decode exactly the same length). The prefill (prompt forward + first
-    token) and the decode steps are timed separately; `tok_s` counts both, on both sides alike."""
-    from serving.generation import GenerationJob, SamplingParams
-
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    jobs = [GenerationJob(engine.encode(p), params) for p in prompts[:batch]]
-    running = engine.start_batch()
-    started = time.perf_counter()
-    running.join(jobs)
-    prefilled = time.perf_counter()
-    steps = 0
-    while running.size:
-        running.decode()
-        steps += 1
-    ended = time.perf_counter()
-    assert steps == tokens - 1, (steps, tokens)
-    return {"prefill_ms": (prefilled - started) * 1000, "decode_tok_s": batch * steps / (ended - prefilled),
-            "tok_s": batch * tokens / (ended - started)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -115,6 +78,7 @@ def main() -> None:
 
     from serving.export_format import read_export
     from serving.generation import CausalLMEngine
+    from serving.model_compare import greedy_agreement, timed_run
 
     export = read_export(smollm2_export())
     engines = {"fp32": CausalLMEngine(export), "int8": CausalLMEngine(export, quantize_int8=True)}
@@ -145,7 +109,7 @@ def main() -> None:
                   f"{figures[f'int8_decode_speedup_t{threads}_b{batch}']:>8.2f} "
                   f"{f('fp32', 'prefill_ms') / f('int8', 'prefill_ms'):>9.2f}")
     torch.set_num_threads(max(args.threads))
-    rate, positions = agreement(engines["fp32"].model, engines["int8"].model, engines["fp32"].tokenizer, held_out_texts())
+    rate, positions = greedy_agreement(engines["fp32"].model, engines["int8"].model, engines["fp32"].tokenizer, held_out_texts())
     print(f"greedy next-token agreement int8 vs fp32: {rate:.4f} over {positions} held-out positions")
     main_key = f"t{2 if 2 in args.threads else max(args.threads)}_b{min(args.batches)}"
     speedup = figures[f"int8_speedup_{main_key}"]

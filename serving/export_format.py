@@ -29,6 +29,22 @@ class ExportFormatError(ValueError):
     """The directory does not follow the export contract; the message names the file and the fix."""
 
 
+class PruningRecord(BaseModel):
+    """What `python -m training.prune` removed, and from which export (absent in exports that were not pruned)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    source_model: str = Field(min_length=1, description="model_name of the export that was pruned.")
+    source_path: str = Field(min_length=1, description="Its directory when pruned.")
+    methods: list[Literal["layers", "mlp_width"]]
+    removed_layers: list[int] = Field(default_factory=list, description="Decoder layers removed (source indices).")
+    num_layers: tuple[int, int] = Field(description="Decoder layers (before, after).")
+    intermediate_size: tuple[int, int] = Field(description="MLP width (before, after).")
+    parameters: tuple[int, int] = Field(description="Parameters (before, after).")
+    healing: str | None = Field(None, description="lora / full when the pruned model was healed by a fine-tune, else None.")
+    healing_steps: int | None = None
+
+
 class ExportManifest(BaseModel):
     """`raylm.json` of a full model export."""
 
@@ -41,6 +57,7 @@ class ExportManifest(BaseModel):
     max_seq_len: int = Field(gt=0)
     labels: list[str] = Field(default_factory=list)
     adapter: Literal[False] = False
+    pruning: PruningRecord | None = Field(None, description="Set by training.prune; older exports have none.")
 
     @model_validator(mode="after")
     def _check(self) -> "ExportManifest":

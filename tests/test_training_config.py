@@ -61,6 +61,9 @@ def test_config_kind_picks_the_class_and_unknown_kinds_are_named():
     assert config_class_for(MINIMAL) is PretrainConfig
     assert config_class_for({**MINIMAL, "kind": "pretrain"}) is PretrainConfig
     assert config_class_for({"kind": "finetune"}) is FinetuneConfig
+    from training.prune_config import PruneConfig
+
+    assert config_class_for({"kind": "prune"}) is PruneConfig
     with pytest.raises(ConfigError, match="unknown config kind 'pretrian'"):
         config_class_for({"kind": "pretrian"})
 

@@ -379,7 +379,10 @@ def format_validation_error(err: ValidationError, model_cls: type[BaseModel]) ->
         elif kind == "value_error":
             # Our own validators already name the key, the value and the fix.
             msg = str(e.get("ctx", {}).get("error", e["msg"]))
-            problems.extend(part.strip() for part in msg.split("; "))
+            # A section used inside another (e.g. prune's heal.optim) names its keys from itself: add the outer path.
+            outer = ".".join(str(p) for p in loc[:-1])
+            problems.extend(f"{outer}.{part.strip()}" if outer and part.strip().startswith(f"{loc[-1]}.")
+                            else part.strip() for part in msg.split("; "))
         else:
             got = e.get("input")
             problems.append(f"{key}: {e['msg']} (got {got!r}); fix the value in the YAML or with --set {key}=...")
@@ -436,7 +439,8 @@ def read_yaml(path: str | Path) -> dict:
 
 # Config kinds: the top-level `kind` key picks the typed class (absent = pretrain, so older YAMLs stay valid).
 # Each kind names the command that runs it, for the "wrong command" message.
-KIND_COMMANDS = {"pretrain": "python -m training.pretrain", "finetune": "python -m training.finetune"}
+KIND_COMMANDS = {"pretrain": "python -m training.pretrain", "finetune": "python -m training.finetune",
+                 "prune": "python -m training.prune"}
 
 
 def config_class_for(raw: dict, source: str = "config") -> type[BaseModel]:
@@ -448,6 +452,10 @@ def config_class_for(raw: dict, source: str = "config") -> type[BaseModel]:
         from training.finetune_config import FinetuneConfig  # sibling module; imports this one
 
         return FinetuneConfig
+    if kind == "prune":
+        from training.prune_config import PruneConfig  # sibling module; imports this one
+
+        return PruneConfig
     raise ConfigError([f"kind: unknown config kind {kind!r}; use one of {', '.join(KIND_COMMANDS)}"], source)
 
 
