@@ -266,6 +266,10 @@ def run_worker(loop_config: dict, cfg, build_task: Callable[[Any, dict, WorkerCo
     optim, run = cfg.optim, cfg.run
     gas = wctx.grad_accum_steps
     batches = task.micro_batches(state["step"] * gas)
+    # Training mode is set here, not inherited: from_pretrained hands over a model in eval mode (dropout
+    # off), and only the first evaluation's engine.train() would switch it on. A run resumed after that
+    # evaluation would then train without dropout where the clean run trained with it.
+    engine.train()
     window_start, window_steps, window_tokens, reported = time.perf_counter(), 0, 0, False
     while state["step"] < optim.max_steps and not state.get("stopped_early"):
         # Dropout draws depend only on (seed, step, rank): a resumed run repeats a clean one exactly.
