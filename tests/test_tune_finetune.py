@@ -56,7 +56,6 @@ def lora_base(tiny_llama: Path) -> dict:
     }
 
 
-@pytest.mark.unverified
 @pytest.mark.timeout(SWEEP_TIMEOUT_S)
 def test_lora_sweep_over_rank_and_lr_publishes_the_best_adapter(local_ray, tiny_llama, tmp_path):
     raw = {"kind": "tune", "name": "lora-sweep", "storage_path": str(tmp_path / "sweeps"), "base": lora_base(tiny_llama),
