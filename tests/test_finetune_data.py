@@ -105,6 +105,23 @@ def test_sft_template_that_rewrites_earlier_turns_is_an_error(bpe):
         encode_sft(bpe, CHAT, max_len=512, chat_template=rewriting)
 
 
+def test_sft_reply_first_conversation_labels_no_default_system_prompt(bpe):
+    """A conversation that opens with the assistant turn, under a template that inserts a default system
+    prompt when the first turn is not a system turn (as SmolLM2's does): the system prompt and the turn
+    header are context, only the reply and its eos are labelled."""
+    default_system = (
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    reply_first = [{"role": "assistant", "content": "Once upon a time"}, {"role": "user", "content": "More"},
+                   {"role": "assistant", "content": "The end."}]
+    ids, labels = encode_sft(bpe, reply_first, max_len=512, chat_template=default_system)
+    assert "You are a helpful assistant." in bpe.decode(ids)
+    assert labelled(bpe, ids, labels) == ["Once upon a time<|im_end|>", "The end.<|im_end|>"]
+
+
 def test_pack_sft_keeps_order_and_fits_rows():
     examples = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9, 10, 11, 12], [-100] * 3 + [9, 10, 11, 12])]
     rows = pack_sft(examples, seq_len=5)

@@ -29,8 +29,8 @@ def _assistant_spans(tokenizer, messages: list[dict], template: str) -> tuple[st
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], template, True) if i else ""
         upto = _render(tokenizer, messages[: i + 1], template, False)
+        prompt = _render(tokenizer, messages[:i], template, True) if i else _text_before_first_reply(upto, message)
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise DataError(
                 "the chat template does not render a conversation as its prompt followed by the reply (it rewrites "
@@ -39,6 +39,17 @@ def _assistant_spans(tokenizer, messages: list[dict], template: str) -> tuple[st
             )
         spans.append((len(prompt), len(upto)))
     return full, spans
+
+
+def _text_before_first_reply(rendered: str, message: dict) -> str:
+    """What a template renders before a conversation's opening assistant turn.
+
+    There is no earlier turn to render as the prompt, yet a template may still put text there (SmolLM2's
+    inserts a default system prompt, then the assistant header): that text is context, never a label, so
+    the labelled span starts where the reply's content does."""
+    content = message.get("content")
+    at = rendered.find(content) if isinstance(content, str) and content else -1
+    return rendered[:at] if at > 0 else ""
 
 
 def encode_sft(
