@@ -80,7 +80,6 @@ def layer_similarity(model, blocks: torch.Tensor) -> list[float]:
     """Per decoder layer: mean cosine similarity of its input and output hidden states over all tokens of `blocks`."""
     layers = model.model.layers
     sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = 0
 
     def hook(index):
         def record(module, args, kwargs, output):
@@ -91,6 +90,14 @@ def layer_similarity(model, blocks: torch.Tensor) -> list[float]:
         return record
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    count = _calibration_pass(model, blocks, handles)
+    return (sums / count).tolist()
+
+
+def _calibration_pass(model, blocks: torch.Tensor, handles) -> int:
+    """Run the calibration blocks through the model with the given hooks attached, then remove them;
+    returns the number of tokens seen."""
+    count = 0
     try:
         with torch.inference_mode():
             for batch in _batches(blocks):
@@ -99,14 +106,13 @@ def layer_similarity(model, blocks: torch.Tensor) -> list[float]:
     finally:
         for handle in handles:
             handle.remove()
-    return (sums / count).tolist()
+    return count
 
 
 def channel_importance(model, blocks: torch.Tensor) -> list[torch.Tensor]:
     """Per decoder layer, one score per MLP channel: mean |act(gate)*up| (down_proj's input) x ||down column||."""
     layers = model.model.layers
     sums = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
-    count = 0
 
     def hook(index):
         def record(module, args):
@@ -114,14 +120,7 @@ def channel_importance(model, blocks: torch.Tensor) -> list[torch.Tensor]:
         return record
 
     handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.inference_mode():
-            for batch in _batches(blocks):
-                model(input_ids=batch, use_cache=False)
-                count += batch.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
+    count = _calibration_pass(model, blocks, handles)
     return [(s / count) * layer.mlp.down_proj.weight.detach().double().norm(dim=0)
             for s, layer in zip(sums, layers)]
 
