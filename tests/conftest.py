@@ -1,6 +1,9 @@
-"""Settings every test process shares: no usage stats, quiet tokenizers, no hub access."""
+"""Settings every test process shares (no usage stats, quiet tokenizers, no hub access), and the one local
+Ray that the Ray Train / Tune modules share."""
 
 import os
+
+import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -9,3 +12,70 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Ray Train's controller takes one report per health-check interval (2 s by default) and a worker's
 # next report waits for it; the tests report every step of a ~50 ms step, so poll faster.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+SHARED_RAY_FIXTURE = "local_ray"
+_shared_ray = {"gcs_address": None}
+
+
+def _start_shared_ray() -> None:
+    """4 logical CPUs (two 1-CPU Train workers, or a Serve replica beside them, plus Ray Data's read tasks),
+    the dashboard on (Train V2 queries its controller through it), every worker carrying RAY_ADDRESS
+    (tune.search.start_local_ray: Tune's stopped trials free their placement groups on a shared host)."""
+    import ray
+
+    from serving_fixtures import API_KEYS
+    from tune.search import start_local_ray
+
+    env_vars = {"TOKENIZERS_PARALLELISM": "false",
+                # a loaded shared machine can take longer than Ray Train's 60 s default to start a worker group
+                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+    with pytest.MonkeyPatch.context() as env:
+        # Read from Ray's environment when a module deploys Serve on this Ray (tests/test_finetune_serve.py):
+        # the replica's API keys, and the proxy's OpenAI-shaped errors (serving/errors.py).
+        env.setenv("RAYLM_API_KEYS", ",".join(API_KEYS))
+        env.setenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.errors:proxy_middlewares")
+        for attempt in range(2):
+            try:
+                start_local_ray(4, env_vars)
+                break
+            except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception when its raylet starts slowly
+                ray.shutdown()
+                if attempt or "timed out during startup" not in str(err):
+                    raise
+    _shared_ray["gcs_address"] = ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
+def _shared_ray_session():
+    yield
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address == _shared_ray["gcs_address"]:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray(_shared_ray_session):
+    """The session's local Ray, shared by every module that runs Ray Train or Tune in this process.
+
+    Started by the first such module and kept for the next (a local Ray costs ~10 s to start and a few
+    to stop); shut down at the end of the session. The modules that use it run one after another, after
+    the modules that start a Ray of their own (pytest_collection_modifyitems).
+    """
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address != _shared_ray["gcs_address"]:
+        ray.shutdown()  # another module's Ray, left running
+    if not ray.is_initialized():
+        _start_shared_ray()
+    yield
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the modules that share the session's Ray one after another, after the others (each group keeps
+    its file order), so the shared Ray starts once."""
+    def module(item):
+        return getattr(getattr(item, "module", None), "__name__", None)
+
+    shared_modules = {module(item) for item in items if SHARED_RAY_FIXTURE in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: module(item) in shared_modules)  # stable: file order within each group

@@ -31,6 +31,8 @@ def start_ray(num_cpus: int, metrics_port: int):
     os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "serving.errors:proxy_middlewares"
     import ray
 
+    if ray.is_initialized():  # the session's shared Train/Tune Ray (tests/conftest.py): this module needs its own
+        ray.shutdown()
     for attempt in range(3):
         try:
             return ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,

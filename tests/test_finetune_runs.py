@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import yaml
 
@@ -30,24 +29,6 @@ TASK_DATA = {
     "classification": {"train_files": [str(DATA / "reviews.csv")], "text_field": "review", "label_field": "sentiment"},
     "ner": {"train_files": [str(DATA / "peoples_daily.conll")]},
 }
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    # A loaded shared machine can take longer than Ray Train's 60 s default to start a worker group, and
-    # longer than Ray's fixed wait to start the node itself (then one more try).
-    for attempt in range(2):
-        try:
-            ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                                               "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}})
-            break
-        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for a slow start
-            ray.shutdown()
-            if attempt or "timed out during startup" not in str(err):
-                raise
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

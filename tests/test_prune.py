@@ -158,22 +158,14 @@ def test_parameter_fraction_target_with_both_methods(root, base, text_file):
 
 
 @pytest.mark.slow
-def test_healing_runs_the_fine_tune_path_on_two_workers_and_merges(root, base, text_file):
-    import ray
-
+def test_healing_runs_the_fine_tune_path_on_two_workers_and_merges(local_ray, root, base, text_file):
     config = write_config(
         root, "healed", base, text_file, {"methods": ["mlp_width"], "param_fraction": 0.15},
         heal={"method": {"type": "lora", "lora": {"r": 4}}, "num_sequences": 32,
               "optim": {"lr": 5e-3, "warmup_steps": 1, "max_steps": 4, "micro_batch_size": 4}},
         deepspeed={"zero_stage": 2, "bucket_elements": 200_000},
         scaling={"num_workers": 2, "resources_per_worker": {"CPU": 1}})
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                                       "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}})
-    try:
-        assert prune.main(["--config", config]) == 0
-    finally:
-        ray.shutdown()
+    assert prune.main(["--config", config]) == 0
     export = read_export(root / "healed-export")
     record = export.manifest.pruning
     assert record.healing == "lora" and record.healing_steps == 4

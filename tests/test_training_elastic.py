@@ -7,7 +7,6 @@ on 2 workers (1 -> 2) must match the 1-worker run at steps 5-6; within 1e-3.
 """
 
 import pytest
-import ray
 
 from benchmarks.elastic_resume import GROW_STEP, RESUME_STEP, resize_cases, write_corpus
 from training.checkpoints import checkpoint_dir_name, list_checkpoints, manifest_problem
@@ -15,14 +14,6 @@ from training.checkpoints import checkpoint_dir_name, list_checkpoints, manifest
 pytestmark = pytest.mark.slow
 
 TOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

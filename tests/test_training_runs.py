@@ -1,7 +1,7 @@
 """Real runs: 2 Ray Train workers under real DeepSpeed on CPU, against a plain-torch reference.
 
-One local Ray serves the whole module; each run is `training.pretrain.main`, exactly what the
-command line calls.
+The session's shared local Ray (tests/conftest.py `local_ray`) serves the module; each run is
+`training.pretrain.main`, exactly what the command line calls.
 """
 
 import json
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 import yaml
 
@@ -26,14 +25,6 @@ pytestmark = pytest.mark.slow
 
 EQUIVALENCE_STEPS = 5
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

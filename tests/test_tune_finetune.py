@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 
 from serving.export_format import adapter_problems, list_adapters, read_adapter, read_export
@@ -22,13 +21,6 @@ from tune import search
 pytestmark = pytest.mark.slow
 SWEEP_TIMEOUT_S = 1800  # ~2-3 min on a quiet 2-core machine; far longer when many test runs share it
 DATA = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "data"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    search.start_local_ray(4, {"TOKENIZERS_PARALLELISM": "false"})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Real sweeps: Ray Tune over 2-worker DeepSpeed pretraining runs of a tiny Llama on real text.
 
-One local Ray (4 logical CPUs) serves the module; each sweep is `tune.search.main`, exactly what the
+The session's shared local Ray (4 logical CPUs; tests/conftest.py `local_ray`) serves the module; each sweep is `tune.search.main`, exactly what the
 command line calls. Trials hold 2 workers x 0.5 CPU, so two trials run at once and a CPU stays free
 for Ray Data.
 """
@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 
 from serving.export_format import read_export
@@ -22,13 +21,6 @@ pytestmark = pytest.mark.slow
 # A sweep starts several 2-worker DeepSpeed runs one after another (about 2-4 min on a quiet 2-core
 # machine); on a machine shared by many test runs that takes far longer than pytest's default 600 s.
 SWEEP_TIMEOUT_S = 1800
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    search.start_local_ray(4, {"TOKENIZERS_PARALLELISM": "false"})
-    yield
-    ray.shutdown()
 
 
 def tiny_base(tmp_path: Path, **optim) -> dict:
