@@ -94,10 +94,16 @@ def clean_run(local_ray, workdir):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stages_match_plain_torch(local_ray, workdir, clean_run, stage):
-    path = write_config(workdir, f"zero{stage}", deepspeed={"zero_stage": stage},
-                        optim={"max_steps": EQUIVALENCE_STEPS}, run={"checkpoint_every_steps": 100})
-    assert pretrain.main(["--config", path]) == 0
-    records = read_metrics(workdir / f"zero{stage}")
+    if stage == 2:
+        # The clean run is this case already (ZeRO-2, 2 workers, the same data and init): its first steps
+        # are compared, against a reference with its own lr schedule; one 2-worker run fewer (~30 s).
+        name, path = "clean", clean_run
+    else:
+        name = f"zero{stage}"
+        path = write_config(workdir, name, deepspeed={"zero_stage": stage}, optim={"max_steps": EQUIVALENCE_STEPS},
+                            run={"checkpoint_every_steps": 100})
+        assert pretrain.main(["--config", path]) == 0
+    records = read_metrics(workdir / name)
     ours = [r["loss"] for r in records][:EQUIVALENCE_STEPS]
     expected = reference_losses(path, EQUIVALENCE_STEPS)
     assert len(ours) == EQUIVALENCE_STEPS
