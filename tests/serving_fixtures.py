@@ -30,12 +30,13 @@ def start_ray(num_cpus: int, metrics_port: int):
     # Serve's HTTP proxy answers in OpenAI's error shape, and a dying replica's requests get a
     # retryable 503 (serving/errors.py); the proxy actor inherits this from the Ray it starts in.
     os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "serving.errors:proxy_middlewares"
-    # The request path the configs ship (docs/serving.md, Request path): HAProxy in front of replicas that
-    # serve HTTP themselves. Its stats and metrics ports are per Ray instance, so that two test modules
+    # The request path: NODE_ENV ships; RAYLM_TEST_REQUEST_PATH=haproxy runs the serving tests with the faster
+    # one (serving/ingress.py), HAProxy's stats and metrics ports per Ray instance, so that two test modules
     # (or another user's Ray) on one machine do not collide.
-    from serving.ingress import haproxy_node_env
+    from serving.ingress import NODE_ENV, haproxy_node_env
 
-    os.environ.update(haproxy_node_env(stats_port=metrics_port + 200, metrics_port=metrics_port + 300))
+    os.environ.update(haproxy_node_env(stats_port=metrics_port + 200, metrics_port=metrics_port + 300)
+                      if os.environ.get("RAYLM_TEST_REQUEST_PATH") == "haproxy" else NODE_ENV)
     import ray
 
     for attempt in range(3):

@@ -687,8 +687,8 @@ def test_serving_nodes_install_the_proxy_error_hook(build):
 
 @pytest.mark.parametrize("build", ["base"] + OVERLAYS)
 def test_serving_nodes_start_with_the_shipped_request_path(build):
-    """HAProxy + direct ingress and its retry policy are read when Serve's processes start: every RayService
-    container carries serving.ingress.NODE_ENV (the environment the serving tests run with)."""
+    """Serve reads its request-path switches when its processes start: every RayService container carries
+    serving.ingress.NODE_ENV (the environment the serving tests run with)."""
     from serving.ingress import NODE_ENV
 
     (service,) = docs_of_kind("RayService", build)

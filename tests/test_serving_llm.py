@@ -3,6 +3,7 @@ batching, auth, limits, PII masking, multi-LoRA, metrics. One Ray and one deploy
 
 import concurrent.futures as futures
 import json
+import os
 import shutil
 import time
 
@@ -205,8 +206,10 @@ def test_two_adapters_differ_and_a_new_adapter_is_served_without_restart(server,
 
 
 @pytest.mark.unverified
+@pytest.mark.skipif(os.environ.get("RAYLM_TEST_REQUEST_PATH") != "haproxy",
+                    reason="the HAProxy request path (serving.ingress.HAPROXY_NODE_ENV): RAYLM_TEST_REQUEST_PATH=haproxy")
 def test_requests_go_through_haproxy_to_the_replica_listening_on_localhost_only(server):
-    """The request path of serving/ingress.py: HAProxy answers the Serve HTTP port and forwards to the
+    """The request path of serving/ingress.py HAPROXY_NODE_ENV: HAProxy answers the Serve HTTP port and forwards to the
     replica's own HTTP server, which binds http_options.host (127.0.0.1 here), never 0.0.0.0 unless the
     config says so. That server still checks API keys: bypassing HAProxy bypasses nothing."""
     import psutil
