@@ -106,8 +106,11 @@ async def closed_loop(url: str, model: str, concurrency: int, total: int, max_to
         while next_index < total:
             i = next_index
             next_index += 1
-            tokens += await one(client, {"model": model, "prompt": texts[i % len(texts)], "max_tokens": max_tokens,
-                                         "temperature": 0})
+            # Awaited first, then added: `tokens += await ...` reads `tokens` before the await, so
+            # concurrent clients would overwrite each other's counts.
+            generated = await one(client, {"model": model, "prompt": texts[i % len(texts)], "max_tokens": max_tokens,
+                                           "temperature": 0})
+            tokens += generated
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
