@@ -159,6 +159,8 @@ def process_label(pid: int) -> str:
         return "?"
     if words[0].startswith("ray::"):
         return words[0].split()[0]
+    if "-c" in words[1:2]:
+        return "python -c"
     for word in words[1:3] if "python" in Path(words[0]).name else []:
         if word.endswith(".py"):
             return Path(word).name
