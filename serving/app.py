@@ -194,10 +194,9 @@ class CausalLMServer(ModelServer):
     def _admit_prompts(self, prompts: list[str], max_tokens: int) -> tuple[list[str], list[list[int]]]:
         """Admission thread: length limits on the text as sent, then PII masking (only of prompts that
         passed), then the token ids the model will see (masking may change their number)."""
-        for prompt in prompts:
-            self._checked_ids(prompt, max_tokens, "prompt")
+        checked = [self._checked_ids(prompt, max_tokens, "prompt") for prompt in prompts]
         if not self.args.pii_masking:
-            return prompts, [self.engine.encode(p) for p in prompts]
+            return prompts, checked  # unmasked: the ids just checked are the ones the model sees
         masked = [self._mask(p) for p in prompts]
         return masked, [self._checked_ids(p, max_tokens, "prompt") for p in masked]
 
@@ -323,7 +322,8 @@ class CausalLMServer(ModelServer):
             """OpenAI-compatible text completion; `stream: true` sends server-sent events."""
             max_tokens = self._limits(request, len(request.prompts))
             self._resolve_adapter(request.model)
-            prompts, ids = await self.run_admission(self._admit_prompts, request.prompts, max_tokens)
+            prompts, ids = await self.run_admission(self._admit_prompts, request.prompts, max_tokens,
+                                                    size=sum(map(len, request.prompts)))
 
             def respond(request_id, results, usage):
                 return CompletionResponse(
@@ -346,7 +346,8 @@ class CausalLMServer(ModelServer):
             max_tokens = self._limits(request, 1)
             self._resolve_adapter(request.model)
             messages = [{"role": m.role, "content": message_text(i, m)} for i, m in enumerate(request.messages)]
-            prompts, ids = await self.run_admission(self._admit_chat, messages, max_tokens)
+            prompts, ids = await self.run_admission(self._admit_chat, messages, max_tokens,
+                                                    size=sum(len(m["content"]) for m in messages))
 
             def respond(request_id, results, usage):
                 text, reason, _ = results[0]

@@ -1,7 +1,8 @@
 """Shared helpers of the serving tests: a Ray instance per module, tiny exports, `serve run` of a config.
 
 Every helper drives the real system: a local Ray, the `serve run` CLI on a real config file,
-HTTP on 127.0.0.1. Ports: Serve HTTP 18000-18099, metrics export 18100-18199.
+HTTP on 127.0.0.1. Ports: Serve HTTP 18000-18099, metrics export 18100-18199, HAProxy stats 18300-18399
+and HAProxy metrics 18400-18499 (metrics port + 200 / + 300).
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ def start_ray(num_cpus: int, metrics_port: int):
     # Serve's HTTP proxy answers in OpenAI's error shape, and a dying replica's requests get a
     # retryable 503 (serving/errors.py); the proxy actor inherits this from the Ray it starts in.
     os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "serving.errors:proxy_middlewares"
+    # The request path: NODE_ENV ships; RAYLM_TEST_REQUEST_PATH=haproxy runs the serving tests with the faster
+    # one (serving/ingress.py), HAProxy's stats and metrics ports per Ray instance, so that two test modules
+    # (or another user's Ray) on one machine do not collide.
+    from serving.ingress import NODE_ENV, haproxy_node_env
+
+    os.environ.update(haproxy_node_env(stats_port=metrics_port + 200, metrics_port=metrics_port + 300)
+                      if os.environ.get("RAYLM_TEST_REQUEST_PATH") == "haproxy" else NODE_ENV)
     import ray
 
     for attempt in range(3):

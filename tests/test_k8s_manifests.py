@@ -683,3 +683,15 @@ def test_serving_nodes_install_the_proxy_error_hook(build):
     for where, container in containers(cluster_specs(service)):
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         assert env.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == "serving.errors:proxy_middlewares", f"{build} {where}"
+
+
+@pytest.mark.parametrize("build", ["base"] + OVERLAYS)
+def test_serving_nodes_start_with_the_shipped_request_path(build):
+    """Serve reads its request-path switches when its processes start: every RayService container carries
+    serving.ingress.NODE_ENV (the environment the serving tests run with)."""
+    from serving.ingress import NODE_ENV
+
+    (service,) = docs_of_kind("RayService", build)
+    for where, container in containers(cluster_specs(service)):
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {k: env.get(k) for k in NODE_ENV} == NODE_ENV, f"{build} {where}"
