@@ -16,83 +16,20 @@ import pytest
 import torch
 import yaml
 
-from serving.export_format import AdapterManifest, base_shape_of, list_adapters, read_export
-from serving.tiny_exports import build_causal_lm_export, build_lora_adapter
+from promote_fixtures import NAME, build_world, setup_served, write_config
+from serving.export_format import list_adapters, read_export
 from training import promote
 from training.config import ConfigError, validate_config
-from training.finetune_data import encode_sft
 from training.promote_config import PromoteConfig
 
 pytestmark = pytest.mark.unverified  # until seen passing in a slot
 
 REPO = Path(__file__).resolve().parents[1]
-REVIEWS = REPO / "configs" / "finetune" / "data" / "review_chat.jsonl"
-NAME = "reviews"
-
-
-def train_lora_adapter(base: Path, rows: list[dict], out: Path, *, steps: int = 30, seed: int = 0) -> Path:
-    """A LoRA adapter trained in-process (plain torch AdamW) on chat rows, written as training.export --adapter does."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, use_safetensors=True),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    examples = [e for e in (encode_sft(tokenizer, r["messages"], max_len=200) for r in rows) if e]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    model.train()
-    for step in range(steps):
-        batch = [examples[(step * 8 + i) % len(examples)] for i in range(8)]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch])
-        labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in batch])
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out, safe_serialization=True)
-    base_manifest = read_export(base).manifest
-    manifest = AdapterManifest(adapter=True, task="causal-lm", base_model=base_manifest.model_name, peft_type="LORA",
-                               base_shape=base_shape_of(json.loads((base / "config.json").read_text())),
-                               model_name=out.name, trained_steps=steps)
-    (out / "raylm.json").write_text(manifest.model_dump_json(indent=2))
-    return out
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny base export, a held-out test file of review chats, and two adapters of known quality."""
-    root = tmp_path_factory.mktemp("promote")
-    base = build_causal_lm_export(root / "tiny-llama", hidden_size=64, num_layers=2, vocab_size=512, max_seq_len=256)
-    rows = [json.loads(line) for line in REVIEWS.read_text(encoding="utf-8").splitlines()]
-    test_file = root / "test.jsonl"
-    test_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:24]), encoding="utf-8")
-    good = train_lora_adapter(base, rows[24:184], root / "good")
-    bad = build_lora_adapter(base, root / "bad", seed=3)
-    other_base = build_causal_lm_export(root / "other-base", hidden_size=32, num_layers=2, vocab_size=512)
-    return {"root": root, "base": base, "test": test_file, "good": good, "bad": bad,
-            "other": build_lora_adapter(other_base, root / "other-adapter", seed=1)}
-
-
-def setup_served(world, tmp_path, served: Path | None) -> Path:
-    adapters = tmp_path / "adapters"
-    adapters.mkdir()
-    if served is not None:
-        shutil.copytree(served, adapters / NAME)
-    return adapters
-
-
-def write_config(world, tmp_path, adapters: Path, candidate: Path | str, test_file: Path | None = None, **evaluation) -> Path:
-    raw = {"kind": "promote",
-           "served": {"base": str(world["base"]), "adapters_dir": str(adapters), "adapter_name": NAME},
-           "candidate": {"path": str(candidate)},
-           "evaluation": {"task": "sft", "files": [str(test_file or world["test"])], "batch_size": 8, **evaluation},
-           "run": {"name": "promote-test"}}
-    path = tmp_path / "promote.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return build_world(tmp_path_factory.mktemp("promote"))
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -260,3 +197,43 @@ def test_shipped_promote_configs_validate_with_their_metric_direction():
     for path in sorted((REPO / "configs" / "promote").glob("*.yaml")):
         cfg = validate_config(yaml.safe_load(path.read_text()))
         assert isinstance(cfg, PromoteConfig) and cfg.evaluation.mode == "min", path
+
+
+def test_a_replica_holding_the_old_adapter_serves_the_promoted_one_next(world, tmp_path):
+    """Serving loads, pins and batches an adapter under `<name>@<version>` (the weights file's identity): after
+    a promotion renamed a new directory into place, the next request's key differs, so a replica that already
+    held the old weights loads the promoted ones instead of answering with what it cached."""
+    from serving.generation import CausalLMEngine, GenerationJob, SamplingParams
+
+    adapters = setup_served(world, tmp_path, world["bad"])
+    engine = CausalLMEngine(read_export(world["base"]), adapters_dir=str(adapters))
+    prompt = engine.encode("这条评论是正面还是负面？\n质量不错，送货也快")
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    old_key = engine.adapter_key(NAME)
+    engine.load_adapter(old_key)
+    (before,) = engine.generate([GenerationJob(prompt, params, old_key)])
+    assert engine.adapter_key(NAME) == old_key, "the key is stable while the directory is"
+
+    assert promote.main(["--config", str(write_config(world, tmp_path, adapters, world["good"]))]) == 0
+    new_key = engine.adapter_key(NAME)
+    assert new_key != old_key and new_key.startswith(f"{NAME}@")
+    engine.load_adapter(new_key)
+    (after,) = engine.generate([GenerationJob(prompt, params, new_key)])
+    fresh = CausalLMEngine(read_export(world["base"]), adapters_dir=str(adapters))  # never saw the old one
+    fresh.load_adapter(NAME)
+    (expected,) = fresh.generate([GenerationJob(prompt, params, NAME)])
+    assert after[0] == expected[0] and after[0] != before[0]
+
+
+@pytest.mark.gpu
+def test_scores_on_a_gpu_equal_the_cpu_scores(world, tmp_path):
+    """evaluation.device: cuda (the k8s example's) scores both sides like the CPU does, to float tolerance."""
+    adapters = setup_served(world, tmp_path, world["bad"])
+    values = {}
+    for device in ("cpu", "cuda"):
+        config = write_config(world, tmp_path, adapters, world["good"], device=device)
+        assert promote.main(["--config", str(config), "--dry-run"]) == 0
+        values[device] = history(adapters)[-1]
+    for side in ("candidate", "served"):
+        assert values["cuda"][side]["value"] == pytest.approx(values["cpu"][side]["value"], rel=1e-3)
+    assert snapshot(adapters / NAME) == snapshot(world["bad"])  # dry runs publish nothing

@@ -145,7 +145,7 @@ def evaluate_args(cfg: PromoteConfig, adapter: Path | None = None, out: Path | N
     return evaluate.parse_args(argv)
 
 
-def test_file_problems(cfg: PromoteConfig) -> list[str]:
+def held_out_file_problems(cfg: PromoteConfig) -> list[str]:
     """Rows of the fixed test file that training.evaluate would skip: the two sides must be scored on every
     row of it, so a bad row is an error to fix in the file, not a silent skip."""
     from training import evaluate
@@ -310,7 +310,7 @@ def promote(cfg: PromoteConfig, config_path: str, dry_run: bool = False, log=pri
     with adapters_lock(adapters_dir):
         staged = None
         try:
-            problems = test_file_problems(cfg)
+            problems = held_out_file_problems(cfg)
             if problems:
                 raise PromoteError(problems)
             staged = stage_candidate(cfg, adapters_dir)
