@@ -237,3 +237,24 @@ def test_scores_on_a_gpu_equal_the_cpu_scores(world, tmp_path):
     for side in ("candidate", "served"):
         assert values["cuda"][side]["value"] == pytest.approx(values["cpu"][side]["value"], rel=1e-3)
     assert snapshot(adapters / NAME) == snapshot(world["bad"])  # dry runs publish nothing
+
+
+def test_a_served_adapter_replaced_during_scoring_is_not_overwritten(world, tmp_path, monkeypatch, capsys):
+    """Another publisher renames a new adapter into place while promote scores the old one: promote notices
+    (content digest before vs after) and publishes nothing over it."""
+    adapters = setup_served(world, tmp_path, world["bad"])
+    real_score = promote.score
+
+    def score_then_publish_elsewhere(cfg, adapter, log=print):
+        result = real_score(cfg, adapter, log)
+        if adapter == adapters.resolve() / NAME:  # the served side: someone else publishes meanwhile
+            shutil.rmtree(adapter)
+            shutil.copytree(world["other"], adapter)
+        return result
+
+    monkeypatch.setattr(promote, "score", score_then_publish_elsewhere)
+    config = write_config(world, tmp_path, adapters, world["good"])
+    assert promote.main(["--config", str(config)]) == 2
+    assert "changed while it was being scored" in capsys.readouterr().err
+    assert snapshot(adapters / NAME) == snapshot(world["other"]) and leftovers(adapters) == []
+    assert history(adapters)[-1]["decision"] == "refused"

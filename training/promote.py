@@ -331,7 +331,8 @@ def promote(cfg: PromoteConfig, config_path: str, dry_run: bool = False, log=pri
                 record["served"].update(value=served_value, metrics=served["metrics"], rows=served["rows"])
             publish, decision, reason = decide(cfg, record["candidate"]["value"], served_value)
             if publish and not dry_run:
-                if served_dir.exists() and directory_digest(served_dir) != record["served"]["sha256"]:
+                now = directory_digest(served_dir) if served_dir.exists() else None
+                if now != record.get("served", {}).get("sha256"):
                     raise PromoteError(f"{served_dir} changed while it was being scored (another publisher); "
                                        "nothing was published: rerun the promote")
                 from training.export import commit_dir
