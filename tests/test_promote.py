@@ -22,8 +22,6 @@ from training import promote
 from training.config import ConfigError, validate_config
 from training.promote_config import PromoteConfig
 
-pytestmark = pytest.mark.unverified  # until seen passing in a slot
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -226,6 +224,7 @@ def test_a_replica_holding_the_old_adapter_serves_the_promoted_one_next(world, t
 
 
 @pytest.mark.gpu
+@pytest.mark.unverified  # no GPU this session
 def test_scores_on_a_gpu_equal_the_cpu_scores(world, tmp_path):
     """evaluation.device: cuda (the k8s example's) scores both sides like the CPU does, to float tolerance."""
     adapters = setup_served(world, tmp_path, world["bad"])
