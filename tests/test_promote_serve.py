@@ -19,7 +19,7 @@ from serving_fixtures import API_KEYS, auth, config_for_test, serve_run_config, 
 
 from training import finetune, promote
 
-pytestmark = [pytest.mark.slow, pytest.mark.unverified]
+pytestmark = pytest.mark.slow
 
 HTTP_PORT = 18051
 BASE = f"http://127.0.0.1:{HTTP_PORT}"
