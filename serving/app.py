@@ -233,11 +233,16 @@ class CausalLMServer(ModelServer):
         self.metrics.prompt_tokens.inc(sum(len(j.prompt_ids) for j in jobs), tags={"model": self.model_name})
         if adapter:
             try:
+                # Loaded and batched under its version key: a same-named adapter renamed into place since the
+                # last load (a promotion) is loaded anew instead of answering with the old weights.
+                adapter = self.engine.adapter_key(adapter)
                 await self._load_adapter(adapter)
             except (ExportFormatError, FileNotFoundError, ValueError) as exc:
-                raise ApiError(400, f"adapter '{adapter}' cannot be loaded: {exc}", param="model",
+                raise ApiError(400, f"adapter '{adapter.partition('@')[0]}' cannot be loaded: {exc}", param="model",
                                code="adapter_invalid") from None
             self.engine.pin_adapter(adapter)
+            for job in jobs:
+                job.adapter = adapter
         request_id = f"{'chatcmpl' if route.endswith('chat/completions') else 'cmpl'}-{uuid.uuid4().hex}"
         notify(self.observers, "on_request", RequestRecord(request_id, route, model, list(prompts)))
 
