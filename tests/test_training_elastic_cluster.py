@@ -69,7 +69,9 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(cluster, tmp_path):
                 events.append(("killed worker node", step))
                 phase = "shrunk"
             elif phase == "shrunk" and workers == 1 and step >= events[-1][1] + 6:  # a 1-worker checkpoint exists
-                cluster.start_node("worker-1", wait=False)
+                # Waits until the node is ALIVE (restarting a `ray start` that gave up on Ray's fixed 30 s
+                # registration wait on a loaded machine); the run goes on on 1 worker meanwhile.
+                cluster.start_node("worker-1", wait=True, timeout_s=300)
                 events.append(("worker node back", step))
                 phase = "regrown"
         exit_code = process.wait(timeout=60)
