@@ -25,7 +25,9 @@ from training.tracking import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 BASE_PORT = 26700
 STEP_LINE = re.compile(r"\[raylm\] step (\d+)/(\d+) .*\| (\d+) workers? \|")
-MAX_STEPS = 60
+# Long enough that the 1-worker run is still going when the worker node is back and Ray Train's resize
+# monitor (every 5 s) sees it: ray start + registration alone take 5-15 s, and a step ~0.3 s.
+MAX_STEPS = 120
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.unverified]  # never run yet
 
