@@ -21,7 +21,7 @@ import yaml
 from training.export import find_checkpoint
 from training.tracking import read_metrics
 
-pytestmark = [pytest.mark.slow, pytest.mark.unverified]  # not yet seen passing
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 7
