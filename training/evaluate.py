@@ -311,11 +311,13 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
         if unknown_types:
             stats.notes.append(f"entity types {unknown_types} are not in the export's labels: counted as missed")
         encoded = [encode_ner(tokenizer, words, ["O"] * len(words), placeholder, max_len=max_len,
-                              word_joiner=args.word_joiner, stats=stats) for words, _ in records]
+                              word_joiner=args.word_joiner, tag_subtoken=manifest.ner_tag_subtoken, stats=stats)
+                   for words, _ in records]
         preds = tag_subtokens(model, [(ids, word_ids) for ids, _, word_ids in encoded], args.batch_size, pad_id)
         totals = [0, 0, 0]
         for (words, gold), (_, _, word_ids), pred in zip(records, encoded, preds):
-            tags = word_tags_from_subtokens(pred, word_ids, labels, num_words=len(words))
+            tags = word_tags_from_subtokens(pred, word_ids, labels, num_words=len(words),
+                                            tag_subtoken=manifest.ner_tag_subtoken)
             totals = [a + b for a, b in zip(totals, ner_counts(gold, tags))]
         result["metrics"] = ner_metrics(*totals)
         result["entities"] = dict(zip(("correct", "predicted", "gold"), totals))
