@@ -189,6 +189,19 @@ def tiny_causal_token_classifier(tokenizer, labels, seed=0):
     return LlamaForTokenClassification(config)
 
 
+def causal_ner_export(tmp_path, seed=3):
+    """A tiny causal token-classification export whose raylm.json says ner_tag_subtoken=last (as training writes)."""
+    from serving.tiny_exports import _manifest, build_bpe_tokenizer
+
+    tok = build_bpe_tokenizer()
+    export = tmp_path / "causal-ner"
+    tiny_causal_token_classifier(tok, CAUSAL_NER_LABELS, seed=seed).save_pretrained(export, safe_serialization=True)
+    tok.save_pretrained(export)
+    manifest = {**_manifest("token-classification", "tiny-llama-ner", 64, CAUSAL_NER_LABELS), "ner_tag_subtoken": "last"}
+    (export / "raylm.json").write_text(json.dumps(manifest))
+    return export, manifest
+
+
 def characters_sharing_their_first_subtoken(tokenizer, candidates="湛江汉湖提指求据清持息"):
     """Chinese characters that a byte-level BPE splits into several sub-tokens, all with the same first one."""
     by_first: dict[int, list[str]] = {}
@@ -247,17 +260,13 @@ def test_a_causal_ner_model_learns_only_when_words_are_tagged_at_their_last_subt
 def test_ner_evaluation_reads_a_causal_export_where_its_manifest_says(tmp_path):
     """An export whose raylm.json says ner_tag_subtoken=last is scored at each word's last sub-token: gold equal
     to the model's own last-sub-token tags scores 1.0; read at the first sub-token the same gold does not."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
     from serving.export_format import read_export
-    from serving.tiny_exports import _manifest, build_bpe_tokenizer
     from training.finetune_data import encode_ner, word_tags_from_subtokens
 
-    tok = build_bpe_tokenizer()
-    model = tiny_causal_token_classifier(tok, CAUSAL_NER_LABELS, seed=3).eval()
-    export = tmp_path / "causal-ner"
-    model.save_pretrained(export, safe_serialization=True)
-    tok.save_pretrained(export)
-    manifest = {**_manifest("token-classification", "tiny-llama-ner", 64, CAUSAL_NER_LABELS), "ner_tag_subtoken": "last"}
-    (export / "raylm.json").write_text(json.dumps(manifest))
+    export, manifest = causal_ner_export(tmp_path)
+    tok, model = AutoTokenizer.from_pretrained(export), AutoModelForTokenClassification.from_pretrained(export).eval()
     assert read_export(export).manifest.ner_tag_subtoken == "last"
 
     sentences = [list("湛江市惠珍联合医院"), list("邱县不沿海不通铁路"), list("北京上海天津湖北")]
@@ -281,3 +290,33 @@ def test_ner_evaluation_reads_a_causal_export_where_its_manifest_says(tmp_path):
     manifest["ner_tag_subtoken"] = "first"  # the same model read at the first sub-token: not its own tags
     (export / "raylm.json").write_text(json.dumps(manifest))
     assert run(["--export", str(export), "--data", str(conll)], tmp_path)["metrics"]["f1"] < 1.0
+
+
+@pytest.mark.parametrize("text,joiner", [("湛江市惠珍联合医院院长梁惠珍", ""), ("邱县不沿海，北京上海天津", ""),
+                                         ("John Smithsonian visited Beijing city", " ")])
+def test_serving_reads_a_causal_export_as_training_labels_it(tmp_path, text, joiner):
+    """Serving's entities (character spans of raw text) from a causal NER export equal the entity spans
+    training.evaluate reads from the same model at each word's last sub-token (words: CJK characters, or
+    space-separated words), so what is served is what was trained and scored."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from serving.encoders import EncoderEngine
+    from serving.export_format import read_export
+    from training.finetune_data import encode_ner, word_tags_from_subtokens
+    from training.task_metrics import entity_spans
+
+    export, _ = causal_ner_export(tmp_path, seed=5)
+    tok, model = AutoTokenizer.from_pretrained(export), AutoModelForTokenClassification.from_pretrained(export).eval()
+    words = text.split(" ") if joiner else list(text)
+    ids, _, word_ids = encode_ner(tok, words, ["O"] * len(words), {"O": 0}, max_len=64, word_joiner=joiner,
+                                  tag_subtoken="last")
+    with torch.no_grad():
+        pred = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
+    tags = word_tags_from_subtokens(pred, word_ids, CAUSAL_NER_LABELS, num_words=len(words), tag_subtoken="last")
+    starts = [sum(len(w) + len(joiner) for w in words[:i]) for i in range(len(words))]
+    want = {(kind, starts[a], starts[b - 1] + len(words[b - 1])) for kind, a, b in entity_spans(tags)}
+    assert want  # a random model still tags something
+
+    served = EncoderEngine(read_export(export)).ner([text])[0]
+    assert {(e.entity, e.start, e.end) for e in served} == want
+    assert all(e.text == text[e.start:e.end] for e in served)

@@ -171,6 +171,9 @@ def encode_ner(
             if is_special:
                 word_of.append(-1)
                 continue
+            if tag_subtoken == "last" and not text[begin:end].strip():
+                word_of.append(-1)  # a lone space token is no word's last sub-token (serving skips it too)
+                continue
             while begin < end - 1 and text[begin].isspace():  # byte-level tokens carry the space before a word
                 begin += 1
             word_of.append(max(bisect.bisect_right(starts, begin) - 1, 0))
