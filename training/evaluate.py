@@ -110,7 +110,10 @@ def load_export(export_dir: str, base_dir: str | None = None):
 
         model = PeftModel.from_pretrained(model, adapter.path)
     model.eval()
-    return model, tokenizer, export.manifest
+    manifest = export.manifest
+    if adapter is not None and getattr(adapter.manifest, "ner_tag_subtoken", None):  # how the adapter was trained
+        manifest = manifest.model_copy(update={"ner_tag_subtoken": adapter.manifest.ner_tag_subtoken})
+    return model, tokenizer, manifest
 
 
 def resolve_task(requested: str | None, export_task: str) -> str:
