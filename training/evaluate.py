@@ -115,7 +115,10 @@ def load_export(export_dir: str, base_dir: str | None = None, device: str = "cpu
 
         model = PeftModel.from_pretrained(model, adapter.path)
     model.eval()
-    return model, tokenizer, export.manifest
+    manifest = export.manifest
+    if adapter is not None and getattr(adapter.manifest, "ner_tag_subtoken", None):  # how the adapter was trained
+        manifest = manifest.model_copy(update={"ner_tag_subtoken": adapter.manifest.ner_tag_subtoken})
+    return model, tokenizer, manifest
 
 
 def resolve_task(requested: str | None, export_task: str) -> str:
@@ -316,11 +319,13 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
         if unknown_types:
             stats.notes.append(f"entity types {unknown_types} are not in the export's labels: counted as missed")
         encoded = [encode_ner(tokenizer, words, ["O"] * len(words), placeholder, max_len=max_len,
-                              word_joiner=args.word_joiner, stats=stats) for words, _ in records]
+                              word_joiner=args.word_joiner, tag_subtoken=manifest.ner_tag_subtoken, stats=stats)
+                   for words, _ in records]
         preds = tag_subtokens(model, [(ids, word_ids) for ids, _, word_ids in encoded], args.batch_size, pad_id)
         totals = [0, 0, 0]
         for (words, gold), (_, _, word_ids), pred in zip(records, encoded, preds):
-            tags = word_tags_from_subtokens(pred, word_ids, labels, num_words=len(words))
+            tags = word_tags_from_subtokens(pred, word_ids, labels, num_words=len(words),
+                                            tag_subtoken=manifest.ner_tag_subtoken)
             totals = [a + b for a, b in zip(totals, ner_counts(gold, tags))]
         result["metrics"] = ner_metrics(*totals)
         result["entities"] = dict(zip(("correct", "predicted", "gold"), totals))
