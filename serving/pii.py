@@ -1,0 +1,492 @@
+"""PII masking for serving's prompts, outputs and logs: emails, IBANs, Chinese ID-card and mobile numbers,
+IPv4 addresses, bank cards and phone numbers are replaced by placeholders like [EMAIL].
+
+How it stays fast on any input (issue 11 item 4; `python -m benchmarks.pii_masking` times 1 MB of 28
+adversarial shapes against 100 ms):
+- The patterns read a byte view of the text, one byte per character (`_view`): ASCII as is, every Unicode
+  decimal digit (full-width ０-９, Arabic-Indic, Devanagari, ...) as its ASCII digit, full-width forms and
+  the ideographic space as their ASCII counterparts, anything else as 0x80, which no pattern's class holds.
+  Indices are the text's, so spans found in the view are cut from the original text.
+- Passes in a fixed order (emails, IBANs, +86 mobiles, the digit kinds, phone numbers); a span masked by
+  one pass reads as "[###]" to the later ones, as its placeholder would.
+- numpy finds, for the IBAN, digit and phone passes, the positions where their kinds can start or end
+  (from the digit runs: lengths, the characters around them, the digits a card-shaped chain of groups
+  holds), and the regex runs only in windows around those positions: text where nothing can match costs
+  a few vectorized operations per character, not an attempt of each pattern at each digit.
+- Every repeat is bounded and every repeat above 64 is possessive (a test walks the parsed patterns), so
+  no attempt costs more than a bounded number of steps.
+- Luhn checks of all card-shaped spans and digit counts of all phone-shaped spans run vectorized at once.
+ASCII classes, not \\w: in Python \\w matches CJK characters, and Chinese text puts digits right after
+words (座机010-62345678).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import re
+import unicodedata
+
+import numpy as np
+
+PII_PLACEHOLDERS = {"email": "[EMAIL]", "cn_id": "[CN_ID]", "card": "[BANK_CARD]", "phone": "[PHONE]",
+                    "ip": "[IP]", "iban": "[IBAN]"}
+
+
+def _compile(pattern: str) -> re.Pattern[bytes]:
+    return re.compile(pattern.encode("ascii"))  # bytes: \d is [0-9], and the view is bytes
+
+
+# Emails: a local part of 1-64 characters that starts a run of local-part characters, "@", a domain;
+# and the emails glued to it ("a@b.co+c@d.co": the next local part starts with the "+" or "." after
+# the domain, which a local part that starts a run cannot) are masked with it.
+_EMAIL_LOCAL = r"A-Za-z0-9._%+\-"
+_EMAIL_DOMAIN = r"@[A-Za-z0-9-]{1,63}+(?:\.[A-Za-z0-9-]{1,63}+){0,8}\.[A-Za-z]{2,24}+(?![A-Za-z0-9-])"
+_EMAIL = _compile(rf"[{_EMAIL_LOCAL}](?<![{_EMAIL_LOCAL}][{_EMAIL_LOCAL}])[{_EMAIL_LOCAL}]{{0,63}}+{_EMAIL_DOMAIN}"
+                  rf"(?:[._%+][{_EMAIL_LOCAL}]{{0,63}}+{_EMAIL_DOMAIN}){{0,100000}}+")
+
+# IBAN: country, check digits, 11-30 alphanumerics, optionally in groups of 4; kept only if mod-97
+# valid. A run of letters in which no IBAN starts is consumed at once.
+_IBAN = r"(?<![A-Za-z0-9][A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])"
+_IBAN_PASS = _compile(rf"[A-Z](?:(?P<iban>{_IBAN})|[A-Za-z]{{7,4095}}+)")
+_IBAN_REACH = 45  # the longest IBAN match: 4 + 7 * 5 + 5 characters
+
+# Digit kinds, each written as what follows the run's first digit (already consumed).
+# Mainland China resident ID: 6-digit region, birth date 18xx-20xx, 3-digit sequence, check digit/X;
+# the legacy 15-digit form: region, YYMMDD, 3-digit sequence. Not preceded or followed by a letter.
+_CN_ID = (r"(?<![A-Za-z]\d)(?<=[1-9])(?:\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"
+          r"|\d{7}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3})(?![0-9A-Za-z])")
+# Mainland mobile: 1[3-9] + 9 digits, optional 86 prefix (+86: _PLUS86_MOBILE), optional 3-4-4 grouping.
+_MOBILE = r"(?:(?<=8)6[ -]?1|(?<=1))[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)"
+# IPv4: four octets 0-255, not inside a longer dotted number. Atomic octets: a shorter octet would
+# leave a digit where a dot or the end must follow, so never giving one back loses no address.
+_OCTET = r"(?>25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IP_TAIL = rf"(?:\.{_OCTET}){{3}}(?![0-9]|\.[0-9])"
+_IP_MULTI = rf"(?<!\.\d)(?>(?<=2)(?:5[0-5]|[0-4]\d|\d)?|(?<=1)\d\d?|(?<=[3-9])\d){_IP_TAIL}"  # first octet 2-3 digits
+_IP_SINGLE = rf"(?<!\.\d){_IP_TAIL}"  # first octet 1 digit
+# Card numbers: 13-19 digits, optionally grouped by spaces or dashes; kept only if Luhn-valid.
+_CARD = r"(?<!-\d)(?:[ -]?\d){12,18}(?![\d-])"
+# A bare 10-digit number (US-style phone without separators), not part of a longer word or number.
+_PHONE10 = r"(?<![A-Za-z]\d)\d{9}(?![0-9A-Za-z])"
+# Other phone numbers: optional +country code, then 7-15 digits in groups separated by space, dot,
+# dash or parentheses (e.g. +1 (415) 555-0132, 415-555-0132, 010-62345678, +44 20 7946 0958).
+_PHONE_GROUPS = r"(?:[ .-]\d{2,8}+){1,3}(?![A-Za-z0-9_]|[.-]\d)"
+
+
+def _digit_pass(long_run: list[str], short_run: list[str], single: list[str]) -> re.Pattern[bytes]:
+    """A digit pass over named kinds, chosen by the length of the run's first group."""
+    return _compile(
+        r"[0-9](?:(?<![0-9]\d)(?:"
+        rf"(?=\d{{9}})(?:{'|'.join(long_run)}|\d{{9,4095}}+)"  # a run of 10+ digits
+        rf"|(?=\d)(?:{'|'.join(short_run)})"  # 2-9 digits
+        rf"|(?=[ .-])(?:{'|'.join(single)}))"  # one digit, then a separator
+        r"|\d{7,4095}+)")  # the rest of a run in which nothing started
+
+
+# Kinds in the order the masking applied them one pass each; phone numbers come last, in their own
+# pass, so that the placeholders of the other kinds bound them ("834-593-2689-[CN_ID]").
+_DIGIT_PASS = _digit_pass(
+    [f"(?P<cn_id>{_CN_ID})", f"(?P<mobile>{_MOBILE})", f"(?P<card>{_CARD})", f"(?P<phone10>{_PHONE10})"],
+    [f"(?P<mobile_>{_MOBILE})", f"(?P<ip>{_IP_MULTI})", f"(?P<card_>{_CARD})"],
+    [f"(?P<ip_>{_IP_SINGLE})", f"(?P<card__>{_CARD})"])
+_DIGIT_REACH = 40  # the longest kind from its run's first digit: a card of 19 digits and 18 separators
+# Kinds that may start inside a card-shaped span that failed the Luhn check ("55 13812345678"), or at
+# its start ("4155550132 123"), or run on past its end ("... 0071 888-242.164.166.171"), and the quick
+# test for one: 10 digits, a mobile's 1[3-9] / 86 after a separator, 10 digits and a separator at the
+# start, or a dot right after the span (an IPv4 address).
+_INSIDE_CARD = _digit_pass([f"(?P<cn_id>{_CN_ID})", f"(?P<mobile>{_MOBILE})", f"(?P<phone10>{_PHONE10})"],
+                           [f"(?P<mobile_>{_MOBILE})", f"(?P<ip>{_IP_MULTI})"], [f"(?P<ip_>{_IP_SINGLE})"])
+_INSIDE_CARD_REACH = 20  # what starts inside a card-shaped span is at most 18 characters; lookarounds need 2 more
+_MAY_HOLD_ANOTHER = _compile(r"[ -](?:\d{10}|1[3-9]|86)")
+_CARD_DIGITS = _compile(r"\d(?:[ -]?\d){12,18}")
+_PLUS86_MOBILE = _compile(r"\+86(?<![0-9]\+86)[ -]?1[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)")
+_PHONE_PASS = _compile(
+    r"[+(0-9](?:(?<![A-Za-z0-9_+][+(0-9])(?P<phone>"
+    r"(?:(?<=\+)\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}"  # +country code, optional (area), first group
+    r"|(?<=\()\d{1,4}\)[ .-]?\d{2,4}"  # (area) first group
+    rf"|(?<=[0-9])\d{{1,3}}+){_PHONE_GROUPS})"  # a first group of 2-4 digits
+    r"|(?<=[0-9])\d{4,4095}+)")  # a run of 5+ digits: no phone starts in it
+_PHONE_REACH = 45  # the longest phone match: 16 characters up to the first group, 3 groups of 9
+_DATE = _compile(r"\d{4}([-./])\d{1,2}\1\d{1,2}")
+PII_PATTERNS = (_EMAIL, _IBAN_PASS, _PLUS86_MOBILE, _DIGIT_PASS, _INSIDE_CARD, _MAY_HOLD_ANOTHER,
+                _PHONE_PASS)  # the scanners
+# A window's scan reads this far past its last possible start: more than any match (the "rest of a run"
+# consumers aside, which mask nothing) and its lookahead, so it sees what a scan of the whole text sees.
+_MARGIN = 72
+_MERGE_GAP = 64  # windows closer than this are scanned as one
+
+# ---- the byte view ------------------------------------------------------------------------------------
+_OTHER = 0x80  # a character outside every pattern's classes
+
+
+@functools.cache
+def _normalization() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The byte each BMP code point reads as, and the supplementary-plane digits with their bytes."""
+    mapped = {cp: 0x30 + unicodedata.decimal(chr(cp)) for cp in range(0x80, 0x110000)
+              if unicodedata.decimal(chr(cp), None) is not None}
+    mapped.update({cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F)})  # full-width ！..～ -> ASCII ! .. ~
+    mapped[0x3000] = 0x20  # ideographic space
+    bmp = np.full(0x10000, _OTHER, np.uint8)
+    bmp[:0x80] = np.arange(0x80, dtype=np.uint8)
+    for cp, byte in mapped.items():
+        if cp < 0x10000:
+            bmp[cp] = byte
+    astral = sorted((cp, byte) for cp, byte in mapped.items() if cp >= 0x10000)
+    return bmp, np.array([cp for cp, _ in astral], np.uint32), np.array([b for _, b in astral], np.uint8)
+
+
+def _view(text: str) -> np.ndarray:
+    """The text as the patterns read it: one byte per character (see the module docstring)."""
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), np.uint8)
+    bmp, astral_cps, astral_bytes = _normalization()
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+    view = bmp[np.minimum(cps, 0xFFFF)]
+    astral = np.flatnonzero(cps > 0xFFFF)
+    if astral.size:
+        at = np.minimum(np.searchsorted(astral_cps, cps[astral]), len(astral_cps) - 1)
+        hit = astral_cps[at] == cps[astral]
+        view[astral[hit]] = astral_bytes[at[hit]]
+    return view
+
+
+def _in(codes: np.ndarray, chars: bytes) -> np.ndarray:
+    found = codes == chars[0]
+    for char in chars[1:]:
+        found |= codes == char
+    return found
+
+
+def _is_digit(codes: np.ndarray) -> np.ndarray:
+    return (codes - 48).astype(np.uint8) < 10
+
+
+class _DigitRuns:
+    """The maximal runs of ASCII digits in the view: where each starts and ends, and the bytes around it
+    (0 past either end of the text)."""
+
+    def __init__(self, view: np.ndarray):
+        padded = np.zeros(len(view) + 3, np.uint8)
+        padded[1:-2] = view
+        digit = _is_digit(padded)
+        edges = np.flatnonzero(digit[1:] != digit[:-1])
+        self.starts, self.ends = edges[0::2], edges[1::2]
+        self.lengths = self.ends - self.starts
+        self.before = padded[self.starts]  # padded[i + 1] is view[i]
+        self.first, self.second = padded[self.starts + 1], padded[self.starts + 2]
+        self.after, self.after2 = padded[self.ends + 1], padded[self.ends + 2]
+
+
+# ---- checks -------------------------------------------------------------------------------------------
+_LUHN_DOUBLED = bytes.maketrans(b"0123456789", bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
+_LUHN_DOUBLED_ARRAY = np.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], np.int32)
+_IBAN_LETTERS = {ord(letter): str(value) for value, letter in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZ", start=10)}
+
+
+def _luhn_valid(digits: str | bytes, separators: bytes = b"") -> bool:
+    """Luhn check of a string of ASCII digits and `separators`."""
+    data = (digits.encode("ascii") if isinstance(digits, str) else digits).translate(None, separators)
+    kept, doubled = data[-1::-2], data[-2::-2]
+    return (sum(kept) - 48 * len(kept) + sum(doubled.translate(_LUHN_DOUBLED))) % 10 == 0
+
+
+def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Luhn checks of many spans of the view at once (digits count, anything else is skipped)."""
+    digit = _is_digit(view)
+    values = view[digit].astype(np.int32) - 48
+    rank = np.arange(1, len(values) + 1)  # digits up to and including this one
+    # The sum a span gets from this digit, when the span holds an even or an odd number of digits up to
+    # its end: counted from the right, every second digit is doubled.
+    plain_when_even = np.where(rank % 2 == 0, values, _LUHN_DOUBLED_ARRAY[values])
+    plain_when_odd = np.where(rank % 2 == 1, values, _LUHN_DOUBLED_ARRAY[values])
+    before = np.concatenate(([0], np.cumsum(digit, dtype=np.int64)))  # digits before each position
+    first, last = before[starts], before[ends]
+    sums_even = np.concatenate(([0], np.cumsum(plain_when_even)))
+    sums_odd = np.concatenate(([0], np.cumsum(plain_when_odd)))
+    total = np.where(last % 2 == 0, sums_even[last] - sums_even[first], sums_odd[last] - sums_odd[first])
+    return total % 10 == 0
+
+
+def _iban_valid(text: bytes) -> bool:
+    compact = text.replace(b" ", b"").decode("ascii")
+    if not 15 <= len(compact) <= 34:
+        return False
+    return int((compact[4:] + compact[:4]).translate(_IBAN_LETTERS)) % 97 == 1
+
+
+# ---- the masking --------------------------------------------------------------------------------------
+_LABELS = ("email", "cn_id", "card", "phone", "ip", "iban")
+_LABEL = {name: i for i, name in enumerate(_LABELS)}
+_KIND_LABEL = {"cn_id": _LABEL["cn_id"], "mobile": _LABEL["phone"], "mobile_": _LABEL["phone"],
+               "phone10": _LABEL["phone"], "ip": _LABEL["ip"], "ip_": _LABEL["ip"]}
+_CARD_KINDS = ("card", "card_", "card__")
+
+
+class _Masking:
+    """The view the patterns read, and the spans masked so far (each reads as "[###]" to later passes)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.view = _view(text)
+        self.data = self.view.tobytes()
+        self.starts: list[np.ndarray] = []
+        self.ends: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def mask(self, starts, ends, labels) -> None:
+        starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+        if not starts.size:
+            return
+        labels = np.broadcast_to(np.asarray(labels, np.int8), starts.shape)
+        self.starts.append(starts)
+        self.ends.append(ends)
+        self.labels.append(labels)
+        view = self.view.copy()
+        if starts.size < 256:
+            for start, end in zip(starts.tolist(), ends.tolist()):
+                view[start:end] = ord("#")
+        else:  # spans do not overlap: a position is covered when more spans start than end up to it
+            covered = np.cumsum(np.bincount(starts, minlength=len(view) + 1)
+                                - np.bincount(ends, minlength=len(view) + 1))[:-1] > 0
+            view[covered] = ord("#")
+        view[starts] = ord("[")
+        view[ends - 1] = ord("]")
+        self.view, self.data = view, view.tobytes()
+
+    def result(self) -> str:
+        if not self.starts:
+            return self.text
+        starts, ends, labels = (np.concatenate(parts) for parts in (self.starts, self.ends, self.labels))
+        order = np.argsort(starts, kind="stable")
+        placeholders = [PII_PLACEHOLDERS[name] for name in _LABELS]
+        pieces, kept, text = [], 0, self.text
+        for start, end, label in zip(starts[order].tolist(), ends[order].tolist(), labels[order].tolist()):
+            pieces += (text[kept:start], placeholders[label])
+            kept = end
+        pieces.append(text[kept:])
+        return "".join(pieces)
+
+
+def _windows(starts: np.ndarray, reach: int, length: int) -> list[tuple[int, int]]:
+    """Merged windows [start, start + reach) around sorted possible match starts."""
+    if not starts.size:
+        return []
+    ends = np.minimum(starts + reach, length)
+    breaks = np.flatnonzero(starts[1:] > ends[:-1] + _MERGE_GAP) + 1
+    return list(zip(starts[np.concatenate(([0], breaks))].tolist(),
+                    ends[np.concatenate((breaks - 1, [len(ends) - 1]))].tolist()))
+
+
+def _scan(pattern: re.Pattern[bytes], data: bytes, windows: list[tuple[int, int]]):
+    """The matches with a kind that start inside the windows, as a scan of the whole text finds them:
+    nothing with a kind starts outside the windows, and each window's scan reads _MARGIN past its end."""
+    for start, end in windows:
+        for match in pattern.finditer(data, start, min(end + _MARGIN, len(data))):
+            if match.start() >= end:
+                break
+            if match.lastgroup is not None:
+                yield match
+
+
+def _mask_emails(masking: _Masking) -> None:
+    if b"@" in masking.data:
+        spans = np.fromiter(itertools.chain.from_iterable(map(re.Match.span, _EMAIL.finditer(masking.data))),
+                            np.int64)
+        masking.mask(spans[0::2], spans[1::2], _LABEL["email"])
+
+
+def _mask_ibans(masking: _Masking) -> None:
+    """IBANs start at an uppercase letter that starts a word, followed by a letter and two digits."""
+    padded = np.zeros(len(masking.view) + 4, np.uint8)
+    padded[1:-3] = masking.view
+    upper = (padded - 65).astype(np.uint8) < 26
+    digit = _is_digit(padded)
+    alnum = upper | digit | ((padded - 97).astype(np.uint8) < 26)
+    can_start = upper[1:-3] & upper[2:-2] & digit[3:-1] & digit[4:] & ~alnum[:-4]
+    windows = _windows(np.flatnonzero(can_start), _IBAN_REACH, len(masking.view))
+    found = [match.span() for match in _scan(_IBAN_PASS, masking.data, windows)
+             if _iban_valid(match.group())]
+    masking.mask([s for s, _ in found], [e for _, e in found], _LABEL["iban"])
+
+
+def _mask_plus86_mobiles(masking: _Masking) -> None:
+    if b"+86" in masking.data:
+        spans = np.fromiter(itertools.chain.from_iterable(
+            map(re.Match.span, _PLUS86_MOBILE.finditer(masking.data))), np.int64)
+        masking.mask(spans[0::2], spans[1::2], _LABEL["phone"])
+
+
+def _digit_kind_starts(runs: _DigitRuns) -> np.ndarray:
+    """The digit runs at whose first digit a kind of the digit pass can match (a superset, from each
+    kind's pattern): 10-19 digits (ID cards, mobiles, cards, 10-digit phones); a group followed by a
+    space or dash that starts a mobile (1, 86) or a chain of such groups with 13+ digits (a card); 1-3
+    digits followed by a dot and not preceded by one (an IPv4 address)."""
+    lengths, before, after = runs.lengths, runs.before, runs.after
+    if not lengths.size:
+        return runs.starts
+    space_or_dash_after = _in(after, b" -")
+    joined = (runs.starts[1:] == runs.ends[:-1] + 1) & space_or_dash_after[:-1]  # to the next group
+    chain_starts = np.flatnonzero(np.concatenate(([True], ~joined)))
+    chain = np.cumsum(np.concatenate(([True], ~joined))) - 1
+    digits_through = np.cumsum(lengths)
+    chain_last = np.concatenate((chain_starts[1:] - 1, [len(lengths) - 1]))
+    digits_from_here = digits_through[chain_last][chain] - digits_through + lengths
+    can_start = ((lengths >= 10) & (lengths <= 19)) | (space_or_dash_after & (
+        _in(runs.first, b"18") | ((before != ord("-")) & (digits_from_here >= 13)))) | (
+        (lengths <= 3) & (after == ord(".")) & (before != ord(".")))
+    return runs.starts[can_start]
+
+
+def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> None:
+    """The digit pass: ID cards, mobiles, IPv4 addresses, cards and bare 10-digit phones, leftmost first,
+    in that order at one position. A card-shaped span may hold other kinds or end inside one; then the
+    scan resumes after that kind."""
+    data = masking.data
+    windows = _windows(_digit_kind_starts(runs), _DIGIT_REACH, len(data))
+    starts, ends, labels = [], [], []
+    card_starts, card_ends = [], []  # card-shaped spans that only need their Luhn check
+    resume = 0
+    for window_start, window_end in windows:
+        position = max(window_start, resume)
+        while position < window_end:
+            restart = None
+            for match in _scan(_DIGIT_PASS, data, [(position, window_end)]):
+                kind = match.lastgroup
+                start, end = match.span()
+                if kind not in _CARD_KINDS:
+                    starts.append(start), ends.append(end), labels.append(_KIND_LABEL[kind])
+                elif _only_a_card(data, start, end):
+                    card_starts.append(start), card_ends.append(end)
+                else:
+                    stop = _mask_card_shaped(data, start, end, starts, ends, labels)
+                    if stop > end:  # a kind inside it runs on past its end: scan again from there
+                        restart = resume = stop
+                        break
+            position = restart if restart is not None else window_end
+    if card_starts:
+        card_starts, card_ends = np.array(card_starts), np.array(card_ends)
+        valid = _luhn_valid_spans(masking.view, card_starts, card_ends)
+        starts += card_starts[valid].tolist()
+        ends += card_ends[valid].tolist()
+        labels += [_LABEL["card"]] * int(valid.sum())
+    masking.mask(starts, ends, labels)
+
+
+def _only_a_card(data: bytes, start: int, end: int) -> bool:
+    """No kind masked before cards can start inside the card-shaped span data[start:end] (after a
+    separator), at its start (a bare 10-digit phone) or at its end (an IPv4 address)."""
+    if data.startswith(b".", end):
+        return False
+    span = data[start:end]
+    return span.isdigit() or not (_MAY_HOLD_ANOTHER.search(span) or (span[10:11] in (b" ", b"-") and span[:10].isdigit()))
+
+
+def _mask_card_shaped(data: bytes, start: int, end: int, starts: list, ends: list, labels: list) -> int:
+    """Masks a card-shaped span data[start:end] that other kinds may start in (appending to the span
+    lists) and returns where it stops (past `end` when a kind inside it runs on). Those kinds are looked
+    for in the whole text, so lookarounds see the real neighbours."""
+    inner = [found for found in _INSIDE_CARD.finditer(data, start, min(end + _INSIDE_CARD_REACH, len(data)))
+             if found.lastgroup is not None and found.start() < end]
+    if all(found.lastgroup == "phone10" for found in inner):  # nothing masked before cards
+        if _luhn_valid(data[start:end], b" -"):
+            starts.append(start), ends.append(end), labels.append(_LABEL["card"])
+            return end
+    elif _is_card(before := data[start:inner[0].start()].rstrip(b" -")):  # a card, then an ID card ...
+        starts.append(start), ends.append(start + len(before)), labels.append(_LABEL["card"])
+    kept = end
+    for found in inner:
+        starts.append(found.start()), ends.append(found.end()), labels.append(_KIND_LABEL[found.lastgroup])
+        kept = found.end()
+    return max(kept, end)
+
+
+def _is_card(text: bytes) -> bool:
+    return bool(_CARD_DIGITS.fullmatch(text)) and _luhn_valid(text, b" -")
+
+
+def _phone_ends(runs: _DigitRuns) -> np.ndarray:
+    """Where a phone number can end: after a group of 2-8 digits right behind one space, dot or dash
+    that follows a digit, not followed by a letter, digit, "_" or a dot or dash and a digit."""
+    after = runs.after
+    if not after.size:
+        return runs.ends
+    letter = ((after | 0x20) - 97).astype(np.uint8) < 26
+    separated = np.concatenate(([False], runs.starts[1:] == runs.ends[:-1] + 1)) & _in(runs.before, b" .-")
+    can_end = ((runs.lengths >= 2) & (runs.lengths <= 8) & separated & ~letter & (after != ord("_"))
+               & ~(_in(after, b".-") & _is_digit(runs.after2)))
+    return runs.ends[can_end]
+
+
+def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
+    """Phone numbers: 7-15 digits, and not a date (2024-05-01)."""
+    phone_ends = _phone_ends(runs)
+    windows = _windows(np.maximum(phone_ends - _PHONE_REACH, 0), _PHONE_REACH + 1, len(masking.data))
+    spans = np.fromiter(itertools.chain.from_iterable(
+        map(re.Match.span, _scan(_PHONE_PASS, masking.data, windows))), np.int64)
+    starts, ends = spans[0::2], spans[1::2]
+    digits_before = np.concatenate(([0], np.cumsum(_is_digit(masking.view), dtype=np.int64)))
+    digits = digits_before[ends] - digits_before[starts]
+    phone = (digits >= 7) & (digits <= 15)
+    for i in np.flatnonzero(phone & (digits <= 8) & _in(masking.view[np.minimum(starts + 4, len(masking.view) - 1)],
+                                                          b"-./")).tolist():
+        phone[i] = not _DATE.fullmatch(masking.data, int(starts[i]), int(ends[i]))
+    masking.mask(starts[phone], ends[phone], _LABEL["phone"])
+
+
+def mask_pii(text: str) -> str:
+    """Replace emails, IBANs, Chinese ID-card numbers (18 and legacy 15 digits), Chinese mobiles, IPv4
+    addresses, Luhn-valid bank cards, bare 10-digit and other phone numbers with placeholders like
+    [EMAIL], in ASCII and in other digit forms (full-width ０-９ and every Unicode decimal digit). Linear
+    in the text length with a small constant on any input (benchmarks/pii_masking.py). Order matters:
+    an IBAN holds digit groups, an ID card would also look like a phone or a card, an IPv4 address looks
+    like a dotted phone number."""
+    masking = _Masking(text)
+    _mask_emails(masking)
+    if not _is_digit(masking.view).any():
+        return masking.result()  # every other kind holds digits
+    _mask_ibans(masking)
+    _mask_plus86_mobiles(masking)
+    _mask_digit_kinds(masking, _DigitRuns(masking.view))
+    _mask_phones(masking, _DigitRuns(masking.view))
+    return masking.result()
+
+
+class StreamMasker:
+    """Masks a text that arrives in pieces (a token stream): `feed` returns the masked text that is
+    final so far. No pattern spans a newline, so masking line by line equals masking the whole text;
+    the current line is held back until it ends or the stream does."""
+
+    def __init__(self):
+        self._held = ""
+
+    def feed(self, piece: str, last: bool = False) -> str:
+        self._held += piece
+        cut = len(self._held) if last else self._held.rfind("\n") + 1
+        ready, self._held = self._held[:cut], self._held[cut:]
+        return mask_pii(ready) if ready else ""
+
+
+class PiiMaskingFilter(logging.Filter):
+    """A logging filter that masks PII in log records, exception tracebacks and stack info included
+    (installed on the serving logger when pii_masking is on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = mask_pii(record.getMessage())
+        record.args = ()
+        if record.exc_info:
+            # Exception messages carry inputs ("invalid literal ...: '13812345678'"): format the
+            # traceback now, masked, so no handler formats the raw one later.
+            record.exc_text = mask_pii(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = mask_pii(record.exc_text)
+        if record.stack_info:
+            record.stack_info = mask_pii(record.stack_info)
+        return True
+
+
+def install_pii_log_filter(target: logging.Logger) -> None:
+    """Add one PiiMaskingFilter to `target` (idempotent)."""
+    if not any(isinstance(f, PiiMaskingFilter) for f in target.filters):
+        target.addFilter(PiiMaskingFilter())
