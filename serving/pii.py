@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import operator
 import re
 import unicodedata
 
@@ -49,7 +50,7 @@ _EMAIL = _compile(rf"[{_EMAIL_LOCAL}](?<![{_EMAIL_LOCAL}][{_EMAIL_LOCAL}])[{_EMA
 # IBAN: country, check digits, 11-30 alphanumerics, optionally in groups of 4; kept only if mod-97
 # valid. A run of letters in which no IBAN starts is consumed at once.
 _IBAN = r"(?<![A-Za-z0-9][A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])"
-_IBAN_PASS = _compile(rf"[A-Z](?:(?P<iban>{_IBAN})|[A-Za-z]{{7,4095}}+)")
+_IBAN_PASS = _compile(rf"[A-Z](?:(?P<iban>{_IBAN})|(?P<rest>[A-Za-z]{{7,4095}}+))")
 _IBAN_REACH = 45  # the longest IBAN match: 4 + 7 * 5 + 5 characters
 
 # Digit kinds, each written as what follows the run's first digit (already consumed).
@@ -78,10 +79,10 @@ def _digit_pass(long_run: list[str], short_run: list[str], single: list[str]) ->
     """A digit pass over named kinds, chosen by the length of the run's first group."""
     return _compile(
         r"[0-9](?:(?<![0-9]\d)(?:"
-        rf"(?=\d{{9}})(?:{'|'.join(long_run)}|\d{{9,4095}}+)"  # a run of 10+ digits
+        rf"(?=\d{{9}})(?:{'|'.join(long_run)}|(?P<rest_long>\d{{9,4095}}+))"  # a run of 10+ digits
         rf"|(?=\d)(?:{'|'.join(short_run)})"  # 2-9 digits
         rf"|(?=[ .-])(?:{'|'.join(single)}))"  # one digit, then a separator
-        r"|\d{7,4095}+)")  # the rest of a run in which nothing started
+        r"|(?P<rest_run>\d{7,4095}+))")  # the rest of a run in which nothing started
 
 
 # Kinds in the order the masking applied them one pass each; phone numbers come last, in their own
@@ -106,7 +107,7 @@ _PHONE_PASS = _compile(
     r"(?:(?<=\+)\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}"  # +country code, optional (area), first group
     r"|(?<=\()\d{1,4}\)[ .-]?\d{2,4}"  # (area) first group
     rf"|(?<=[0-9])\d{{1,3}}+){_PHONE_GROUPS})"  # a first group of 2-4 digits
-    r"|(?<=[0-9])\d{4,4095}+)")  # a run of 5+ digits: no phone starts in it
+    r"|(?<=[0-9])(?P<rest>\d{4,4095}+))")  # a run of 5+ digits: no phone starts in it
 _PHONE_REACH = 45  # the longest phone match: 16 characters up to the first group, 3 groups of 9
 _DATE = _compile(r"\d{4}([-./])\d{1,2}\1\d{1,2}")
 PII_PATTERNS = (_EMAIL, _IBAN_PASS, _PLUS86_MOBILE, _DIGIT_PASS, _INSIDE_CARD, _MAY_HOLD_ANOTHER,
@@ -181,7 +182,6 @@ class _DigitRuns:
 # ---- checks -------------------------------------------------------------------------------------------
 _LUHN_DOUBLED = bytes.maketrans(b"0123456789", bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
 _LUHN_DOUBLED_ARRAY = np.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], np.int32)
-_IBAN_LETTERS = {ord(letter): str(value) for value, letter in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZ", start=10)}
 
 
 def _luhn_valid(digits: str | bytes, separators: bytes = b"") -> bool:
@@ -208,19 +208,58 @@ def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) ->
     return total % 10 == 0
 
 
-def _iban_valid(text: bytes) -> bool:
-    compact = text.replace(b" ", b"").decode("ascii")
-    if not 15 <= len(compact) <= 34:
-        return False
-    return int((compact[4:] + compact[:4]).translate(_IBAN_LETTERS)) % 97 == 1
+_POW10_MOD97 = np.array([pow(10, k, 97) for k in range(80)], np.int64)
+
+
+def _span_positions(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every position inside the spans, and the index of its span."""
+    lengths = ends - starts
+    span = np.repeat(np.arange(len(starts)), lengths)
+    return np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths), span
+
+
+def _iban_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """mod-97 checks of many IBAN-shaped spans (uppercase letters, digits, spaces) at once: without its
+    spaces and with its first four characters moved to the end, letters read as 10-35, the span is a
+    number that leaves 1. Each character adds its value times 10**(digits after it) mod 97."""
+    positions, span = _span_positions(starts, ends)
+    chars = view[positions]
+    kept = chars != ord(" ")
+    chars, span = chars[kept].astype(np.int64), span[kept]
+    length = np.bincount(span, minlength=len(starts))
+    first = np.cumsum(length) - length
+    rank = np.arange(len(chars)) - first[span]
+    moved = np.where(rank >= 4, rank - 4, rank + length[span] - 4)  # position after the move
+    order = np.lexsort((moved, span))
+    chars, span = chars[order], span[order]
+    letter = chars >= ord("A")
+    value = np.where(letter, chars - 55, chars - 48)
+    width = np.where(letter, 2, 1)
+    through = np.cumsum(width)  # decimal digits up to and including each character, over all spans
+    digits_after = through[(first + length - 1)[span]] - through
+    remainder = np.bincount(span, weights=value * _POW10_MOD97[digits_after] % 97, minlength=len(starts)) % 97
+    return (length >= 15) & (length <= 34) & (remainder == 1)
 
 
 # ---- the masking --------------------------------------------------------------------------------------
 _LABELS = ("email", "cn_id", "card", "phone", "ip", "iban")
 _LABEL = {name: i for i, name in enumerate(_LABELS)}
+_PLACEHOLDER_LIST = [PII_PLACEHOLDERS[name] for name in _LABELS]
 _KIND_LABEL = {"cn_id": _LABEL["cn_id"], "mobile": _LABEL["phone"], "mobile_": _LABEL["phone"],
                "phone10": _LABEL["phone"], "ip": _LABEL["ip"], "ip_": _LABEL["ip"]}
-_CARD_KINDS = ("card", "card_", "card__")
+_NO_KIND, _CARD_SHAPED = -1, -2
+
+
+def _group_labels(pattern: re.Pattern[bytes]) -> np.ndarray:
+    """Label of each group index of the digit pass: a placeholder, _CARD_SHAPED, or _NO_KIND."""
+    labels = np.full(pattern.groups + 1, _NO_KIND, np.int64)
+    for name, index in pattern.groupindex.items():
+        labels[index] = _KIND_LABEL.get(name, _CARD_SHAPED if name.startswith("card") else _NO_KIND)
+    return labels
+
+
+_DIGIT_PASS_LABELS = _group_labels(_DIGIT_PASS)
+_LASTINDEX = operator.attrgetter("lastindex")
 
 
 class _Masking:
@@ -238,10 +277,9 @@ class _Masking:
         starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
         if not starts.size:
             return
-        labels = np.broadcast_to(np.asarray(labels, np.int8), starts.shape)
         self.starts.append(starts)
         self.ends.append(ends)
-        self.labels.append(labels)
+        self.labels.append(np.broadcast_to(np.asarray(labels, np.int64), starts.shape))
         view = self.view.copy()
         if starts.size < 256:
             for start, end in zip(starts.tolist(), ends.tolist()):
@@ -255,16 +293,16 @@ class _Masking:
         self.view, self.data = view, view.tobytes()
 
     def result(self) -> str:
+        """The original text with every masked span replaced by its placeholder."""
         if not self.starts:
             return self.text
         starts, ends, labels = (np.concatenate(parts) for parts in (self.starts, self.ends, self.labels))
         order = np.argsort(starts, kind="stable")
-        placeholders = [PII_PLACEHOLDERS[name] for name in _LABELS]
-        pieces, kept, text = [], 0, self.text
-        for start, end, label in zip(starts[order].tolist(), ends[order].tolist(), labels[order].tolist()):
-            pieces += (text[kept:start], placeholders[label])
-            kept = end
-        pieces.append(text[kept:])
+        starts, ends, labels = starts[order], ends[order], labels[order]
+        kept = list(map(slice, [0, *ends.tolist()], [*starts.tolist(), len(self.text)]))
+        pieces = [""] * (2 * len(kept) - 1)
+        pieces[0::2] = operator.itemgetter(*kept)(self.text)
+        pieces[1::2] = map(_PLACEHOLDER_LIST.__getitem__, labels.tolist())
         return "".join(pieces)
 
 
@@ -278,22 +316,30 @@ def _windows(starts: np.ndarray, reach: int, length: int) -> list[tuple[int, int
                     ends[np.concatenate((breaks - 1, [len(ends) - 1]))].tolist()))
 
 
-def _scan(pattern: re.Pattern[bytes], data: bytes, windows: list[tuple[int, int]]):
-    """The matches with a kind that start inside the windows, as a scan of the whole text finds them:
-    nothing with a kind starts outside the windows, and each window's scan reads _MARGIN past its end."""
+def _scan(pattern: re.Pattern[bytes], data: bytes, windows: list[tuple[int, int]], grouped: bool = True):
+    """Starts, ends, group indices (lastindex; 0 when not `grouped`) and window indices of the matches that
+    start inside the windows, as a scan of the whole text finds them: nothing with a kind starts outside
+    the windows, and each window's scan reads _MARGIN past its end, more than any match with a kind and
+    its lookahead read."""
+    found, window_ends, counts = [], [], []
     for start, end in windows:
-        for match in pattern.finditer(data, start, min(end + _MARGIN, len(data))):
-            if match.start() >= end:
-                break
-            if match.lastgroup is not None:
-                yield match
+        matches = list(pattern.finditer(data, start, min(end + _MARGIN, len(data))))
+        found += matches
+        window_ends.append(end)
+        counts.append(len(matches))
+    spans = np.fromiter(itertools.chain.from_iterable(map(re.Match.span, found)), np.int64, 2 * len(found))
+    starts, ends = spans[0::2], spans[1::2]
+    groups = (np.fromiter(map(_LASTINDEX, found), np.int64, len(found)) if grouped
+              else np.zeros(len(found), np.int64))
+    window = np.repeat(np.arange(len(windows)), counts)
+    inside = starts < np.repeat(np.array(window_ends, np.int64), counts)
+    return starts[inside], ends[inside], groups[inside], window[inside]
 
 
 def _mask_emails(masking: _Masking) -> None:
     if b"@" in masking.data:
-        spans = np.fromiter(itertools.chain.from_iterable(map(re.Match.span, _EMAIL.finditer(masking.data))),
-                            np.int64)
-        masking.mask(spans[0::2], spans[1::2], _LABEL["email"])
+        starts, ends, _, _ = _scan(_EMAIL, masking.data, [(0, len(masking.data))], grouped=False)
+        masking.mask(starts, ends, _LABEL["email"])
 
 
 def _mask_ibans(masking: _Masking) -> None:
@@ -305,16 +351,26 @@ def _mask_ibans(masking: _Masking) -> None:
     alnum = upper | digit | ((padded - 97).astype(np.uint8) < 26)
     can_start = upper[1:-3] & upper[2:-2] & digit[3:-1] & digit[4:] & ~alnum[:-4]
     windows = _windows(np.flatnonzero(can_start), _IBAN_REACH, len(masking.view))
-    found = [match.span() for match in _scan(_IBAN_PASS, masking.data, windows)
-             if _iban_valid(match.group())]
-    masking.mask([s for s, _ in found], [e for _, e in found], _LABEL["iban"])
+    starts, ends, groups, _ = _scan(_IBAN_PASS, masking.data, windows)
+    iban = groups == _IBAN_PASS.groupindex["iban"]
+    starts, ends = starts[iban], ends[iban]
+    valid = _iban_valid_spans(masking.view, starts, ends)
+    masking.mask(starts[valid], ends[valid], _LABEL["iban"])
 
 
 def _mask_plus86_mobiles(masking: _Masking) -> None:
-    if b"+86" in masking.data:
-        spans = np.fromiter(itertools.chain.from_iterable(
-            map(re.Match.span, _PLUS86_MOBILE.finditer(masking.data))), np.int64)
-        masking.mask(spans[0::2], spans[1::2], _LABEL["phone"])
+    """+86 mobiles: "+86", an optional space or dash, 1[3-9]."""
+    if b"+86" not in masking.data:
+        return
+    padded = np.zeros(len(masking.view) + 6, np.uint8)
+    padded[:-6] = masking.view
+    mobile_digit = (padded - 51).astype(np.uint8) < 7
+    can_start = (padded[:-6] == ord("+")) & (padded[1:-5] == ord("8")) & (padded[2:-4] == ord("6")) & (
+        ((padded[3:-3] == ord("1")) & mobile_digit[4:-2])
+        | (_in(padded[3:-3], b" -") & (padded[4:-2] == ord("1")) & mobile_digit[5:-1]))
+    windows = _windows(np.flatnonzero(can_start), 20, len(masking.view))
+    starts, ends, _, _ = _scan(_PLUS86_MOBILE, masking.data, windows, grouped=False)
+    masking.mask(starts, ends, _LABEL["phone"])
 
 
 def _digit_kind_starts(runs: _DigitRuns) -> np.ndarray:
@@ -340,46 +396,55 @@ def _digit_kind_starts(runs: _DigitRuns) -> np.ndarray:
 
 def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> None:
     """The digit pass: ID cards, mobiles, IPv4 addresses, cards and bare 10-digit phones, leftmost first,
-    in that order at one position. A card-shaped span may hold other kinds or end inside one; then the
-    scan resumes after that kind."""
-    data = masking.data
-    windows = _windows(_digit_kind_starts(runs), _DIGIT_REACH, len(data))
+    in that order at one position. Card-shaped spans in which nothing else can start get their Luhn
+    checks all at once; the others may hold other kinds or end inside one, and then the scan resumes
+    after that kind."""
+    windows = _windows(_digit_kind_starts(runs), _DIGIT_REACH, len(masking.data))
     starts, ends, labels = [], [], []
-    card_starts, card_ends = [], []  # card-shaped spans that only need their Luhn check
-    resume = 0
-    for window_start, window_end in windows:
-        position = max(window_start, resume)
-        while position < window_end:
-            restart = None
-            for match in _scan(_DIGIT_PASS, data, [(position, window_end)]):
-                kind = match.lastgroup
-                start, end = match.span()
-                if kind not in _CARD_KINDS:
-                    starts.append(start), ends.append(end), labels.append(_KIND_LABEL[kind])
-                elif _only_a_card(data, start, end):
-                    card_starts.append(start), card_ends.append(end)
-                else:
-                    stop = _mask_card_shaped(data, start, end, starts, ends, labels)
-                    if stop > end:  # a kind inside it runs on past its end: scan again from there
-                        restart = resume = stop
-                        break
-            position = restart if restart is not None else window_end
-    if card_starts:
-        card_starts, card_ends = np.array(card_starts), np.array(card_ends)
-        valid = _luhn_valid_spans(masking.view, card_starts, card_ends)
-        starts += card_starts[valid].tolist()
-        ends += card_ends[valid].tolist()
-        labels += [_LABEL["card"]] * int(valid.sum())
-    masking.mask(starts, ends, labels)
+    _digit_pass_windows(masking, runs, windows, starts, ends, labels)
+    masking.mask(np.concatenate(starts), np.concatenate(ends), np.concatenate(labels))
 
 
-def _only_a_card(data: bytes, start: int, end: int) -> bool:
-    """No kind masked before cards can start inside the card-shaped span data[start:end] (after a
-    separator), at its start (a bare 10-digit phone) or at its end (an IPv4 address)."""
-    if data.startswith(b".", end):
-        return False
-    span = data[start:end]
-    return span.isdigit() or not (_MAY_HOLD_ANOTHER.search(span) or (span[10:11] in (b" ", b"-") and span[:10].isdigit()))
+def _digit_pass_windows(masking: _Masking, runs: _DigitRuns, windows, starts: list, ends: list, labels: list):
+    data = masking.data
+    start, end, group, window = _scan(_DIGIT_PASS, data, windows)
+    label = _DIGIT_PASS_LABELS[group]
+    card = label == _CARD_SHAPED
+    only_a_card = card.copy()
+    only_a_card[card] = _only_cards(masking.view, runs, start[card], end[card])
+    kept = label >= 0
+    kept[only_a_card] = _luhn_valid_spans(masking.view, start[only_a_card], end[only_a_card])
+    label[only_a_card] = _LABEL["card"]
+    dropped = np.zeros(len(start), bool)  # found by a scan that a kind running on past a span overtook
+    extra_starts, extra_ends, extra_labels = [], [], []
+    for i in np.flatnonzero(card & ~only_a_card).tolist():
+        if dropped[i]:
+            continue
+        stop = _mask_card_shaped(data, int(start[i]), int(end[i]), extra_starts, extra_ends, extra_labels)
+        if stop > end[i]:  # the rest of its window is scanned again from there
+            dropped |= (window == window[i]) & (np.arange(len(start)) > i)
+            window_end = windows[window[i]][1]
+            if stop < window_end:
+                _digit_pass_windows(masking, runs, [(stop, window_end)], starts, ends, labels)
+    kept &= ~dropped
+    starts += [start[kept], np.array(extra_starts, np.int64)]
+    ends += [end[kept], np.array(extra_ends, np.int64)]
+    labels += [label[kept], np.array(extra_labels, np.int64)]
+
+
+def _only_cards(view: np.ndarray, runs: _DigitRuns, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """For card-shaped spans: no kind masked before cards can start inside (a group of 10+ digits, or one
+    that starts like a mobile, 1[3-9] or 86), at the start (a first group of exactly 10 digits: a bare
+    10-digit phone) or at the end (a dot follows: an IPv4 address)."""
+    first_run, last_run = np.searchsorted(runs.starts, starts), np.searchsorted(runs.ends, ends)
+    may_start = ((runs.lengths >= 10) | ((runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7))
+                 | ((runs.first == ord("8")) & (runs.second == ord("6"))))
+    may_start_through = np.concatenate(([0], np.cumsum(may_start)))
+    inside = may_start_through[last_run + 1] - may_start_through[first_run + 1] > 0
+    dot_after = view[np.minimum(ends, len(view) - 1)] == ord(".")
+    dot_after &= ends < len(view)
+    one_group = first_run == last_run
+    return ~dot_after & (one_group | ~(inside | (runs.lengths[first_run] == 10)))
 
 
 def _mask_card_shaped(data: bytes, start: int, end: int, starts: list, ends: list, labels: list) -> int:
@@ -387,7 +452,7 @@ def _mask_card_shaped(data: bytes, start: int, end: int, starts: list, ends: lis
     lists) and returns where it stops (past `end` when a kind inside it runs on). Those kinds are looked
     for in the whole text, so lookarounds see the real neighbours."""
     inner = [found for found in _INSIDE_CARD.finditer(data, start, min(end + _INSIDE_CARD_REACH, len(data)))
-             if found.lastgroup is not None and found.start() < end]
+             if not found.lastgroup.startswith("rest") and found.start() < end]
     if all(found.lastgroup == "phone10" for found in inner):  # nothing masked before cards
         if _luhn_valid(data[start:end], b" -"):
             starts.append(start), ends.append(end), labels.append(_LABEL["card"])
@@ -422,14 +487,14 @@ def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
     """Phone numbers: 7-15 digits, and not a date (2024-05-01)."""
     phone_ends = _phone_ends(runs)
     windows = _windows(np.maximum(phone_ends - _PHONE_REACH, 0), _PHONE_REACH + 1, len(masking.data))
-    spans = np.fromiter(itertools.chain.from_iterable(
-        map(re.Match.span, _scan(_PHONE_PASS, masking.data, windows))), np.int64)
-    starts, ends = spans[0::2], spans[1::2]
+    starts, ends, groups, _ = _scan(_PHONE_PASS, masking.data, windows)
+    phone = groups == _PHONE_PASS.groupindex["phone"]
+    starts, ends = starts[phone], ends[phone]
     digits_before = np.concatenate(([0], np.cumsum(_is_digit(masking.view), dtype=np.int64)))
     digits = digits_before[ends] - digits_before[starts]
     phone = (digits >= 7) & (digits <= 15)
-    for i in np.flatnonzero(phone & (digits <= 8) & _in(masking.view[np.minimum(starts + 4, len(masking.view) - 1)],
-                                                          b"-./")).tolist():
+    maybe_date = phone & (digits <= 8) & _in(masking.view[np.minimum(starts + 4, len(masking.view) - 1)], b"-./")
+    for i in np.flatnonzero(maybe_date).tolist():
         phone[i] = not _DATE.fullmatch(masking.data, int(starts[i]), int(ends[i]))
     masking.mask(starts[phone], ends[phone], _LABEL["phone"])
 
