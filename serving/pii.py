@@ -191,31 +191,27 @@ def _luhn_valid(digits: str | bytes, separators: bytes = b"") -> bool:
     return (sum(kept) - 48 * len(kept) + sum(doubled.translate(_LUHN_DOUBLED))) % 10 == 0
 
 
-def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Luhn checks of many spans of the view at once (digits count, anything else is skipped)."""
-    digit = _is_digit(view)
-    values = view[digit].astype(np.int32) - 48
-    rank = np.arange(1, len(values) + 1)  # digits up to and including this one
-    # The sum a span gets from this digit, when the span holds an even or an odd number of digits up to
-    # its end: counted from the right, every second digit is doubled.
-    plain_when_even = np.where(rank % 2 == 0, values, _LUHN_DOUBLED_ARRAY[values])
-    plain_when_odd = np.where(rank % 2 == 1, values, _LUHN_DOUBLED_ARRAY[values])
-    before = np.concatenate(([0], np.cumsum(digit, dtype=np.int64)))  # digits before each position
-    first, last = before[starts], before[ends]
-    sums_even = np.concatenate(([0], np.cumsum(plain_when_even)))
-    sums_odd = np.concatenate(([0], np.cumsum(plain_when_odd)))
-    total = np.where(last % 2 == 0, sums_even[last] - sums_even[first], sums_odd[last] - sums_odd[first])
-    return total % 10 == 0
-
-
-_POW10_MOD97 = np.array([pow(10, k, 97) for k in range(80)], np.int64)
-
-
 def _span_positions(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every position inside the spans, and the index of its span."""
     lengths = ends - starts
     span = np.repeat(np.arange(len(starts)), lengths)
     return np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths), span
+
+
+def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Luhn checks of many card-shaped spans (digits, spaces, dashes) at once: counted from the right,
+    every second digit is doubled (less 9 above 9), and the sum must end in 0."""
+    positions, span = _span_positions(starts, ends)
+    values = view[positions].astype(np.int64) - 48
+    digit = values >= 0
+    values, span = values[digit], span[digit]
+    length = np.bincount(span, minlength=len(starts))
+    from_right = (np.cumsum(length) - 1)[span] - np.arange(len(values))  # 0 for each span's last digit
+    summed = np.where(from_right % 2 == 1, _LUHN_DOUBLED_ARRAY[values], values)
+    return np.bincount(span, weights=summed, minlength=len(starts)) % 10 == 0
+
+
+_POW10_MOD97 = np.array([pow(10, k, 97) for k in range(80)], np.int64)
 
 
 def _iban_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -337,7 +333,7 @@ def _scan(pattern: re.Pattern[bytes], data: bytes, windows: list[tuple[int, int]
 
 
 def _mask_emails(masking: _Masking) -> None:
-    if b"@" in masking.data:
+    if b"@" in masking.data and b"." in masking.data:  # every domain holds a dot
         starts, ends, _, _ = _scan(_EMAIL, masking.data, [(0, len(masking.data))], grouped=False)
         masking.mask(starts, ends, _LABEL["email"])
 
