@@ -124,8 +124,9 @@ _OTHER = 0x80  # a character outside every pattern's classes
 @functools.cache
 def _normalization() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The byte each BMP code point reads as, and the supplementary-plane digits with their bytes."""
-    mapped = {cp: 0x30 + unicodedata.decimal(chr(cp)) for cp in range(0x80, 0x110000)
-              if unicodedata.decimal(chr(cp), None) is not None}
+    every_character = "".join(map(chr, range(0x80, 0x110000)))
+    mapped = {ord(digit): 0x30 + unicodedata.decimal(digit)  # str patterns' \d: every Unicode decimal digit
+              for digit in re.findall(r"\d", every_character)}
     mapped.update({cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F)})  # full-width ！..～ -> ASCII ! .. ~
     mapped[0x3000] = 0x20  # ideographic space
     bmp = np.full(0x10000, _OTHER, np.uint8)
@@ -159,6 +160,13 @@ def _in(codes: np.ndarray, chars: bytes) -> np.ndarray:
     return found
 
 
+def _in_lengths(lengths: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+    found = lengths == values[0]
+    for value in values[1:]:
+        found |= lengths == value
+    return found
+
+
 def _is_digit(codes: np.ndarray) -> np.ndarray:
     return (codes - 48).astype(np.uint8) < 10
 
@@ -177,6 +185,7 @@ class _DigitRuns:
         self.before = padded[self.starts]  # padded[i + 1] is view[i]
         self.first, self.second = padded[self.starts + 1], padded[self.starts + 2]
         self.after, self.after2 = padded[self.ends + 1], padded[self.ends + 2]
+        self.third = padded[np.minimum(self.starts + 3, len(padded) - 1)]
 
 
 # ---- checks -------------------------------------------------------------------------------------------
@@ -370,9 +379,10 @@ def _mask_plus86_mobiles(masking: _Masking) -> None:
 
 
 def _digit_kind_starts(runs: _DigitRuns) -> np.ndarray:
-    """The digit runs at whose first digit a kind of the digit pass can match (a superset, from each
-    kind's pattern): 10-19 digits (ID cards, mobiles, cards, 10-digit phones); a group followed by a
-    space or dash that starts a mobile (1, 86) or a chain of such groups with 13+ digits (a card); 1-3
+    """The digit runs at whose first digit a kind of the digit pass can match (a superset, read off each
+    kind's pattern): 11 or 13 digits (a mobile), 13-19 (a card), 10, 15, 17 or 18 not after a letter (a
+    bare 10-digit phone, an ID card); a chain of groups joined by one space or dash holding 13+ digits
+    from this one on, not after a dash (a card); 1[3-9]d or 86 followed by [ -]1 or 1 (a mobile); 1-3
     digits followed by a dot and not preceded by one (an IPv4 address)."""
     lengths, before, after = runs.lengths, runs.before, runs.after
     if not lengths.size:
@@ -384,9 +394,15 @@ def _digit_kind_starts(runs: _DigitRuns) -> np.ndarray:
     digits_through = np.cumsum(lengths)
     chain_last = np.concatenate((chain_starts[1:] - 1, [len(lengths) - 1]))
     digits_from_here = digits_through[chain_last][chain] - digits_through + lengths
-    can_start = ((lengths >= 10) & (lengths <= 19)) | (space_or_dash_after & (
-        _in(runs.first, b"18") | ((before != ord("-")) & (digits_from_here >= 13)))) | (
-        (lengths <= 3) & (after == ord(".")) & (before != ord(".")))
+    letter_before = ((before | 0x20) - 97).astype(np.uint8) < 26
+    mobile = (runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7) & (lengths >= 3) | (
+        (runs.first == ord("8")) & (runs.second == ord("6")) & (
+            ((lengths == 2) & space_or_dash_after & (runs.after2 == ord("1"))) | ((lengths >= 4) & (runs.third == ord("1")))))
+    can_start = ((lengths == 11) | (lengths == 13) | ((lengths >= 13) & (lengths <= 19))
+                 | (~letter_before & _in_lengths(lengths, (10, 15, 17, 18)))
+                 | ((before != ord("-")) & space_or_dash_after & (digits_from_here >= 13))
+                 | (mobile & ((lengths >= 10) | space_or_dash_after))
+                 | ((lengths <= 3) & (after == ord(".")) & (before != ord("."))))
     return runs.starts[can_start]
 
 
