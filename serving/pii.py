@@ -378,15 +378,17 @@ def _mask_plus86_mobiles(masking: _Masking) -> None:
     masking.mask(starts, ends, _LABEL["phone"])
 
 
-def _digit_kind_starts(runs: _DigitRuns) -> np.ndarray:
-    """The digit runs at whose first digit a kind of the digit pass can match (a superset, read off each
-    kind's pattern): 11 or 13 digits (a mobile), 13-19 (a card), 10, 15, 17 or 18 not after a letter (a
-    bare 10-digit phone, an ID card); a chain of groups joined by one space or dash holding 13+ digits
-    from this one on, not after a dash (a card); 1[3-9]d or 86 followed by [ -]1 or 1 (a mobile); 1-3
-    digits followed by a dot and not preceded by one (an IPv4 address)."""
+def _digit_kind_starts(runs: _DigitRuns) -> tuple[np.ndarray, np.ndarray]:
+    """Which digit runs a kind of the digit pass can match at (a superset, read off each kind's pattern),
+    as two masks over the runs: other kinds, and IPv4 addresses that nothing else can reach.
+    Other kinds: 11 or 13 digits (a mobile), 13-19 (a card), 10, 15, 17 or 18 not after a letter (a bare
+    10-digit phone, an ID card); a chain of groups joined by one space or dash holding 13+ digits from
+    this one on, not after a dash (a card); 1[3-9]d or 86 followed by [ -]1 or 1 (a mobile).
+    IPv4: 1-3 digits followed by a dot and not preceded by one, where no other kind can start, and no
+    other kind starts earlier in its chain (a card or mobile could run into it, "1 2 ... 3 4.5.6.7")."""
     lengths, before, after = runs.lengths, runs.before, runs.after
     if not lengths.size:
-        return runs.starts
+        return np.zeros(0, bool), np.zeros(0, bool)
     space_or_dash_after = _in(after, b" -")
     joined = (runs.starts[1:] == runs.ends[:-1] + 1) & space_or_dash_after[:-1]  # to the next group
     chain_starts = np.flatnonzero(np.concatenate(([True], ~joined)))
@@ -398,23 +400,51 @@ def _digit_kind_starts(runs: _DigitRuns) -> np.ndarray:
     mobile = (runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7) & (lengths >= 3) | (
         (runs.first == ord("8")) & (runs.second == ord("6")) & (
             ((lengths == 2) & space_or_dash_after & (runs.after2 == ord("1"))) | ((lengths >= 4) & (runs.third == ord("1")))))
-    can_start = ((lengths == 11) | (lengths == 13) | ((lengths >= 13) & (lengths <= 19))
-                 | (~letter_before & _in_lengths(lengths, (10, 15, 17, 18)))
-                 | ((before != ord("-")) & space_or_dash_after & (digits_from_here >= 13))
-                 | (mobile & ((lengths >= 10) | space_or_dash_after))
-                 | ((lengths <= 3) & (after == ord(".")) & (before != ord("."))))
-    return runs.starts[can_start]
+    other = ((lengths == 11) | (lengths == 13) | ((lengths >= 13) & (lengths <= 19))
+             | (~letter_before & _in_lengths(lengths, (10, 15, 17, 18)))
+             | ((before != ord("-")) & space_or_dash_after & (digits_from_here >= 13))
+             | (mobile & ((lengths >= 10) | space_or_dash_after)))
+    ip = (lengths <= 3) & (after == ord(".")) & (before != ord("."))
+    other_through = np.cumsum(other)
+    other_earlier_in_chain = other_through - other - (other_through - other)[chain_starts][chain] > 0
+    alone = ip & ~other & ~other_earlier_in_chain
+    return other | (ip & ~alone), alone
+
+
+def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:
+    """The first runs of the IPv4 addresses that start at the runs `alone` (see _digit_kind_starts), as
+    _IP_MULTI and _IP_SINGLE match them: four groups joined by single dots, each 0-255 without a
+    leading zero, the last not followed by a digit or a dot and a digit."""
+    lengths = runs.lengths
+    digit = [(byte.astype(np.int64) - 48) for byte in (runs.first, runs.second, runs.third)]
+    value = np.where(lengths == 1, digit[0], np.where(lengths == 2, 10 * digit[0] + digit[1],
+                                                         100 * digit[0] + 10 * digit[1] + digit[2]))
+    octet = (lengths <= 3) & (value <= 255) & ((lengths == 1) | (runs.first != ord("0")))
+    dot_joined = np.concatenate(((runs.starts[1:] == runs.ends[:-1] + 1) & (runs.after[:-1] == ord(".")), [False]))
+    ends_address = octet & ~((runs.after == ord(".")) & _is_digit(runs.after2))
+    first = np.flatnonzero(alone)
+    first = first[first + 3 < len(lengths)]
+    address = (octet[first] & dot_joined[first] & octet[first + 1] & dot_joined[first + 1] & octet[first + 2]
+               & dot_joined[first + 2] & ends_address[first + 3])
+    return first[address]
 
 
 def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> None:
     """The digit pass: ID cards, mobiles, IPv4 addresses, cards and bare 10-digit phones, leftmost first,
-    in that order at one position. Card-shaped spans in which nothing else can start get their Luhn
-    checks all at once; the others may hold other kinds or end inside one, and then the scan resumes
-    after that kind."""
-    windows = _windows(_digit_kind_starts(runs), _DIGIT_REACH, len(masking.data))
+    in that order at one position. IPv4 addresses nothing else can reach are checked all at once, and so
+    are the Luhn sums of card-shaped spans in which nothing else can start; the others may hold other
+    kinds or end inside one, and then the scan resumes after that kind."""
+    scanned, alone = _digit_kind_starts(runs)
+    ip_runs = _ip_addresses(runs, alone)
+    scanned[ip_runs + 3] = False  # a last octet followed by a space could start a card; the address holds it
+    ip_starts, ip_ends = runs.starts[ip_runs], runs.ends[ip_runs + 3]
+    windows = _windows(runs.starts[scanned], _DIGIT_REACH, len(masking.data))
     starts, ends, labels = [], [], []
     _digit_pass_windows(masking, runs, windows, starts, ends, labels)
-    masking.mask(np.concatenate(starts), np.concatenate(ends), np.concatenate(labels))
+    starts, ends, labels = np.concatenate(starts), np.concatenate(ends), np.concatenate(labels)
+    found_twice = np.isin(starts, ip_starts)  # a window around another kind's start covered it too
+    masking.mask(np.concatenate((starts[~found_twice], ip_starts)), np.concatenate((ends[~found_twice], ip_ends)),
+                 np.concatenate((labels[~found_twice], np.full(len(ip_starts), _LABEL["ip"]))))
 
 
 def _digit_pass_windows(masking: _Masking, runs: _DigitRuns, windows, starts: list, ends: list, labels: list):
