@@ -176,15 +176,15 @@ class _DigitRuns:
     (0 past either end of the text)."""
 
     def __init__(self, view: np.ndarray):
-        padded = np.zeros(len(view) + 3, np.uint8)
-        padded[1:-2] = view
+        padded = np.zeros(len(view) + 4, np.uint8)
+        padded[1:-3] = view
         digit = _is_digit(padded)
         edges = np.flatnonzero(digit[1:] != digit[:-1])
         self.starts, self.ends = edges[0::2], edges[1::2]
         self.lengths = self.ends - self.starts
         self.before = padded[self.starts]  # padded[i + 1] is view[i]
         self.first, self.second = padded[self.starts + 1], padded[self.starts + 2]
-        self.after, self.after2 = padded[self.ends + 1], padded[self.ends + 2]
+        self.after, self.after2, self.after3 = padded[self.ends + 1], padded[self.ends + 2], padded[self.ends + 3]
         self.third = padded[np.minimum(self.starts + 3, len(padded) - 1)]
 
 
@@ -399,7 +399,8 @@ def _digit_kind_starts(runs: _DigitRuns) -> tuple[np.ndarray, np.ndarray]:
     letter_before = ((before | 0x20) - 97).astype(np.uint8) < 26
     mobile = (runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7) & (lengths >= 3) | (
         (runs.first == ord("8")) & (runs.second == ord("6")) & (
-            ((lengths == 2) & space_or_dash_after & (runs.after2 == ord("1"))) | ((lengths >= 4) & (runs.third == ord("1")))))
+            ((lengths == 2) & space_or_dash_after & (runs.after2 == ord("1"))
+             & ((runs.after3 - 51).astype(np.uint8) < 7)) | ((lengths >= 4) & (runs.third == ord("1")))))
     other = ((lengths == 11) | (lengths == 13) | ((lengths >= 13) & (lengths <= 19))
              | (~letter_before & _in_lengths(lengths, (10, 15, 17, 18)))
              | ((before != ord("-")) & space_or_dash_after & (digits_from_here >= 13))
