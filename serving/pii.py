@@ -13,105 +13,41 @@ adversarial shapes against 100 ms):
   (from the digit runs: lengths, the characters around them, the digits a card-shaped chain of groups
   holds), and the regex runs only in windows around those positions: text where nothing can match costs
   a few vectorized operations per character, not an attempt of each pattern at each digit.
-- Every repeat is bounded and every repeat above 64 is possessive (a test walks the parsed patterns), so
-  no attempt costs more than a bounded number of steps.
-- Luhn checks of all card-shaped spans and digit counts of all phone-shaped spans run vectorized at once.
-ASCII classes, not \\w: in Python \\w matches CJK characters, and Chinese text puts digits right after
-words (座机010-62345678).
+- IPv4 addresses that no other kind can reach, Luhn checks of card-shaped spans in which nothing else can
+  start, mod-97 checks of IBANs and digit counts of phone-shaped spans run vectorized, all at once.
+- Patterns and checks: serving/pii_patterns.py (every repeat bounded, so each attempt is too).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import operator
 import re
 import unicodedata
 
 import numpy as np
 
-PII_PLACEHOLDERS = {"email": "[EMAIL]", "cn_id": "[CN_ID]", "card": "[BANK_CARD]", "phone": "[PHONE]",
-                    "ip": "[IP]", "iban": "[IBAN]"}
+from serving.pii_patterns import (  # noqa: F401 (PII_PATTERNS: re-exported)
+    PII_PLACEHOLDERS,
+    PII_PATTERNS,
+    _CARD_DIGITS,
+    _DATE,
+    _DIGIT_PASS,
+    _DIGIT_REACH,
+    _EMAIL,
+    _IBAN_PASS,
+    _IBAN_REACH,
+    _INSIDE_CARD,
+    _INSIDE_CARD_REACH,
+    _PHONE_PASS,
+    _PHONE_REACH,
+    _PLUS86_MOBILE,
+    _iban_valid_spans,
+    _luhn_valid,
+    _luhn_valid_spans,
+)
 
-
-def _compile(pattern: str) -> re.Pattern[bytes]:
-    return re.compile(pattern.encode("ascii"))  # bytes: \d is [0-9], and the view is bytes
-
-
-# Emails: a local part of 1-64 characters that starts a run of local-part characters, "@", a domain;
-# and the emails glued to it ("a@b.co+c@d.co": the next local part starts with the "+" or "." after
-# the domain, which a local part that starts a run cannot) are masked with it.
-_EMAIL_LOCAL = r"A-Za-z0-9._%+\-"
-_EMAIL_DOMAIN = r"@[A-Za-z0-9-]{1,63}+(?:\.[A-Za-z0-9-]{1,63}+){0,8}\.[A-Za-z]{2,24}+(?![A-Za-z0-9-])"
-_EMAIL = _compile(rf"[{_EMAIL_LOCAL}](?<![{_EMAIL_LOCAL}][{_EMAIL_LOCAL}])[{_EMAIL_LOCAL}]{{0,63}}+{_EMAIL_DOMAIN}"
-                  rf"(?:[._%+][{_EMAIL_LOCAL}]{{0,63}}+{_EMAIL_DOMAIN}){{0,100000}}+")
-
-# IBAN: country, check digits, 11-30 alphanumerics, optionally in groups of 4; kept only if mod-97
-# valid. A run of letters in which no IBAN starts is consumed at once.
-_IBAN = r"(?<![A-Za-z0-9][A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])"
-_IBAN_PASS = _compile(rf"[A-Z](?:(?P<iban>{_IBAN})|(?P<rest>[A-Za-z]{{7,4095}}+))")
-_IBAN_REACH = 45  # the longest IBAN match: 4 + 7 * 5 + 5 characters
-
-# Digit kinds, each written as what follows the run's first digit (already consumed).
-# Mainland China resident ID: 6-digit region, birth date 18xx-20xx, 3-digit sequence, check digit/X;
-# the legacy 15-digit form: region, YYMMDD, 3-digit sequence. Not preceded or followed by a letter.
-_CN_ID = (r"(?<![A-Za-z]\d)(?<=[1-9])(?:\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"
-          r"|\d{7}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3})(?![0-9A-Za-z])")
-# Mainland mobile: 1[3-9] + 9 digits, optional 86 prefix (+86: _PLUS86_MOBILE), optional 3-4-4 grouping.
-_MOBILE = r"(?:(?<=8)6[ -]?1|(?<=1))[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)"
-# IPv4: four octets 0-255, not inside a longer dotted number. Atomic octets: a shorter octet would
-# leave a digit where a dot or the end must follow, so never giving one back loses no address.
-_OCTET = r"(?>25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IP_TAIL = rf"(?:\.{_OCTET}){{3}}(?![0-9]|\.[0-9])"
-_IP_MULTI = rf"(?<!\.\d)(?>(?<=2)(?:5[0-5]|[0-4]\d|\d)?|(?<=1)\d\d?|(?<=[3-9])\d){_IP_TAIL}"  # first octet 2-3 digits
-_IP_SINGLE = rf"(?<!\.\d){_IP_TAIL}"  # first octet 1 digit
-# Card numbers: 13-19 digits, optionally grouped by spaces or dashes; kept only if Luhn-valid.
-_CARD = r"(?<!-\d)(?:[ -]?\d){12,18}(?![\d-])"
-# A bare 10-digit number (US-style phone without separators), not part of a longer word or number.
-_PHONE10 = r"(?<![A-Za-z]\d)\d{9}(?![0-9A-Za-z])"
-# Other phone numbers: optional +country code, then 7-15 digits in groups separated by space, dot,
-# dash or parentheses (e.g. +1 (415) 555-0132, 415-555-0132, 010-62345678, +44 20 7946 0958).
-_PHONE_GROUPS = r"(?:[ .-]\d{2,8}+){1,3}(?![A-Za-z0-9_]|[.-]\d)"
-
-
-def _digit_pass(long_run: list[str], short_run: list[str], single: list[str]) -> re.Pattern[bytes]:
-    """A digit pass over named kinds, chosen by the length of the run's first group."""
-    return _compile(
-        r"[0-9](?:(?<![0-9]\d)(?:"
-        rf"(?=\d{{9}})(?:{'|'.join(long_run)}|(?P<rest_long>\d{{9,4095}}+))"  # a run of 10+ digits
-        rf"|(?=\d)(?:{'|'.join(short_run)})"  # 2-9 digits
-        rf"|(?=[ .-])(?:{'|'.join(single)}))"  # one digit, then a separator
-        r"|(?P<rest_run>\d{7,4095}+))")  # the rest of a run in which nothing started
-
-
-# Kinds in the order the masking applied them one pass each; phone numbers come last, in their own
-# pass, so that the placeholders of the other kinds bound them ("834-593-2689-[CN_ID]").
-_DIGIT_PASS = _digit_pass(
-    [f"(?P<cn_id>{_CN_ID})", f"(?P<mobile>{_MOBILE})", f"(?P<card>{_CARD})", f"(?P<phone10>{_PHONE10})"],
-    [f"(?P<mobile_>{_MOBILE})", f"(?P<ip>{_IP_MULTI})", f"(?P<card_>{_CARD})"],
-    [f"(?P<ip_>{_IP_SINGLE})", f"(?P<card__>{_CARD})"])
-_DIGIT_REACH = 40  # the longest kind from its run's first digit: a card of 19 digits and 18 separators
-# Kinds that may start inside a card-shaped span that failed the Luhn check ("55 13812345678"), or at
-# its start ("4155550132 123"), or run on past its end ("... 0071 888-242.164.166.171"), and the quick
-# test for one: 10 digits, a mobile's 1[3-9] / 86 after a separator, 10 digits and a separator at the
-# start, or a dot right after the span (an IPv4 address).
-_INSIDE_CARD = _digit_pass([f"(?P<cn_id>{_CN_ID})", f"(?P<mobile>{_MOBILE})", f"(?P<phone10>{_PHONE10})"],
-                           [f"(?P<mobile_>{_MOBILE})", f"(?P<ip>{_IP_MULTI})"], [f"(?P<ip_>{_IP_SINGLE})"])
-_INSIDE_CARD_REACH = 20  # what starts inside a card-shaped span is at most 18 characters; lookarounds need 2 more
-_MAY_HOLD_ANOTHER = _compile(r"[ -](?:\d{10}|1[3-9]|86)")
-_CARD_DIGITS = _compile(r"\d(?:[ -]?\d){12,18}")
-_PLUS86_MOBILE = _compile(r"\+86(?<![0-9]\+86)[ -]?1[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)")
-_PHONE_PASS = _compile(
-    r"[+(0-9](?:(?<![A-Za-z0-9_+][+(0-9])(?P<phone>"
-    r"(?:(?<=\+)\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}"  # +country code, optional (area), first group
-    r"|(?<=\()\d{1,4}\)[ .-]?\d{2,4}"  # (area) first group
-    rf"|(?<=[0-9])\d{{1,3}}+){_PHONE_GROUPS})"  # a first group of 2-4 digits
-    r"|(?<=[0-9])(?P<rest>\d{4,4095}+))")  # a run of 5+ digits: no phone starts in it
-_PHONE_REACH = 45  # the longest phone match: 16 characters up to the first group, 3 groups of 9
-_DATE = _compile(r"\d{4}([-./])\d{1,2}\1\d{1,2}")
-PII_PATTERNS = (_EMAIL, _IBAN_PASS, _PLUS86_MOBILE, _DIGIT_PASS, _INSIDE_CARD, _MAY_HOLD_ANOTHER,
-                _PHONE_PASS)  # the scanners
 # A window's scan reads this far past its last possible start: more than any match (the "rest of a run"
 # consumers aside, which mask nothing) and its lookahead, so it sees what a scan of the whole text sees.
 _MARGIN = 72
@@ -186,64 +122,6 @@ class _DigitRuns:
         self.first, self.second = padded[self.starts + 1], padded[self.starts + 2]
         self.after, self.after2, self.after3 = padded[self.ends + 1], padded[self.ends + 2], padded[self.ends + 3]
         self.third = padded[np.minimum(self.starts + 3, len(padded) - 1)]
-
-
-# ---- checks -------------------------------------------------------------------------------------------
-_LUHN_DOUBLED = bytes.maketrans(b"0123456789", bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
-_LUHN_DOUBLED_ARRAY = np.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], np.int32)
-
-
-def _luhn_valid(digits: str | bytes, separators: bytes = b"") -> bool:
-    """Luhn check of a string of ASCII digits and `separators`."""
-    data = (digits.encode("ascii") if isinstance(digits, str) else digits).translate(None, separators)
-    kept, doubled = data[-1::-2], data[-2::-2]
-    return (sum(kept) - 48 * len(kept) + sum(doubled.translate(_LUHN_DOUBLED))) % 10 == 0
-
-
-def _span_positions(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every position inside the spans, and the index of its span."""
-    lengths = ends - starts
-    span = np.repeat(np.arange(len(starts)), lengths)
-    return np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths), span
-
-
-def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Luhn checks of many card-shaped spans (digits, spaces, dashes) at once: counted from the right,
-    every second digit is doubled (less 9 above 9), and the sum must end in 0."""
-    positions, span = _span_positions(starts, ends)
-    values = view[positions].astype(np.int64) - 48
-    digit = values >= 0
-    values, span = values[digit], span[digit]
-    length = np.bincount(span, minlength=len(starts))
-    from_right = (np.cumsum(length) - 1)[span] - np.arange(len(values))  # 0 for each span's last digit
-    summed = np.where(from_right % 2 == 1, _LUHN_DOUBLED_ARRAY[values], values)
-    return np.bincount(span, weights=summed, minlength=len(starts)) % 10 == 0
-
-
-_POW10_MOD97 = np.array([pow(10, k, 97) for k in range(80)], np.int64)
-
-
-def _iban_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """mod-97 checks of many IBAN-shaped spans (uppercase letters, digits, spaces) at once: without its
-    spaces and with its first four characters moved to the end, letters read as 10-35, the span is a
-    number that leaves 1. Each character adds its value times 10**(digits after it) mod 97."""
-    positions, span = _span_positions(starts, ends)
-    chars = view[positions]
-    kept = chars != ord(" ")
-    chars, span = chars[kept].astype(np.int64), span[kept]
-    length = np.bincount(span, minlength=len(starts))
-    first = np.cumsum(length) - length
-    rank = np.arange(len(chars)) - first[span]
-    moved = np.where(rank >= 4, rank - 4, rank + length[span] - 4)  # position after the move
-    order = np.lexsort((moved, span))
-    chars, span = chars[order], span[order]
-    letter = chars >= ord("A")
-    value = np.where(letter, chars - 55, chars - 48)
-    width = np.where(letter, 2, 1)
-    through = np.cumsum(width)  # decimal digits up to and including each character, over all spans
-    digits_after = through[(first + length - 1)[span]] - through
-    remainder = np.bincount(span, weights=value * _POW10_MOD97[digits_after] % 97, minlength=len(starts)) % 97
-    return (length >= 15) & (length <= 34) & (remainder == 1)
 
 
 # ---- the masking --------------------------------------------------------------------------------------
@@ -558,43 +436,3 @@ def mask_pii(text: str) -> str:
     _mask_digit_kinds(masking, _DigitRuns(masking.view))
     _mask_phones(masking, _DigitRuns(masking.view))
     return masking.result()
-
-
-class StreamMasker:
-    """Masks a text that arrives in pieces (a token stream): `feed` returns the masked text that is
-    final so far. No pattern spans a newline, so masking line by line equals masking the whole text;
-    the current line is held back until it ends or the stream does."""
-
-    def __init__(self):
-        self._held = ""
-
-    def feed(self, piece: str, last: bool = False) -> str:
-        self._held += piece
-        cut = len(self._held) if last else self._held.rfind("\n") + 1
-        ready, self._held = self._held[:cut], self._held[cut:]
-        return mask_pii(ready) if ready else ""
-
-
-class PiiMaskingFilter(logging.Filter):
-    """A logging filter that masks PII in log records, exception tracebacks and stack info included
-    (installed on the serving logger when pii_masking is on)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = mask_pii(record.getMessage())
-        record.args = ()
-        if record.exc_info:
-            # Exception messages carry inputs ("invalid literal ...: '13812345678'"): format the
-            # traceback now, masked, so no handler formats the raw one later.
-            record.exc_text = mask_pii(logging.Formatter().formatException(record.exc_info))
-            record.exc_info = None
-        elif record.exc_text:
-            record.exc_text = mask_pii(record.exc_text)
-        if record.stack_info:
-            record.stack_info = mask_pii(record.stack_info)
-        return True
-
-
-def install_pii_log_filter(target: logging.Logger) -> None:
-    """Add one PiiMaskingFilter to `target` (idempotent)."""
-    if not any(isinstance(f, PiiMaskingFilter) for f in target.filters):
-        target.addFilter(PiiMaskingFilter())

@@ -9,15 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.pii import (  # noqa: F401 (re-exported: the endpoints and tests import them from here)
-    PII_PATTERNS,
-    PII_PLACEHOLDERS,
-    PiiMaskingFilter,
-    StreamMasker,
-    _luhn_valid,
-    install_pii_log_filter,
-    mask_pii,
-)
+from serving.pii import PII_PATTERNS, PII_PLACEHOLDERS, mask_pii  # noqa: F401 (re-exported)
+from serving.pii_patterns import _luhn_valid  # noqa: F401 (re-exported for tests)
 
 logger = logging.getLogger("raylm.serving")
 
@@ -74,3 +67,44 @@ class ApiKeyGuard:
         for known in self._digests:
             matched |= hmac.compare_digest(digest, known)
         return None if matched else AuthFailure(403, "invalid API key")
+
+
+# ---- PII masking of streams and logs (what is masked: serving/pii.py) ---------------------------------
+class StreamMasker:
+    """Masks a text that arrives in pieces (a token stream): `feed` returns the masked text that is
+    final so far. No pattern spans a newline, so masking line by line equals masking the whole text;
+    the current line is held back until it ends or the stream does."""
+
+    def __init__(self):
+        self._held = ""
+
+    def feed(self, piece: str, last: bool = False) -> str:
+        self._held += piece
+        cut = len(self._held) if last else self._held.rfind("\n") + 1
+        ready, self._held = self._held[:cut], self._held[cut:]
+        return mask_pii(ready) if ready else ""
+
+
+class PiiMaskingFilter(logging.Filter):
+    """A logging filter that masks PII in log records, exception tracebacks and stack info included
+    (installed on the serving logger when pii_masking is on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = mask_pii(record.getMessage())
+        record.args = ()
+        if record.exc_info:
+            # Exception messages carry inputs ("invalid literal ...: '13812345678'"): format the
+            # traceback now, masked, so no handler formats the raw one later.
+            record.exc_text = mask_pii(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = mask_pii(record.exc_text)
+        if record.stack_info:
+            record.stack_info = mask_pii(record.stack_info)
+        return True
+
+
+def install_pii_log_filter(target: logging.Logger) -> None:
+    """Add one PiiMaskingFilter to `target` (idempotent)."""
+    if not any(isinstance(f, PiiMaskingFilter) for f in target.filters):
+        target.addFilter(PiiMaskingFilter())

@@ -442,7 +442,7 @@ def test_vectorized_checks_agree_with_the_scalar_ones():
 
     import numpy as np
 
-    from serving.pii import _iban_valid_spans, _luhn_valid, _luhn_valid_spans
+    from serving.pii_patterns import _iban_valid_spans, _luhn_valid, _luhn_valid_spans
 
     rng = random.Random(0)
     cards = []
