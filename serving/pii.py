@@ -256,44 +256,48 @@ def _mask_plus86_mobiles(masking: _Masking) -> None:
     masking.mask(starts, ends, _LABEL["phone"])
 
 
-def _digit_kind_starts(runs: _DigitRuns) -> tuple[np.ndarray, np.ndarray]:
+class _DigitStarts:
     """Which digit runs a kind of the digit pass can match at (a superset, read off each kind's pattern),
-    as two masks over the runs: other kinds, and IPv4 addresses that nothing else can reach.
-    Other kinds: 11 or 13 digits (a mobile), 13-19 (a card), 10, 15, 17 or 18 not after a letter (a bare
-    10-digit phone, an ID card); a chain of groups joined by one space or dash holding 13+ digits from
-    this one on, not after a dash (a card); 1[3-9]d or 86 followed by [ -]1 or 1 (a mobile).
-    IPv4: 1-3 digits followed by a dot and not preceded by one, where no other kind can start, and no
-    other kind starts earlier in its chain (a card or mobile could run into it, "1 2 ... 3 4.5.6.7")."""
-    lengths, before, after = runs.lengths, runs.before, runs.after
-    if not lengths.size:
-        return np.zeros(0, bool), np.zeros(0, bool)
-    space_or_dash_after = _in(after, b" -")
-    joined = (runs.starts[1:] == runs.ends[:-1] + 1) & space_or_dash_after[:-1]  # to the next group
-    chain_starts = np.flatnonzero(np.concatenate(([True], ~joined)))
-    chain = np.cumsum(np.concatenate(([True], ~joined))) - 1
-    digits_through = np.cumsum(lengths)
-    chain_last = np.concatenate((chain_starts[1:] - 1, [len(lengths) - 1]))
-    digits_from_here = digits_through[chain_last][chain] - digits_through + lengths
-    letter_before = ((before | 0x20) - 97).astype(np.uint8) < 26
-    mobile = (runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7) & (lengths >= 3) | (
-        (runs.first == ord("8")) & (runs.second == ord("6")) & (
-            ((lengths == 2) & space_or_dash_after & (runs.after2 == ord("1"))
-             & ((runs.after3 - 51).astype(np.uint8) < 7)) | ((lengths >= 4) & (runs.third == ord("1")))))
-    other = ((lengths == 11) | (lengths == 13) | ((lengths >= 13) & (lengths <= 19))
-             | (~letter_before & _in_lengths(lengths, (10, 15, 17, 18)))
-             | ((before != ord("-")) & space_or_dash_after & (digits_from_here >= 13))
-             | (mobile & ((lengths >= 10) | space_or_dash_after)))
-    ip = (lengths <= 3) & (after == ord(".")) & (before != ord("."))
-    other_through = np.cumsum(other)
-    other_earlier_in_chain = other_through - other - (other_through - other)[chain_starts][chain] > 0
-    alone = ip & ~other & ~other_earlier_in_chain
-    return other | (ip & ~alone), alone
+    and the chains of groups joined by one space or dash that cards and mobiles are read from.
+    `other`: 11 or 13 digits (a mobile), 13-19 (a card), 10, 15, 17 or 18 not after a letter (a bare
+    10-digit phone, an ID card); 13+ digits in the chain from this group on, not after a dash (a card);
+    1[3-9]d or 86 followed by [ -]1 or 1 (a mobile). `ip`: 1-3 digits followed by a dot and not preceded
+    by one. `alone`: an `ip` where no other kind can start, nor earlier in its chain (a card or mobile
+    could run into it, "1 2 ... 3 4.5.6.7")."""
+
+    def __init__(self, runs: _DigitRuns):
+        lengths, before, after = runs.lengths, runs.before, runs.after
+        space_or_dash_after = _in(after, b" -")
+        joined = (runs.starts[1:] == runs.ends[:-1] + 1) & space_or_dash_after[:-1]  # to the next group
+        new_chain = np.concatenate(([True], ~joined))
+        self.chain_starts = np.flatnonzero(new_chain)
+        self.chain = np.cumsum(new_chain) - 1
+        self.chain_last = np.concatenate((self.chain_starts[1:] - 1, [len(lengths) - 1]))
+        self.digits_through = np.cumsum(lengths)
+        digits_from_here = self.digits_through[self.chain_last][self.chain] - self.digits_through + lengths
+        letter_before = ((before | 0x20) - 97).astype(np.uint8) < 26
+        self.mobile = (runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7) & (lengths >= 3) | (
+            (runs.first == ord("8")) & (runs.second == ord("6")) & (
+                ((lengths == 2) & space_or_dash_after & (runs.after2 == ord("1"))
+                 & ((runs.after3 - 51).astype(np.uint8) < 7)) | ((lengths >= 4) & (runs.third == ord("1")))))
+        self.other = ((lengths == 11) | (lengths == 13) | ((lengths >= 13) & (lengths <= 19))
+                      | (~letter_before & _in_lengths(lengths, (10, 15, 17, 18)))
+                      | ((before != ord("-")) & space_or_dash_after & (digits_from_here >= 13))
+                      | (self.mobile & ((lengths >= 10) | space_or_dash_after)))
+        self.ip = (lengths <= 3) & (after == ord(".")) & (before != ord("."))
+        other_through = np.cumsum(self.other)
+        other_earlier_in_chain = other_through - self.other - (other_through - self.other)[self.chain_starts][self.chain] > 0
+        self.alone = self.ip & ~self.other & ~other_earlier_in_chain
 
 
 def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:
-    """The first runs of the IPv4 addresses that start at the runs `alone` (see _digit_kind_starts), as
+    """The first runs of the IPv4 addresses that start at the runs `alone` (see _DigitStarts), as
     _IP_MULTI and _IP_SINGLE match them: four groups joined by single dots, each 0-255 without a
     leading zero, the last not followed by a digit or a dot and a digit."""
+    first = np.flatnonzero(alone)
+    first = first[first + 3 < len(runs.lengths)]
+    if not first.size:
+        return first
     lengths = runs.lengths
     digit = [(byte.astype(np.int64) - 48) for byte in (runs.first, runs.second, runs.third)]
     value = np.where(lengths == 1, digit[0], np.where(lengths == 2, 10 * digit[0] + digit[1],
@@ -301,29 +305,74 @@ def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:
     octet = (lengths <= 3) & (value <= 255) & ((lengths == 1) | (runs.first != ord("0")))
     dot_joined = np.concatenate(((runs.starts[1:] == runs.ends[:-1] + 1) & (runs.after[:-1] == ord(".")), [False]))
     ends_address = octet & ~((runs.after == ord(".")) & _is_digit(runs.after2))
-    first = np.flatnonzero(alone)
-    first = first[first + 3 < len(lengths)]
     address = (octet[first] & dot_joined[first] & octet[first + 1] & dot_joined[first + 1] & octet[first + 2]
                & dot_joined[first + 2] & ends_address[first + 3])
     return first[address]
 
 
+def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Card-shaped spans read off the chains in which only cards can start (no mobile, ID card, 10-digit
+    phone or IPv4 start, and not entered from a dot, where an address may end), leftmost first as the
+    regex takes them: from a group, the most digits up to 19 (at least 13) that end a group not followed
+    by a dash. Returns the mask of those chains, and each span's first and last run."""
+    lengths = runs.lengths
+    card_only = ~kinds.mobile & ~kinds.ip & ~_in_lengths(lengths, (10, 15, 17, 18)) & (lengths <= 19)
+    other_start = np.bincount(kinds.chain, weights=scanned & ~card_only, minlength=len(kinds.chain_starts)) > 0
+    entered_from_dot = (runs.before[kinds.chain_starts] == ord(".")) & scanned[kinds.chain_starts]
+    fast_chain = ~other_start & ~entered_from_dot
+    fast = np.flatnonzero(scanned & fast_chain[kinds.chain])
+    if not fast.size:
+        return fast_chain, fast, fast
+    through = kinds.digits_through
+    before = through[fast] - lengths[fast]  # digits before the span's first group
+    longest = np.minimum(np.searchsorted(through, before + 19, "right") - 1, kinds.chain_last[kinds.chain[fast]])
+    last_end = np.maximum.accumulate(np.where(runs.after != ord("-"), np.arange(len(lengths)), -1))[longest]
+    card = (last_end >= fast) & (through[np.maximum(last_end, 0)] - before >= 13) & (runs.before[fast] != ord("-"))
+    # Leftmost first: from a span's last group, the next start is the first candidate after it.
+    after_span = np.searchsorted(fast, np.where(card, last_end, fast) + 1)
+    after_span_list, card_list = after_span.tolist(), card.tolist()
+    taken, position = [], 0
+    while position < len(fast):
+        if card_list[position]:
+            taken.append(position)
+        position = after_span_list[position]
+    taken = np.array(taken, np.int64)
+    return fast_chain, fast[taken], last_end[taken]
+
+
 def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> None:
     """The digit pass: ID cards, mobiles, IPv4 addresses, cards and bare 10-digit phones, leftmost first,
-    in that order at one position. IPv4 addresses nothing else can reach are checked all at once, and so
-    are the Luhn sums of card-shaped spans in which nothing else can start; the others may hold other
-    kinds or end inside one, and then the scan resumes after that kind."""
-    scanned, alone = _digit_kind_starts(runs)
-    ip_runs = _ip_addresses(runs, alone)
+    in that order at one position. IPv4 addresses nothing else can reach and cards in chains where only
+    cards start are read off the digit runs, all at once, and so are the Luhn sums of card-shaped spans
+    in which nothing else can start; the regex scans the other starts, and where a card-shaped span
+    holds another kind or ends inside one, the scan resumes after that kind."""
+    if not runs.lengths.size:
+        return
+    kinds = _DigitStarts(runs)
+    scanned = kinds.other | (kinds.ip & ~kinds.alone)
+    ip_runs = _ip_addresses(runs, kinds.alone)
     scanned[ip_runs + 3] = False  # a last octet followed by a space could start a card; the address holds it
-    ip_starts, ip_ends = runs.starts[ip_runs], runs.ends[ip_runs + 3]
-    windows = _windows(runs.starts[scanned], _DIGIT_REACH, len(masking.data))
+    fast_chain, first_runs, last_runs = _card_chains(runs, kinds, scanned)
+    card_starts, card_ends = runs.starts[first_runs], runs.ends[last_runs]
+    only_cards = _only_cards(masking.view, runs, card_starts, card_ends)
+    if not only_cards.all():  # such a chain is scanned by the regex instead
+        fast_chain[kinds.chain[first_runs[~only_cards]]] = False
+        read_off = fast_chain[kinds.chain[first_runs]]
+        card_starts, card_ends = card_starts[read_off], card_ends[read_off]
+    valid = _luhn_valid_spans(masking.view, card_starts, card_ends)
+    card_starts, card_ends = card_starts[valid], card_ends[valid]
+    windows = _windows(runs.starts[scanned & ~fast_chain[kinds.chain]], _DIGIT_REACH, len(masking.data))
     starts, ends, labels = [], [], []
     _digit_pass_windows(masking, runs, windows, starts, ends, labels)
     starts, ends, labels = np.concatenate(starts), np.concatenate(ends), np.concatenate(labels)
-    found_twice = np.isin(starts, ip_starts)  # a window around another kind's start covered it too
-    masking.mask(np.concatenate((starts[~found_twice], ip_starts)), np.concatenate((ends[~found_twice], ip_ends)),
-                 np.concatenate((labels[~found_twice], np.full(len(ip_starts), _LABEL["ip"]))))
+    ip_starts, ip_ends = runs.starts[ip_runs], runs.ends[ip_runs + 3]
+    # A window around another start may reach an address or a chain read off above: those are kept once.
+    start_run = np.minimum(np.searchsorted(runs.starts, starts), len(runs.starts) - 1)
+    found_twice = np.isin(starts, ip_starts) | fast_chain[kinds.chain[start_run]]
+    masking.mask(np.concatenate((starts[~found_twice], ip_starts, card_starts)),
+                 np.concatenate((ends[~found_twice], ip_ends, card_ends)),
+                 np.concatenate((labels[~found_twice], np.full(len(ip_starts), _LABEL["ip"]),
+                                 np.full(len(card_starts), _LABEL["card"]))))
 
 
 def _digit_pass_windows(masking: _Masking, runs: _DigitRuns, windows, starts: list, ends: list, labels: list):
