@@ -441,25 +441,62 @@ def _is_card(text: bytes) -> bool:
 
 
 def _phone_ends(runs: _DigitRuns) -> np.ndarray:
-    """Where a phone number can end: after a group of 2-8 digits right behind one space, dot or dash
+    """Which runs a phone number can end with: a group of 2-8 digits right behind one space, dot or dash
     that follows a digit, not followed by a letter, digit, "_" or a dot or dash and a digit."""
     after = runs.after
-    if not after.size:
-        return runs.ends
     letter = ((after | 0x20) - 97).astype(np.uint8) < 26
     separated = np.concatenate(([False], runs.starts[1:] == runs.ends[:-1] + 1)) & _in(runs.before, b" .-")
-    can_end = ((runs.lengths >= 2) & (runs.lengths <= 8) & separated & ~letter & (after != ord("_"))
-               & ~(_in(after, b".-") & _is_digit(runs.after2)))
-    return runs.ends[can_end]
+    return ((runs.lengths >= 2) & (runs.lengths <= 8) & separated & ~letter & (after != ord("_"))
+            & ~(_in(after, b".-") & _is_digit(runs.after2)))
+
+
+def _phone_chains(view: np.ndarray, runs: _DigitRuns, can_end: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Phone-shaped spans read off the chains of groups joined by one space, dot or dash that no "+" or
+    "(" form can enter (the first group not right after "+", "(" or ")", nor after ")" and a separator),
+    leftmost first as the regex takes them: a first group of 2-4 digits not after a letter, "_" or "+",
+    then the most groups, up to 3, of 2-8 digits whose last may end a phone (`can_end`). Returns each
+    run's chain, the mask of those chains, and each span's first and last run."""
+    lengths, before = runs.lengths, runs.before
+    joined = (runs.starts[1:] == runs.ends[:-1] + 1) & _in(runs.after[:-1], b" .-")
+    new_chain = np.concatenate(([True], ~joined))
+    chain_starts = np.flatnonzero(new_chain)
+    chain = np.cumsum(new_chain) - 1
+    first_before = before[chain_starts]
+    first_before2 = view[np.maximum(runs.starts[chain_starts] - 2, 0)]
+    fast_chain = ~_in(first_before, b"+()") & ~(_in(first_before, b" .-") & (first_before2 == ord(")"))
+                                                & (runs.starts[chain_starts] >= 2))
+    letter_before = ((before | 0x20) - 97).astype(np.uint8) < 26
+    starts_phone = (lengths >= 2) & (lengths <= 4) & ~letter_before & (before != ord("_")) & (before != ord("+"))
+    # group[k]: run k + 1 is joined to run k and can be a following group
+    group = np.concatenate((joined & (lengths[1:] >= 2) & (lengths[1:] <= 8), [False, False, False]))
+    ends_at = np.concatenate((can_end, [False, False, False]))
+    n = len(lengths)
+    one, two, three = group[:n], group[:n] & group[1:n + 1], group[:n] & group[1:n + 1] & group[2:n + 2]
+    groups = np.where(three & ends_at[3:n + 3], 3, np.where(two & ends_at[2:n + 2], 2, np.where(one & ends_at[1:n + 1], 1, 0)))
+    fast = np.flatnonzero(starts_phone & (groups > 0) & fast_chain[chain])
+    last = fast + groups[fast]
+    after_span = np.searchsorted(fast, last + 1).tolist()
+    taken, position = [], 0
+    while position < len(fast):
+        taken.append(position)
+        position = after_span[position]
+    taken = np.array(taken, np.int64)
+    return chain, fast_chain, fast[taken], last[taken]
 
 
 def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
     """Phone numbers: 7-15 digits, and not a date (2024-05-01)."""
-    phone_ends = _phone_ends(runs)
-    windows = _windows(np.maximum(phone_ends - _PHONE_REACH, 0), _PHONE_REACH + 1, len(masking.data))
+    if not runs.lengths.size:
+        return
+    can_end = _phone_ends(runs)
+    chain, fast_chain, first_runs, last_runs = _phone_chains(masking.view, runs, can_end)
+    scanned_ends = runs.ends[can_end & ~fast_chain[chain]]
+    windows = _windows(np.maximum(scanned_ends - _PHONE_REACH, 0), _PHONE_REACH + 1, len(masking.data))
     starts, ends, groups, _ = _scan(_PHONE_PASS, masking.data, windows)
-    phone = groups == _PHONE_PASS.groupindex["phone"]
-    starts, ends = starts[phone], ends[phone]
+    start_run = np.minimum(np.searchsorted(runs.starts, starts), len(runs.starts) - 1)
+    phone = (groups == _PHONE_PASS.groupindex["phone"]) & ~fast_chain[chain[start_run]]
+    starts = np.concatenate((starts[phone], runs.starts[first_runs]))
+    ends = np.concatenate((ends[phone], runs.ends[last_runs]))
     digits_before = np.concatenate(([0], np.cumsum(_is_digit(masking.view), dtype=np.int64)))
     digits = digits_before[ends] - digits_before[starts]
     phone = (digits >= 7) & (digits <= 15)
