@@ -340,14 +340,14 @@ def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> 
     return fast_chain, fast[taken], last_end[taken]
 
 
-def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> None:
+def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> bool:
     """The digit pass: ID cards, mobiles, IPv4 addresses, cards and bare 10-digit phones, leftmost first,
     in that order at one position. IPv4 addresses nothing else can reach and cards in chains where only
     cards start are read off the digit runs, all at once, and so are the Luhn sums of card-shaped spans
     in which nothing else can start; the regex scans the other starts, and where a card-shaped span
     holds another kind or ends inside one, the scan resumes after that kind."""
     if not runs.lengths.size:
-        return
+        return False
     kinds = _DigitStarts(runs)
     scanned = kinds.other | (kinds.ip & ~kinds.alone)
     ip_runs = _ip_addresses(runs, kinds.alone)
@@ -369,10 +369,11 @@ def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> None:
     # A window around another start may reach an address or a chain read off above: those are kept once.
     start_run = np.minimum(np.searchsorted(runs.starts, starts), len(runs.starts) - 1)
     found_twice = np.isin(starts, ip_starts) | fast_chain[kinds.chain[start_run]]
-    masking.mask(np.concatenate((starts[~found_twice], ip_starts, card_starts)),
-                 np.concatenate((ends[~found_twice], ip_ends, card_ends)),
+    starts = np.concatenate((starts[~found_twice], ip_starts, card_starts))
+    masking.mask(starts, np.concatenate((ends[~found_twice], ip_ends, card_ends)),
                  np.concatenate((labels[~found_twice], np.full(len(ip_starts), _LABEL["ip"]),
                                  np.full(len(card_starts), _LABEL["card"]))))
+    return bool(starts.size)  # whether the view changed
 
 
 def _digit_pass_windows(masking: _Masking, runs: _DigitRuns, windows, starts: list, ends: list, labels: list):
@@ -519,6 +520,8 @@ def mask_pii(text: str) -> str:
         return masking.result()  # every other kind holds digits
     _mask_ibans(masking)
     _mask_plus86_mobiles(masking)
-    _mask_digit_kinds(masking, _DigitRuns(masking.view))
-    _mask_phones(masking, _DigitRuns(masking.view))
+    runs = _DigitRuns(masking.view)
+    if _mask_digit_kinds(masking, runs):
+        runs = _DigitRuns(masking.view)
+    _mask_phones(masking, runs)
     return masking.result()
