@@ -219,10 +219,51 @@ def _scan(pattern: re.Pattern[bytes], data: bytes, windows: list[tuple[int, int]
     return starts[inside], ends[inside], groups[inside], window[inside]
 
 
+def _byte_class(chars: bytes) -> np.ndarray:
+    table = np.zeros(256, bool)
+    table[list(chars)] = True
+    return table
+
+
+_LOCAL_PART = _byte_class(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
+_EMAIL_CHARACTER = _LOCAL_PART | _byte_class(b"@")
+_HOST = _byte_class(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+_HOST_OR_DOT = _HOST | _byte_class(b".")
+_LETTER = _byte_class(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
 def _mask_emails(masking: _Masking) -> None:
-    if b"@" in masking.data and b"." in masking.data:  # every domain holds a dot
-        starts, ends, _, _ = _scan(_EMAIL, masking.data, [(0, len(masking.data))], grouped=False)
-        masking.mask(starts, ends, _LABEL["email"])
+    """Emails start at the local-part run (1-64 characters) right before an "@" whose domain run holds a
+    dot and two letters; the regex scans from those starts, each window to the end of its run of email
+    characters (emails glued to it are masked with it)."""
+    data, view = masking.data, masking.view
+    if b"@" not in data or b"." not in data:  # every domain holds a dot
+        return
+    n = len(view)
+    at = np.flatnonzero(view == ord("@"))
+    not_local = np.concatenate(([-1], np.flatnonzero(~_LOCAL_PART[view])))  # the "@"s among them
+    local_start = not_local[np.searchsorted(not_local, at) - 1] + 1
+    not_host = np.concatenate((np.flatnonzero(~_HOST_OR_DOT[view]), [n]))
+    domain_end = not_host[np.searchsorted(not_host, at + 1)]
+    dot_letters = np.concatenate(((view[:-2] == ord(".")) & _LETTER[view[1:-1]] & _LETTER[view[2:]], [False, False]))
+    dot_letters_before = np.concatenate(([0], np.cumsum(dot_letters)))
+    first_host = np.zeros(len(at), bool)
+    first_host[at + 1 < n] = _HOST[view[at[at + 1 < n] + 1]]
+    can_start = ((at - local_start >= 1) & (at - local_start <= 64) & first_host
+                 & (dot_letters_before[np.maximum(domain_end - 2, at + 1)] > dot_letters_before[at + 1]))
+    if not can_start.any():
+        return
+    not_email = np.concatenate((np.flatnonzero(~_EMAIL_CHARACTER[view]), [n]))
+    email_end = not_email[np.searchsorted(not_email, at[can_start])]
+    found, resume = [], 0
+    for start, end in _windows(local_start[can_start], 1, n):
+        last_email_end = int(email_end[np.searchsorted(local_start[can_start], end - 1)])
+        for match in _EMAIL.finditer(data, max(start, resume), min(last_email_end + 1, n)):
+            if match.start() >= end:
+                break
+            found.append(match.span())
+            resume = match.end()
+    masking.mask([s for s, _ in found], [e for _, e in found], _LABEL["email"])
 
 
 def _mask_ibans(masking: _Masking) -> None:
