@@ -351,6 +351,14 @@ def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:
     return first[address]
 
 
+def _rank(subset: np.ndarray, length: int) -> np.ndarray:
+    """For each index 0..length, how many elements of the sorted index array `subset` lie before it (the
+    position in `subset` of the first element at or after it)."""
+    counts = np.zeros(length + 1, np.int64)
+    counts[subset + 1] = 1
+    return np.cumsum(counts)
+
+
 def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Card-shaped spans read off the chains in which only cards can start (no mobile, ID card, 10-digit
     phone or IPv4 start, and not entered from a dot, where an address may end), leftmost first as the
@@ -370,7 +378,7 @@ def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> 
     last_end = np.maximum.accumulate(np.where(runs.after != ord("-"), np.arange(len(lengths)), -1))[longest]
     card = (last_end >= fast) & (through[np.maximum(last_end, 0)] - before >= 13) & (runs.before[fast] != ord("-"))
     # Leftmost first: from a span's last group, the next start is the first candidate after it.
-    after_span = np.searchsorted(fast, np.where(card, last_end, fast) + 1)
+    after_span = _rank(fast, len(lengths))[np.where(card, last_end, fast) + 1]
     after_span_list, card_list = after_span.tolist(), card.tolist()
     taken, position = [], 0
     while position < len(fast):
@@ -517,7 +525,7 @@ def _phone_chains(view: np.ndarray, runs: _DigitRuns, can_end: np.ndarray) -> tu
     groups = np.where(three & ends_at[3:n + 3], 3, np.where(two & ends_at[2:n + 2], 2, np.where(one & ends_at[1:n + 1], 1, 0)))
     fast = np.flatnonzero(starts_phone & (groups > 0) & fast_chain[chain])
     last = fast + groups[fast]
-    after_span = np.searchsorted(fast, last + 1).tolist()
+    after_span = _rank(fast, n)[last + 1].tolist()
     taken, position = [], 0
     while position < len(fast):
         taken.append(position)
@@ -548,7 +556,7 @@ def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
     masking.mask(starts[phone], ends[phone], _LABEL["phone"])
 
 
-_SHORT = 512  # characters: below this, numpy's cost per call exceeds what finding candidates saves
+_SHORT = 8192  # characters: below this, numpy's fixed cost exceeds what finding candidates saves
 
 
 def _mask_by_regex_alone(text: str) -> str:
@@ -611,6 +619,11 @@ def mask_pii(text: str) -> str:
     like a dotted phone number."""
     if len(text) < _SHORT and text.isascii():
         return _mask_by_regex_alone(text)
+    return _mask_by_candidates(text)
+
+
+def _mask_by_candidates(text: str) -> str:
+    """mask_pii with numpy finding where each pass can match (see the module docstring)."""
     masking = _Masking(text)
     _mask_emails(masking)
     if not _is_digit(masking.view).any():
