@@ -545,10 +545,14 @@ def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
     starts, ends, groups, _ = _scan(_PHONE_PASS, masking.data, windows)
     start_run = np.minimum(np.searchsorted(runs.starts, starts), len(runs.starts) - 1)
     phone = (groups == _PHONE_PASS.groupindex["phone"]) & ~fast_chain[chain[start_run]]
-    starts = np.concatenate((starts[phone], runs.starts[first_runs]))
-    ends = np.concatenate((ends[phone], runs.ends[last_runs]))
-    digits_before = np.concatenate(([0], np.cumsum(_is_digit(masking.view), dtype=np.int64)))
-    digits = digits_before[ends] - digits_before[starts]
+    starts, ends = starts[phone], ends[phone]
+    # A phone starts at its first group (or the "+" or "(" before it) and ends with its last group.
+    first_runs = np.concatenate((np.searchsorted(runs.starts, starts), first_runs))
+    last_runs = np.concatenate((np.searchsorted(runs.ends, ends), last_runs))
+    starts = np.concatenate((starts, runs.starts[first_runs[len(starts):]]))
+    ends = runs.ends[last_runs]
+    through = np.cumsum(runs.lengths)
+    digits = through[last_runs] - through[first_runs] + runs.lengths[first_runs]
     phone = (digits >= 7) & (digits <= 15)
     maybe_date = phone & (digits <= 8) & _in(masking.view[np.minimum(starts + 4, len(masking.view) - 1)], b"-./")
     for i in np.flatnonzero(maybe_date).tolist():
