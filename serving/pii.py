@@ -156,13 +156,15 @@ class _Masking:
         self.ends: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
 
-    def mask(self, starts, ends, labels) -> None:
+    def mask(self, starts, ends, labels, last_pass: bool = False) -> None:
         starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
         if not starts.size:
             return
         self.starts.append(starts)
         self.ends.append(ends)
         self.labels.append(np.broadcast_to(np.asarray(labels, np.int64), starts.shape))
+        if last_pass:
+            return  # no pass reads the view again
         view = self.view.copy()
         if starts.size < 256:
             for start, end in zip(starts.tolist(), ends.tolist()):
@@ -557,7 +559,7 @@ def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
     maybe_date = phone & (digits <= 8) & _in(masking.view[np.minimum(starts + 4, len(masking.view) - 1)], b"-./")
     for i in np.flatnonzero(maybe_date).tolist():
         phone[i] = not _DATE.fullmatch(masking.data, int(starts[i]), int(ends[i]))
-    masking.mask(starts[phone], ends[phone], _LABEL["phone"])
+    masking.mask(starts[phone], ends[phone], _LABEL["phone"], last_pass=True)
 
 
 _SHORT = 8192  # characters: below this, numpy's fixed cost exceeds what finding candidates saves
