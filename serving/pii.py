@@ -45,6 +45,7 @@ from serving.pii_patterns import (  # noqa: F401 (PII_PATTERNS: re-exported)
     _PLUS86_MOBILE,
     _iban_valid_spans,
     _luhn_valid,
+    _span_positions,
     _luhn_valid_spans,
 )
 
@@ -182,6 +183,17 @@ class _Masking:
         if not self.starts:
             return self.text
         starts, ends, labels = (np.concatenate(parts) for parts in (self.starts, self.ends, self.labels))
+        if len(starts) > 256 and self.text.isascii():
+            codes = np.frombuffer(self.text.encode("ascii"), np.uint8)
+            if codes.min() > len(_PLACEHOLDER_LIST):  # no character that reads as a label below
+                # Masked characters dropped, each span's first one replaced by its label's byte.
+                marked = codes.copy()
+                marked[_span_positions(starts, ends)[0]] = 0
+                marked[starts] = labels + 1
+                masked = marked.tobytes().translate(None, b"\x00")
+                for label, placeholder in enumerate(_PLACEHOLDER_LIST):
+                    masked = masked.replace(bytes([label + 1]), placeholder.encode("ascii"))
+                return masked.decode("ascii")
         order = np.argsort(starts, kind="stable")
         starts, ends, labels = starts[order], ends[order], labels[order]
         kept = list(map(slice, [0, *ends.tolist()], [*starts.tolist(), len(self.text)]))
