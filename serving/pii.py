@@ -233,51 +233,10 @@ def _scan(pattern: re.Pattern[bytes], data: bytes, windows: list[tuple[int, int]
     return starts[inside], ends[inside], groups[inside], window[inside]
 
 
-def _byte_class(chars: bytes) -> np.ndarray:
-    table = np.zeros(256, bool)
-    table[list(chars)] = True
-    return table
-
-
-_LOCAL_PART = _byte_class(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
-_EMAIL_CHARACTER = _LOCAL_PART | _byte_class(b"@")
-_HOST = _byte_class(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
-_HOST_OR_DOT = _HOST | _byte_class(b".")
-_LETTER = _byte_class(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-
-
 def _mask_emails(masking: _Masking) -> None:
-    """Emails start at the local-part run (1-64 characters) right before an "@" whose domain run holds a
-    dot and two letters; the regex scans from those starts, each window to the end of its run of email
-    characters (emails glued to it are masked with it)."""
-    data, view = masking.data, masking.view
-    if b"@" not in data or b"." not in data:  # every domain holds a dot
-        return
-    n = len(view)
-    at = np.flatnonzero(view == ord("@"))
-    not_local = np.concatenate(([-1], np.flatnonzero(~_LOCAL_PART[view])))  # the "@"s among them
-    local_start = not_local[np.searchsorted(not_local, at) - 1] + 1
-    not_host = np.concatenate((np.flatnonzero(~_HOST_OR_DOT[view]), [n]))
-    domain_end = not_host[np.searchsorted(not_host, at + 1)]
-    dot_letters = np.concatenate(((view[:-2] == ord(".")) & _LETTER[view[1:-1]] & _LETTER[view[2:]], [False, False]))
-    dot_letters_before = np.concatenate(([0], np.cumsum(dot_letters)))
-    first_host = np.zeros(len(at), bool)
-    first_host[at + 1 < n] = _HOST[view[at[at + 1 < n] + 1]]
-    can_start = ((at - local_start >= 1) & (at - local_start <= 64) & first_host
-                 & (dot_letters_before[np.maximum(domain_end - 2, at + 1)] > dot_letters_before[at + 1]))
-    if not can_start.any():
-        return
-    not_email = np.concatenate((np.flatnonzero(~_EMAIL_CHARACTER[view]), [n]))
-    email_end = not_email[np.searchsorted(not_email, at[can_start])]
-    found, resume = [], 0
-    for start, end in _windows(local_start[can_start], 1, n):
-        last_email_end = int(email_end[np.searchsorted(local_start[can_start], end - 1)])
-        for match in _EMAIL.finditer(data, max(start, resume), min(last_email_end + 1, n)):
-            if match.start() >= end:
-                break
-            found.append(match.span())
-            resume = match.end()
-    masking.mask([s for s, _ in found], [e for _, e in found], _LABEL["email"])
+    if b"@" in masking.data and b"." in masking.data:  # every domain holds a dot
+        starts, ends, _, _ = _scan(_EMAIL, masking.data, [(0, len(masking.data))], grouped=False)
+        masking.mask(starts, ends, _LABEL["email"])
 
 
 def _mask_ibans(masking: _Masking) -> None:
@@ -469,16 +428,16 @@ def _digit_pass_windows(masking: _Masking, runs: _DigitRuns, windows, starts: li
 def _only_cards(view: np.ndarray, runs: _DigitRuns, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """For card-shaped spans: no kind masked before cards can start inside (a group of 10+ digits, or one
     that starts like a mobile, 1[3-9] or 86), at the start (a first group of exactly 10 digits: a bare
-    10-digit phone) or at the end (a dot follows: an IPv4 address)."""
+    10-digit phone) or at the end (a dot and a digit follow: an IPv4 address)."""
     first_run, last_run = np.searchsorted(runs.starts, starts), np.searchsorted(runs.ends, ends)
     may_start = ((runs.lengths >= 10) | ((runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7))
                  | ((runs.first == ord("8")) & (runs.second == ord("6"))))
     may_start_through = np.concatenate(([0], np.cumsum(may_start)))
     inside = may_start_through[last_run + 1] - may_start_through[first_run + 1] > 0
-    dot_after = view[np.minimum(ends, len(view) - 1)] == ord(".")
-    dot_after &= ends < len(view)
+    dot_digit_after = (view[np.minimum(ends, len(view) - 1)] == ord(".")) & (ends + 1 < len(view))
+    dot_digit_after &= _is_digit(view[np.minimum(ends + 1, len(view) - 1)])
     one_group = first_run == last_run
-    return ~dot_after & (one_group | ~(inside | (runs.lengths[first_run] == 10)))
+    return ~dot_digit_after & (one_group | ~(inside | (runs.lengths[first_run] == 10)))
 
 
 def _mask_card_shaped(data: bytes, start: int, end: int, starts: list, ends: list, labels: list) -> int:
