@@ -370,6 +370,10 @@ def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> bool:
     holds another kind or ends inside one, the scan resumes after that kind."""
     if not runs.lengths.size:
         return False
+    lengths, after = runs.lengths, runs.after
+    if not (((lengths >= 10) & (lengths <= 19)) | _in(after, b" -") | (
+            (lengths <= 3) & (after == ord(".")) & (runs.before != ord(".")))).any():
+        return False  # no kind can start (from _DigitStarts, before its chains are read)
     kinds = _DigitStarts(runs)
     scanned = kinds.other | (kinds.ip & ~kinds.alone)
     ip_runs = _ip_addresses(runs, kinds.alone)
@@ -512,6 +516,8 @@ def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
     if not runs.lengths.size:
         return
     can_end = _phone_ends(runs)
+    if not can_end.any():
+        return  # every phone number ends with a group of 2-8 digits after a separator
     chain, fast_chain, first_runs, last_runs = _phone_chains(masking.view, runs, can_end)
     scanned_ends = runs.ends[can_end & ~fast_chain[chain]]
     windows = _windows(np.maximum(scanned_ends - _PHONE_REACH, 0), _PHONE_REACH + 1, len(masking.data))
