@@ -121,9 +121,7 @@ def run_once(root, bases, task, method, stage) -> str:
     return _runs[name]
 
 
-@pytest.mark.parametrize("task, method, stage", [
-    pytest.param(*run, marks=pytest.mark.unverified) if run == ("ner", "lora", 1) else run  # NER+LoRA now on the Llama
-    for run in MATRIX], ids=[f"{t}-{m}-z{s}" for t, m, s in MATRIX])
+@pytest.mark.parametrize("task, method, stage", MATRIX, ids=[f"{t}-{m}-z{s}" for t, m, s in MATRIX])
 def test_task_and_method_train_evaluate_and_export(local_ray, bases, root, task, method, stage):
     path = run_once(root, bases, task, method, stage)
     run_dir = root / Path(path).stem
