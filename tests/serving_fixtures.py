@@ -7,6 +7,7 @@ and HAProxy metrics 18400-18499 (metrics port + 200 / + 300).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -221,3 +222,34 @@ def replica_pids(app: str, deployment: str) -> dict[str, int]:
              if a["namespace"] == "serve" and a["name"].startswith(prefix)]
     handles = {name: ray.get_actor(name, namespace="serve") for name in names}
     return {name: ray.get(h.__ray_call__.remote(lambda _self: os.getpid()), timeout=30) for name, h in handles.items()}
+
+
+@contextlib.contextmanager
+def causal_lm_app_beside_training(root: Path, base: Path, adapters: Path, http_port: int):
+    """A local Ray that serves the causal-LM app on `base` with `adapters` (one replica, 1 CPU) and leaves
+    room for a 2-worker training run beside it; stopped on exit."""
+    import pytest
+    import ray
+
+    with pytest.MonkeyPatch.context() as env:
+        # Before ray.init: the replica reads its API keys, and the proxy its error shape, from Ray's environment.
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        env.setenv("TOKENIZERS_PARALLELISM", "false")
+        env.setenv("RAYLM_API_KEYS", ",".join(API_KEYS))
+        env.setenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.errors:proxy_middlewares")
+        # 4 logical CPUs: the replica (1), two Train workers (1 each) and Ray Data's read tasks; the dashboard
+        # on, as Ray Train's controller queries it.
+        context = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                           runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        try:
+            config = config_for_test(
+                "causal_lm_cpu.yaml", http_port=http_port,
+                app_args={"export_dir": str(base), "adapters_dir": str(adapters), "torch_threads": 1,
+                          "max_batch_size": 4, "max_tokens_limit": 64},
+                deployment_overrides={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+                                      "ray_actor_options": {"num_cpus": 1}},
+            )
+            serve_run_config(config, root, context.address_info["gcs_address"])
+            yield
+        finally:
+            stop_ray()

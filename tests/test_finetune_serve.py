@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 import yaml
-from serving_fixtures import API_KEYS, auth, config_for_test, serve_run_config, stop_ray
+from serving_fixtures import auth, causal_lm_app_beside_training
 
 from training import finetune
 from training.export import main as export_main
@@ -28,8 +28,6 @@ MAX_TOKENS = 12
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """One local Ray with the causal-LM app running on a tiny base; its adapters directory starts empty."""
-    import ray
-
     from serving.tiny_exports import build_causal_lm_export
 
     root = tmp_path_factory.mktemp("train-serve")
@@ -37,27 +35,8 @@ def served(tmp_path_factory):
     base = build_causal_lm_export(root / "tiny-llama", hidden_size=64, num_layers=2, vocab_size=512, max_seq_len=256)
     adapters = root / "adapters"
     adapters.mkdir()
-    with pytest.MonkeyPatch.context() as env:
-        # Before ray.init: the replica reads its API keys, and the proxy its error shape, from Ray's environment.
-        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        env.setenv("TOKENIZERS_PARALLELISM", "false")
-        env.setenv("RAYLM_API_KEYS", ",".join(API_KEYS))
-        env.setenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.errors:proxy_middlewares")
-        # 4 logical CPUs: the replica (1), two Train workers (1 each) and Ray Data's read tasks.
-        context = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                           runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-        try:
-            config = config_for_test(
-                "causal_lm_cpu.yaml", http_port=HTTP_PORT,
-                app_args={"export_dir": str(base), "adapters_dir": str(adapters), "torch_threads": 1,
-                          "max_batch_size": 4, "max_tokens_limit": 64},
-                deployment_overrides={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-                                      "ray_actor_options": {"num_cpus": 1}},
-            )
-            serve_run_config(config, root, context.address_info["gcs_address"])
-            yield {"root": root, "base": base, "adapters": adapters}
-        finally:
-            stop_ray()
+    with causal_lm_app_beside_training(root, base, adapters, HTTP_PORT):
+        yield {"root": root, "base": base, "adapters": adapters}
 
 
 def complete(model: str) -> httpx.Response:

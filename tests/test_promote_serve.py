@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from promote_fixtures import NAME, REVIEWS, build_world, setup_served, write_config
-from serving_fixtures import API_KEYS, auth, config_for_test, serve_run_config, stop_ray
+from serving_fixtures import auth, causal_lm_app_beside_training
 
 from training import finetune, promote
 
@@ -30,33 +30,11 @@ MAX_TOKENS = 8
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """One local Ray with the causal-LM app on a tiny base, serving the poor adapter as `reviews`."""
-    import ray
-
     root = tmp_path_factory.mktemp("promote-serve")
     world = build_world(root)
     adapters = setup_served(world, root, world["bad"])
-    with pytest.MonkeyPatch.context() as env:
-        # Before ray.init: the replica reads its API keys, and the proxy its error shape, from Ray's environment.
-        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        env.setenv("TOKENIZERS_PARALLELISM", "false")
-        env.setenv("RAYLM_API_KEYS", ",".join(API_KEYS))
-        env.setenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.errors:proxy_middlewares")
-        # 4 logical CPUs: the replica (1), two Train workers (1 each) and Ray Data's read tasks; the dashboard
-        # on, as Ray Train's controller queries it.
-        context = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                           runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-        try:
-            config = config_for_test(
-                "causal_lm_cpu.yaml", http_port=HTTP_PORT,
-                app_args={"export_dir": str(world["base"]), "adapters_dir": str(adapters), "torch_threads": 1,
-                          "max_batch_size": 4, "max_tokens_limit": 64},
-                deployment_overrides={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-                                      "ray_actor_options": {"num_cpus": 1}},
-            )
-            serve_run_config(config, root, context.address_info["gcs_address"])
-            yield {**world, "root": root, "adapters": adapters}
-        finally:
-            stop_ray()
+    with causal_lm_app_beside_training(root, world["base"], adapters, HTTP_PORT):
+        yield {**world, "root": root, "adapters": adapters}
 
 
 def complete(model: str) -> str:
