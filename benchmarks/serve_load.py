@@ -8,7 +8,7 @@ generated tokens/s at concurrency 1 and 32 (1,024 requests at c=32); the three s
 interleaved at each level. One replica; the same torch thread count and core count everywhere. Model: a small random-init Llama export (hidden 256, 4 layers) by
 default, or `--model smollm2` for SmolLM2-135M-Instruct (see benchmarks.quantization for the cache).
 
-    python -m benchmarks.serve_load [--threads 2] [--max-tokens 16] [--model small|smollm2] [--concurrency 1 8 32]
+    python -m benchmarks.serve_load [--threads 1] [--max-tokens 16] [--model small|smollm2] [--concurrency 1 8 32]
 """
 
 from __future__ import annotations
@@ -106,8 +106,11 @@ async def closed_loop(url: str, model: str, concurrency: int, total: int, max_to
         while next_index < total:
             i = next_index
             next_index += 1
-            tokens += await one(client, {"model": model, "prompt": texts[i % len(texts)], "max_tokens": max_tokens,
-                                         "temperature": 0})
+            # Awaited first, then added: `tokens += await ...` reads `tokens` before the await, so
+            # concurrent clients would overwrite each other's counts.
+            generated = await one(client, {"model": model, "prompt": texts[i % len(texts)], "max_tokens": max_tokens,
+                                           "temperature": 0})
+            tokens += generated
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
@@ -149,7 +152,12 @@ def wait_http(url: str, timeout_s: float = 300) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    # One core per replica, as the shipped Serve configs give it (num_cpus: 1). On a 2-core machine a
+    # replica with 2 intra-op threads shares both cores with the proxy and the client, and every torch
+    # op waits for its preempted second thread: a batch-32 decode step measured 10-320 ms at 2 threads
+    # against 11-24 ms at 1 on the same loaded machine.
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (and cores) of the replica and of the naive server")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--model", choices=["small", "smollm2"], default="small")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])

@@ -147,9 +147,33 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def process_tree_cpu_seconds(root_pid: int) -> float:
-    """CPU seconds of a process and all its live descendants (a local Ray started by it: raylet, GCS,
-    controller, Ray Data tasks, Train workers), read from /proc."""
+def process_label(pid: int) -> str:
+    """What a process is, for the CPU census: Ray's actor/task title (ray::RayTrainWorker), else the
+    program or Python module it runs (raylet, gcs_server, dashboard.py, agent.py)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [w.decode(errors="replace") for w in argv if w]
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0].split()[0]
+    if "-c" in words[1:2]:
+        return "python -c"
+    for word in words[1:3] if "python" in Path(words[0]).name else []:
+        if word.endswith(".py"):
+            return Path(word).name
+        if not word.startswith("-"):
+            break
+    if "-m" in words[:3]:
+        return words[words.index("-m") + 1]
+    return Path(words[0]).name
+
+
+def process_tree_cpu(root_pid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (label, CPU seconds) of a process and all its live descendants (a local Ray started by
+    it: raylet, GCS, dashboard, controller, Ray Data tasks, Train workers), read from /proc."""
     children: dict[int, list[int]] = {}
     for stat_path in glob.glob("/proc/[0-9]*/stat"):
         try:
@@ -157,12 +181,26 @@ def process_tree_cpu_seconds(root_pid: int) -> float:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(stat_path.split("/")[2]))
-    total, stack = 0.0, [root_pid]
+    tree, stack = {}, [root_pid]
     while stack:
         pid = stack.pop()
-        total += process_cpu_seconds(pid) or 0.0
+        tree[pid] = (process_label(pid), process_cpu_seconds(pid) or 0.0)
         stack.extend(children.get(pid, []))
-    return total
+    return tree
+
+
+def process_tree_cpu_seconds(root_pid: int) -> float:
+    """CPU seconds of a process and all its live descendants."""
+    return sum(cpu for _, cpu in process_tree_cpu(root_pid).values())
+
+
+def cpu_by_label(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each kind of process burned between two censuses (processes started in between count
+    from zero), largest first."""
+    spent: dict[str, float] = {}
+    for pid, (label, cpu) in after.items():
+        spent[label] = spent.get(label, 0.0) + cpu - before.get(pid, (label, 0.0))[1]
+    return dict(sorted(spent.items(), key=lambda item: -item[1]))
 
 
 class WorkerCpuSampler:
@@ -172,15 +210,24 @@ class WorkerCpuSampler:
     other users' jobs kept them waiting for a core, unlike the wall clock on a shared machine.
     """
 
-    def __init__(self, run_name: str, since: float, steps: tuple[int, int], driver_pid: int | None = None):
+    def __init__(self, run_name: str, since: float, steps: tuple[int, int], driver_pid: int | None = None,
+                 workers: int = 1):
         self.run_name, self.since, self.steps, self.driver_pid = run_name, since, set(steps), driver_pid
+        self.workers = workers
         self.offsets: dict[str, int] = {}
         self.worker_pids: dict[int, int] = {}  # world rank -> pid
         self.cpu_at_step: dict[int, float] = {}
-        self.tree_cpu_at_step: dict[int, float] = {}
+        self.tree_cpu_at_step: dict[int, dict[int, tuple[str, float]]] = {}
+        self.paths: list[str] = []
+        self.globbed_at = 0.0
 
     def poll(self) -> None:
-        for path in ray_train_worker_logs(self.since):
+        # Listing every Ray session's logs costs ~9 ms on a machine with a few hundred old sessions:
+        # at a 50 ms poll that alone took ~15% of a core from the raylm side. List again only while
+        # this run's worker logs are not all found yet, at most once a second.
+        if len(self.worker_pids) < self.workers and time.monotonic() - self.globbed_at >= 1.0:
+            self.paths, self.globbed_at = ray_train_worker_logs(self.since), time.monotonic()
+        for path in self.paths:
             try:
                 with open(path, encoding="utf-8", errors="replace") as fh:
                     fh.seek(self.offsets.get(path, 0))
@@ -202,7 +249,7 @@ class WorkerCpuSampler:
                     if None not in cpu:
                         self.cpu_at_step[int(match.group(1))] = sum(cpu)
                     if self.driver_pid is not None:
-                        self.tree_cpu_at_step[int(match.group(1))] = process_tree_cpu_seconds(self.driver_pid)
+                        self.tree_cpu_at_step[int(match.group(1))] = process_tree_cpu(self.driver_pid)
 
 
 def run_raylm(args, run_name: str, log_path: Path) -> dict:
@@ -219,7 +266,7 @@ def run_raylm(args, run_name: str, log_path: Path) -> dict:
     started = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        sampler = WorkerCpuSampler(run_name, started, (a, b), driver_pid=proc.pid)
+        sampler = WorkerCpuSampler(run_name, started, (a, b), driver_pid=proc.pid, workers=args.workers)
         try:
             while proc.poll() is None:
                 sampler.poll()
@@ -256,7 +303,9 @@ def run_raylm(args, run_name: str, log_path: Path) -> dict:
         result["tokens_per_cpu_s"] = tokens_per_step * (b - a) / result["worker_cpu_s"]
     if a in sampler.tree_cpu_at_step and b in sampler.tree_cpu_at_step:
         # Everything this run's Ray burns on the shared cores, workers included.
-        result["ray_tree_cpu_s"] = sampler.tree_cpu_at_step[b] - sampler.tree_cpu_at_step[a]
+        spent = cpu_by_label(sampler.tree_cpu_at_step[a], sampler.tree_cpu_at_step[b])
+        result["cpu_s_by_process"] = {label: round(cpu, 3) for label, cpu in spent.items() if cpu >= 0.005}
+        result["ray_tree_cpu_s"] = sum(spent.values())
         result["tokens_per_tree_cpu_s"] = tokens_per_step * (b - a) / result["ray_tree_cpu_s"]
     result["final_loss"] = records[max(records)]["loss"]
     return result
@@ -350,6 +399,12 @@ def summarize(raylm: list[dict], bare: list[dict]) -> dict:
         if ray_tree:
             cpu_stats.update(raylm_tokens_per_tree_cpu_s=stats(ray_tree),
                              ratio_cpu_all_ray_processes=statistics.median(ray_tree) / statistics.median(bare_cpu))
+    census = [r["cpu_s_by_process"] for r in raylm if "cpu_s_by_process" in r]
+    if census:
+        # Where the CPU of raylm's side went over the measured span: median seconds per kind of process.
+        labels = {label for run in census for label in run}
+        medians = {label: statistics.median(run.get(label, 0.0) for run in census) for label in labels}
+        cpu_stats["raylm_cpu_s_by_process"] = dict(sorted(medians.items(), key=lambda item: -item[1]))
     return {
         **cpu_stats,
         "raylm_tokens_per_s": stats(ray_tps),
@@ -431,6 +486,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"bare {s['bare_tokens_per_s']['median']:.1f} tok/s [{s['bare_tokens_per_s']['min']:.1f}, "
           f"{s['bare_tokens_per_s']['max']:.1f}]; pair ratios {[round(x, 3) for x in s['pair_ratios']['values']]}; "
           f"load avg {load_start[0]:.1f} -> {result['loadavg_end'][0]:.1f}")
+    if "raylm_cpu_s_by_process" in s:
+        print("raylm side, CPU seconds over the span by process (median): " + ", ".join(
+            f"{label} {cpu:.2f}" for label, cpu in list(s["raylm_cpu_s_by_process"].items())[:10]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

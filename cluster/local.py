@@ -39,6 +39,11 @@ NODE_BLOCK_START = 100
 MAX_PORT = 26999
 STATE_FILE = "cluster.json"
 TOKEN_FILE = "auth_token"
+# Ray 2.60's `ray start` gives its raylet a fixed 30 s to register with the GCS (`raylet_start_wait_time_s = 30`
+# in ray/_private/node.py; no flag or environment variable changes it). On a loaded machine that can pass:
+# `ray start` then exits with this message although nothing is wrong, and the node is simply started again.
+RAY_START_TIMED_OUT = "timed out during startup"
+DEFAULT_START_ATTEMPTS = 3
 
 
 @dataclass
@@ -169,13 +174,19 @@ class LocalCluster:
         head_cpus: float = 4,
         worker_cpus: float = 4,
         extra_env: dict[str, str] | None = None,
+        start_attempts: int = DEFAULT_START_ATTEMPTS,
     ):
+        """`start_attempts`: how often a node is started when its `ray start` exits on Ray's fixed 30 s
+        registration wait (RAY_START_TIMED_OUT); any other exit fails at once."""
         self.base_port = base_port
         self.dir = Path(directory or default_dir(base_port)).resolve()
         self.head_cpus = head_cpus
         self.worker_cpus = worker_cpus
         self.extra_env = dict(extra_env or {})
+        self.start_attempts = max(1, start_attempts)
         self.state: ClusterState | None = None
+        self._attempts: dict[str, int] = {}  # node name -> `ray start` attempts since start_node was called
+        self._log_offsets: dict[str, int] = {}  # node name -> where the current attempt's output begins
 
     # ---------------------------------------------------------------------------------------------
     # Lifecycle
@@ -219,12 +230,26 @@ class LocalCluster:
             self.stop_node(name, grace_s=grace_s)
 
     def start_node(self, name: str, wait: bool = True, timeout_s: float = 120) -> NodeRecord:
-        """Start (or restart) one node of the cluster as its own process group."""
+        """Start (or restart) one node of the cluster as its own process group.
+
+        With wait=True, return once it is ALIVE; a `ray start` that gave up on Ray's fixed 30 s
+        registration wait is started again (up to `start_attempts` times in all) while waiting.
+        """
         state = self._require_state()
         node = state.nodes[name]
         if _process_alive(node.pid):
             raise RuntimeError(f"node {name} is already running (pid {node.pid}); stop it first")
-        log_path = self.dir / f"{name}.log"
+        self._attempts[name] = 1
+        self._launch(node)
+        if wait:
+            self.wait_for_nodes(self.running_node_count(), timeout_s)
+        return node
+
+    def _launch(self, node: NodeRecord) -> None:
+        """Run the node's `ray start --block` in a new session, its output appended to <dir>/<name>.log."""
+        state = self._require_state()
+        log_path = self.dir / f"{node.name}.log"
+        self._log_offsets[node.name] = log_path.stat().st_size if log_path.exists() else 0
         log = open(log_path, "ab")
         # A new session makes `ray start` the leader of a session that holds every Ray process of this node
         # (GCS, raylet, dashboard, workers in their own process groups): signalling it stops this node only.
@@ -240,9 +265,31 @@ class LocalCluster:
         node.pid = process.pid
         node.log = str(log_path)
         state.save()
-        if wait:
-            self.wait_for_nodes(self.running_node_count(), timeout_s)
-        return node
+
+    def _restart_after_slow_start(self, node: NodeRecord) -> bool:
+        """Start `node` again if its `ray start` exited on Ray's fixed registration wait and attempts are left.
+
+        What the failed attempt left of its session (a GCS, a raylet still starting) is killed first, so the
+        new attempt gets the same ports.
+        """
+        attempt = self._attempts.get(node.name, 1)
+        if attempt >= self.start_attempts or not node.log or not Path(node.log).exists():
+            return False
+        with open(node.log, "rb") as fh:
+            fh.seek(self._log_offsets.get(node.name, 0))
+            output = fh.read().decode("utf-8", errors="replace")
+        if RAY_START_TIMED_OUT not in output:
+            return False
+        leftovers = _session_members(node.pid) if node.pid else []
+        _signal_all(leftovers, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while node.pid and _session_members(node.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        print(f"[cluster.local] node {node.name}: its raylet did not register within Ray's fixed 30 s (loaded "
+              f"machine?); starting it again (attempt {attempt + 1} of {self.start_attempts})", file=sys.stderr)
+        self._attempts[node.name] = attempt + 1
+        self._launch(node)
+        return True
 
     def stop_node(self, name: str, grace_s: float = 5, kill: bool = False) -> None:
         """Stop one node: SIGTERM to its `ray start`, SIGKILL to what is left of its session after `grace_s`.
@@ -298,14 +345,20 @@ class LocalCluster:
             return 0
 
     def wait_for_nodes(self, count: int, timeout_s: float = 120) -> None:
-        """Block until exactly `count` nodes are ALIVE; fail with the node logs' tails otherwise."""
+        """Block until exactly `count` nodes are ALIVE; fail with the node logs' tails otherwise.
+
+        A node whose `ray start` exited on Ray's fixed 30 s registration wait is started again (see
+        `start_attempts`), and the wait starts over for it.
+        """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.alive_node_count() == count:
                 return
             dead = [n for n in self._require_state().nodes.values() if n.pid and not _process_alive(n.pid)]
-            if dead:
-                raise RuntimeError(self._failure_report(f"node {dead[0].name} exited while starting", dead[0]))
+            for node in dead:
+                if not self._restart_after_slow_start(node):
+                    raise RuntimeError(self._failure_report(f"node {node.name} exited while starting", node))
+                deadline = time.monotonic() + timeout_s
             time.sleep(1)
         raise TimeoutError(self._failure_report(f"{count} alive node(s) not reached within {timeout_s:.0f} s", None))
 

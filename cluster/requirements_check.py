@@ -24,6 +24,7 @@ DISTRIBUTIONS = {
     "peft": "peft",
     "deepspeed": "deepspeed",
     "pyarrow": "pyarrow",
+    "numpy": "numpy",
     "pydantic": "pydantic",
     "pyyaml": "yaml",
     "safetensors": "safetensors",

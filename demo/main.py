@@ -52,6 +52,10 @@ def progress(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Every stage's progress lines (the entry points print without flushing) show as they happen, also
+    # when the console is a pipe (`make demo | tee demo.log`).
+    if hasattr(sys.stdout, "reconfigure"):  # a replaced stdout (a notebook's, a test's) may lack it
+        sys.stdout.reconfigure(line_buffering=True)
     from demo.config import load_demo
 
     try:

@@ -30,6 +30,22 @@ def check_exit(rc: int, what: str) -> None:
         raise StageFailed(f"{what} failed (see above)")
 
 
+def run_entry_point(main, argv: list[str], what: str) -> None:
+    """`main(argv)` of a stage's entry point, with the demo's own Ctrl-C handling put back afterwards.
+
+    Ray Tune's Tuner.fit() leaves its SIGINT handler installed after a sweep that ran to its end; a later
+    Ctrl-C (while the endpoint deploys, say) would only set a flag nobody reads instead of stopping the demo.
+    """
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        rc = main(argv)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    check_exit(rc, what)
+
+
 def fingerprint(*parts) -> str:
     """sha256 of the parts as canonical JSON (first 10 hex digits: enough to tell configs apart)."""
     blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8")
@@ -82,7 +98,7 @@ def pretrain(demo_plan: Plan) -> dict:
         argv = ["--config", str(demo_plan.pretrain_config)]
         for item in [*demo_plan.pretrain_set, f"run.name={run_name}"]:
             argv += ["--set", item]
-        check_exit(pretrain_cli.main(argv), "pretraining")
+        run_entry_point(pretrain_cli.main, argv, "pretraining")
         summary = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
         val_loss = summary.get("final_val_loss")
         result = record(demo_plan, "pretrain", key, {
@@ -155,7 +171,7 @@ def sweep(demo_plan: Plan, base: dict) -> dict:
         argv.append("--resume")  # an earlier demo run was interrupted in this very sweep
     if not adapter.exists():
         argv += ["--publish-to", str(adapters_dir), "--adapter-name", demo_plan.cfg.sweep.adapter_name]
-    check_exit(search.main(argv), "the fine-tuning sweep")
+    run_entry_point(search.main, argv, "the fine-tuning sweep")
     if not adapter.is_dir():
         raise StageFailed(f"the sweep published no adapter at {adapter} (no trial reported {loaded.cfg.metric}?)")
     return record(demo_plan, "sweep", key, sweep_figures(sweep_dir, loaded.cfg.metric, loaded.cfg.mode, adapter),

@@ -194,10 +194,9 @@ class CausalLMServer(ModelServer):
     def _admit_prompts(self, prompts: list[str], max_tokens: int) -> tuple[list[str], list[list[int]]]:
         """Admission thread: length limits on the text as sent, then PII masking (only of prompts that
         passed), then the token ids the model will see (masking may change their number)."""
-        for prompt in prompts:
-            self._checked_ids(prompt, max_tokens, "prompt")
+        checked = [self._checked_ids(prompt, max_tokens, "prompt") for prompt in prompts]
         if not self.args.pii_masking:
-            return prompts, [self.engine.encode(p) for p in prompts]
+            return prompts, checked  # unmasked: the ids just checked are the ones the model sees
         masked = [self._mask(p) for p in prompts]
         return masked, [self._checked_ids(p, max_tokens, "prompt") for p in masked]
 
@@ -234,11 +233,16 @@ class CausalLMServer(ModelServer):
         self.metrics.prompt_tokens.inc(sum(len(j.prompt_ids) for j in jobs), tags={"model": self.model_name})
         if adapter:
             try:
+                # Loaded and batched under its version key: a same-named adapter renamed into place since the
+                # last load (a promotion) is loaded anew instead of answering with the old weights.
+                adapter = self.engine.adapter_key(adapter)
                 await self._load_adapter(adapter)
             except (ExportFormatError, FileNotFoundError, ValueError) as exc:
-                raise ApiError(400, f"adapter '{adapter}' cannot be loaded: {exc}", param="model",
+                raise ApiError(400, f"adapter '{adapter.partition('@')[0]}' cannot be loaded: {exc}", param="model",
                                code="adapter_invalid") from None
             self.engine.pin_adapter(adapter)
+            for job in jobs:
+                job.adapter = adapter
         request_id = f"{'chatcmpl' if route.endswith('chat/completions') else 'cmpl'}-{uuid.uuid4().hex}"
         notify(self.observers, "on_request", RequestRecord(request_id, route, model, list(prompts)))
 
@@ -323,7 +327,8 @@ class CausalLMServer(ModelServer):
             """OpenAI-compatible text completion; `stream: true` sends server-sent events."""
             max_tokens = self._limits(request, len(request.prompts))
             self._resolve_adapter(request.model)
-            prompts, ids = await self.run_admission(self._admit_prompts, request.prompts, max_tokens)
+            prompts, ids = await self.run_admission(self._admit_prompts, request.prompts, max_tokens,
+                                                    size=sum(map(len, request.prompts)))
 
             def respond(request_id, results, usage):
                 return CompletionResponse(
@@ -346,7 +351,8 @@ class CausalLMServer(ModelServer):
             max_tokens = self._limits(request, 1)
             self._resolve_adapter(request.model)
             messages = [{"role": m.role, "content": message_text(i, m)} for i, m in enumerate(request.messages)]
-            prompts, ids = await self.run_admission(self._admit_chat, messages, max_tokens)
+            prompts, ids = await self.run_admission(self._admit_chat, messages, max_tokens,
+                                                    size=sum(len(m["content"]) for m in messages))
 
             def respond(request_id, results, usage):
                 text, reason, _ = results[0]

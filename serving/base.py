@@ -29,6 +29,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 500, 503)
 }
 
+# Inputs up to this many characters are tokenized on the event loop (well under a millisecond);
+# longer ones, and any that PII masking scans, on the admission threads.
+INLINE_ADMISSION_CHARS = 4096
+
 # Shared by both servers; the Serve config YAML overrides any of these per deployment.
 DEPLOYMENT_DEFAULTS = dict(
     max_ongoing_requests=64,
@@ -160,7 +164,12 @@ class ModelServer:
     async def run_model(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
-    async def run_admission(self, fn: Callable, *args):
+    async def run_admission(self, fn: Callable, *args, size: int):
+        """Admission work on `size` characters of input: on the event loop when small and unmasked
+        (tokenizing a short prompt costs less than the hop to a thread and back, measured in
+        benchmarks/serve_overhead.py), else on the admission threads."""
+        if size <= INLINE_ADMISSION_CHARS and not self.args.pii_masking:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._admission, fn, *args)
 
     async def check_health(self) -> None:

@@ -81,7 +81,7 @@ class EncoderServer(ModelServer):
         if len(texts) > self.args.max_inputs_per_request:
             raise ApiError(400, f"{len(texts)} texts exceed the limit of {self.args.max_inputs_per_request} per request "
                            "(max_inputs_per_request)", param="input")
-        texts, counts = await self.run_admission(self._admit_texts, texts)
+        texts, counts = await self.run_admission(self._admit_texts, texts, size=sum(map(len, texts)))
         self.metrics.prompt_tokens.inc(sum(counts), tags={"model": self.model_name})
         request_id = f"{route.rsplit('/', 1)[-1]}-{uuid.uuid4().hex}"
         notify(self.observers, "on_request", RequestRecord(request_id, route, self.model_name, texts))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,8 @@ class EncoderEngine:
                 )
                 if attended and end > start  # special and padding tokens have empty offsets
             ]
+            if self.export.manifest.ner_tag_subtoken == "last":
+                tokens = words_read_at_last_subtoken(text, tokens)
             results.append(bio_spans(text, tokens))
         return results
 
@@ -107,6 +110,35 @@ class EncoderEngine:
             logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits
         if not torch.isfinite(logits).all():
             raise RuntimeError("model produced non-finite logits")
+
+
+def _wide(ch: str) -> bool:
+    return unicodedata.east_asian_width(ch) in ("W", "F")  # CJK characters, kana, hangul, full-width forms
+
+
+def words_read_at_last_subtoken(text: str, tagged_tokens: list[tuple[str, int, int, float]]) -> list[tuple[str, int, int, float]]:
+    """(tag, start, end, score) per word, each word tagged by its last sub-token, as a causal export is trained
+    (manifest ner_tag_subtoken "last": its earlier sub-tokens had no label).
+
+    Words of raw text: the byte-level pieces of one character (same offsets), and adjacent pieces of a run of
+    letters or digits, form one word; every wide (CJK) character is a word of its own, as in character-level
+    Chinese NER data; whitespace-only pieces belong to no word."""
+    words: list[tuple[str, int, int, float]] = []
+    for tag, start, end, score in tagged_tokens:
+        while start < end and text[start].isspace():  # byte-level pieces carry the space before a word
+            start += 1
+        if start >= end:
+            continue
+        if words:
+            _, w_start, w_end, _ = words[-1]
+            same_char = start < w_end
+            same_run = (start == w_end and text[start - 1].isalnum() and text[start].isalnum()
+                        and not _wide(text[start - 1]) and not _wide(text[start]))
+            if same_char or same_run:
+                words[-1] = (tag, w_start, max(end, w_end), score)
+                continue
+        words.append((tag, start, end, score))
+    return words
 
 
 def bio_spans(text: str, tagged_tokens: list[tuple[str, int, int, float]]) -> list[Entity]:

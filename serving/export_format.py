@@ -58,6 +58,10 @@ class ExportManifest(BaseModel):
     labels: list[str] = Field(default_factory=list)
     adapter: Literal[False] = False
     pruning: PruningRecord | None = Field(None, description="Set by training.prune; older exports have none.")
+    ner_tag_subtoken: Literal["first", "last"] = Field(
+        "first", description="token-classification: the sub-token of a word whose prediction is the word's tag. "
+        "'first' for bidirectional encoders; 'last' for causal decoders, which have seen a word whole only at its "
+        "last sub-token (older exports: 'first', as they were trained).")
 
     @model_validator(mode="after")
     def _check(self) -> "ExportManifest":

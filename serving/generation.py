@@ -154,13 +154,24 @@ class CausalLMEngine:
     # ---- adapters ------------------------------------------------------------------------------
     # One lock guards the peft model's adapter set and every forward pass: Serve's multiplexer
     # evicts adapters from another thread, and peft must not change its adapters mid-forward.
+    def adapter_key(self, name: str) -> str:
+        """`<name>@<version>`: the key an adapter is loaded, pinned and batched under. The version is the identity
+        of its weights file now (inode, mtime, size), so an adapter directory renamed into place under the same
+        name (training.promote, training.export --publish-to --replace) gets a new key and is loaded anew, while
+        the multiplexer's LRU evicts the old version once no request uses it."""
+        if self.adapters_dir is None:
+            raise FileNotFoundError("this deployment has no adapters_dir; set adapters_dir in the app args")
+        st = (self.adapters_dir / name / "adapter_model.safetensors").stat()
+        return f"{name}@{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+
     def load_adapter(self, name: str) -> LoadedAdapter:
-        """Load `<adapters_dir>/<name>` into the shared peft model (called through serve.multiplexed)."""
+        """Load `<adapters_dir>/<name>` into the shared peft model (called through serve.multiplexed). `name` may be
+        an `adapter_key` (`<name>@<version>`): the directory is `<name>`, the peft adapter is called by the key."""
         if self.adapters_dir is None:
             raise FileNotFoundError("this deployment has no adapters_dir; set adapters_dir in the app args")
         if self.quantized:
             raise ValueError("LoRA adapters cannot be applied to an int8-quantized base; set quantize_int8: false")
-        adapter = read_adapter(self.adapters_dir / name)
+        adapter = read_adapter(self.adapters_dir / name.partition("@")[0])
         if adapter.manifest.task != "causal-lm":
             raise ValueError(f"adapter '{name}' is for task {adapter.manifest.task}, not causal-lm")
         from peft import PeftModel

@@ -1,11 +1,13 @@
 """Shared helpers of the serving tests: a Ray instance per module, tiny exports, `serve run` of a config.
 
 Every helper drives the real system: a local Ray, the `serve run` CLI on a real config file,
-HTTP on 127.0.0.1. Ports: Serve HTTP 18000-18099, metrics export 18100-18199.
+HTTP on 127.0.0.1. Ports: Serve HTTP 18000-18099, metrics export 18100-18199, HAProxy stats 18300-18399
+and HAProxy metrics 18400-18499 (metrics port + 200 / + 300).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -29,6 +31,13 @@ def start_ray(num_cpus: int, metrics_port: int):
     # Serve's HTTP proxy answers in OpenAI's error shape, and a dying replica's requests get a
     # retryable 503 (serving/errors.py); the proxy actor inherits this from the Ray it starts in.
     os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "serving.errors:proxy_middlewares"
+    # The request path: NODE_ENV ships; RAYLM_TEST_REQUEST_PATH=haproxy runs the serving tests with the faster
+    # one (serving/ingress.py), HAProxy's stats and metrics ports per Ray instance, so that two test modules
+    # (or another user's Ray) on one machine do not collide.
+    from serving.ingress import NODE_ENV, haproxy_node_env
+
+    os.environ.update(haproxy_node_env(stats_port=metrics_port + 200, metrics_port=metrics_port + 300)
+                      if os.environ.get("RAYLM_TEST_REQUEST_PATH") == "haproxy" else NODE_ENV)
     import ray
 
     if ray.is_initialized():  # the session's shared Train/Tune Ray (tests/conftest.py): this module needs its own
@@ -215,3 +224,27 @@ def replica_pids(app: str, deployment: str) -> dict[str, int]:
              if a["namespace"] == "serve" and a["name"].startswith(prefix)]
     handles = {name: ray.get_actor(name, namespace="serve") for name in names}
     return {name: ray.get(h.__ray_call__.remote(lambda _self: os.getpid()), timeout=30) for name, h in handles.items()}
+
+
+@contextlib.contextmanager
+def causal_lm_app_beside_training(root: Path, base: Path, adapters: Path, http_port: int):
+    """The causal-LM app on `base` with `adapters` (one replica, 1 CPU), deployed on the running Ray: the
+    session's shared Ray of tests/conftest.py (`local_ray`: 4 logical CPUs, the dashboard on, the replica's API
+    keys and the proxy's error shape in its environment), leaving room for a 2-worker training run beside it.
+    Serve is shut down on exit, which frees the replica's CPU for the modules that share that Ray next."""
+    import ray
+    from ray import serve
+
+    assert ray.is_initialized(), "request the local_ray fixture (tests/conftest.py) before this one"
+    try:
+        config = config_for_test(
+            "causal_lm_cpu.yaml", http_port=http_port,
+            app_args={"export_dir": str(base), "adapters_dir": str(adapters), "torch_threads": 1,
+                      "max_batch_size": 4, "max_tokens_limit": 64},
+            deployment_overrides={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+                                  "ray_actor_options": {"num_cpus": 1}},
+        )
+        serve_run_config(config, root, ray.get_runtime_context().gcs_address)
+        yield
+    finally:
+        serve.shutdown()

@@ -77,6 +77,12 @@ def test_train_overhead_bare_side_and_log_parsing(tmp_path):
     assert bare["tokens_per_step"] == 2 * 2 * 32
     assert bare["tokens_per_cpu_s"] > 0 and bare["worker_cpu_s"] > 0
     assert train_overhead.process_tree_cpu_seconds(os.getpid()) > 0
+    assert train_overhead.process_tree_cpu(os.getpid())[os.getpid()][0] == "pytest"  # this run: python -m pytest
+    # The census charges each kind of process what it burned between two looks; newcomers from zero.
+    spent = train_overhead.cpu_by_label({1: ("raylet", 1.0), 2: ("ray::RayTrainWorker", 5.0)},
+                                        {1: ("raylet", 1.5), 2: ("ray::RayTrainWorker", 9.0), 3: ("ray::IDLE", 0.25)})
+    assert spent == {"ray::RayTrainWorker": 4.0, "raylet": 0.5, "ray::IDLE": 0.25}
+    assert list(spent) == ["ray::RayTrainWorker", "raylet", "ray::IDLE"]
 
     # A worker log line in Ray Train 2.60's format: the raylm side's clock.
     session = tmp_path / "ray" / "session_x" / "logs" / "train"
@@ -89,9 +95,13 @@ def test_train_overhead_bare_side_and_log_parsing(tmp_path):
         mp.setenv("RAY_TMPDIR", str(tmp_path / "ray"))
         assert train_overhead.worker_report_times("r1", since=0) == {1: 2.0, 3: 6.0}
 
-    raylm = [{"tokens_per_s": 90.0, "self_reported_tokens_per_s": 95.0, "report_overhead_s_per_report": 0.01}]
-    summary = train_overhead.summarize(raylm, [{"tokens_per_s": 100.0}])
-    assert summary["ratio"] == pytest.approx(0.9) and summary["pair_ratios"]["values"] == [pytest.approx(0.9)]
+    raylm = [{"tokens_per_s": 90.0, "self_reported_tokens_per_s": 95.0, "report_overhead_s_per_report": 0.01,
+              "cpu_s_by_process": {"raylet": 0.25, "gcs_server": 0.5}},
+             {"tokens_per_s": 90.0, "self_reported_tokens_per_s": 95.0, "report_overhead_s_per_report": 0.01,
+              "cpu_s_by_process": {"raylet": 0.75}}]
+    summary = train_overhead.summarize(raylm, [{"tokens_per_s": 100.0}] * 2)
+    assert summary["ratio"] == pytest.approx(0.9) and summary["pair_ratios"]["values"] == [pytest.approx(0.9)] * 2
+    assert summary["raylm_cpu_s_by_process"] == {"raylet": 0.5, "gcs_server": 0.25}  # a run without it counts 0
 
 
 @pytest.mark.slow

@@ -171,3 +171,152 @@ def test_cli_prints_a_table_writes_json_and_reports_bad_input(exports, tmp_path,
     assert "bad.csv:1: the header row ['review', 'stars'] has no column ['text', 'label']" in capsys.readouterr().err
     with pytest.raises(evaluate.DataError, match="a sequence-classification export evaluates classification"):
         evaluate.resolve_task("sft", "sequence-classification")
+
+
+# ---- NER on a causal decoder (issue 7: SmolLM2 + LoRA scored entity F1 0.01 against a 0.50 baseline) ----
+CAUSAL_NER_LABELS = ["O", "B-LOC", "I-LOC"]
+
+
+def tiny_causal_token_classifier(tokenizer, labels, seed=0):
+    """A 2-layer, hidden-64 Llama with a token-classification head, built from config."""
+    from transformers import LlamaConfig, LlamaForTokenClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=len(labels),
+                         id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForTokenClassification(config)
+
+
+def causal_ner_export(tmp_path, seed=3):
+    """A tiny causal token-classification export whose raylm.json says ner_tag_subtoken=last (as training writes)."""
+    from serving.tiny_exports import _manifest, build_bpe_tokenizer
+
+    tok = build_bpe_tokenizer()
+    export = tmp_path / "causal-ner"
+    tiny_causal_token_classifier(tok, CAUSAL_NER_LABELS, seed=seed).save_pretrained(export, safe_serialization=True)
+    tok.save_pretrained(export)
+    manifest = {**_manifest("token-classification", "tiny-llama-ner", 64, CAUSAL_NER_LABELS), "ner_tag_subtoken": "last"}
+    (export / "raylm.json").write_text(json.dumps(manifest))
+    return export, manifest
+
+
+def characters_sharing_their_first_subtoken(tokenizer, candidates="湛江汉湖提指求据清持息"):
+    """Chinese characters that a byte-level BPE splits into several sub-tokens, all with the same first one."""
+    by_first: dict[int, list[str]] = {}
+    for ch in candidates:
+        ids = tokenizer([ch], is_split_into_words=True)["input_ids"]
+        if len(ids) > 1:
+            by_first.setdefault(ids[0], []).append(ch)
+    return max(by_first.values(), key=len)
+
+
+@pytest.mark.parametrize("tag_subtoken,min_f1,max_f1", [("first", 0.0, 0.3), ("last", 0.95, 1.0)])
+def test_a_causal_ner_model_learns_only_when_words_are_tagged_at_their_last_subtoken(tag_subtoken, min_f1, max_f1):
+    """At the first byte-level piece of a Chinese character a causal model cannot know which character it
+    is (the piece is shared by thousands), so tagging and reading words there learns nothing; at the last
+    piece it has seen the whole character. Trained in-process, same data, same seed: only the tagging differs."""
+    import random
+
+    from serving.tiny_exports import build_bpe_tokenizer
+    from training.finetune_data import encode_ner, ner_label_list, word_tags_from_subtokens
+
+    tok = build_bpe_tokenizer()
+    chars = characters_sharing_their_first_subtoken(tok)
+    assert len(chars) >= 6
+    places = set(chars[:3])  # single-character LOC entities among look-alike characters
+    rng = random.Random(0)
+
+    def sentence():
+        words = [rng.choice(chars) for _ in range(8)]
+        return words, ["B-LOC" if w in places else "O" for w in words]
+
+    train, test = [sentence() for _ in range(512)], [sentence() for _ in range(64)]
+    labels = ner_label_list(t for _, tags in train for t in tags)
+    assert labels == CAUSAL_NER_LABELS
+    label2id = {l: i for i, l in enumerate(labels)}
+    model = tiny_causal_token_classifier(tok, labels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    encoded = [encode_ner(tok, w, t, label2id, max_len=64, tag_subtoken=tag_subtoken) for w, t in train]
+    for step in range(150):
+        batch = encoded[(step * 16) % len(encoded):][:16]
+        loss = model(input_ids=torch.tensor([e[0] for e in batch]), labels=torch.tensor([e[1] for e in batch])).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    totals = [0, 0, 0]
+    for words, gold in test:
+        ids, _, word_ids = encode_ner(tok, words, ["O"] * len(words), label2id, max_len=64, tag_subtoken=tag_subtoken)
+        with torch.no_grad():
+            pred = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
+        tags = word_tags_from_subtokens(pred, word_ids, labels, num_words=len(words), tag_subtoken=tag_subtoken)
+        totals = [a + b for a, b in zip(totals, ner_counts(gold, tags))]
+    assert totals[2] > 100
+    assert min_f1 <= ner_metrics(*totals)["f1"] <= max_f1, (tag_subtoken, totals)
+
+
+def test_ner_evaluation_reads_a_causal_export_where_its_manifest_says(tmp_path):
+    """An export whose raylm.json says ner_tag_subtoken=last is scored at each word's last sub-token: gold equal
+    to the model's own last-sub-token tags scores 1.0; read at the first sub-token the same gold does not."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from serving.export_format import read_export
+    from training.finetune_data import encode_ner, word_tags_from_subtokens
+
+    export, manifest = causal_ner_export(tmp_path)
+    tok, model = AutoTokenizer.from_pretrained(export), AutoModelForTokenClassification.from_pretrained(export).eval()
+    assert read_export(export).manifest.ner_tag_subtoken == "last"
+
+    sentences = [list("湛江市惠珍联合医院"), list("邱县不沿海不通铁路"), list("北京上海天津湖北")]
+    own = {}
+    for reading in ("first", "last"):
+        own[reading] = []
+        for words in sentences:
+            ids, _, word_ids = encode_ner(tok, words, ["O"] * len(words), {"O": 0}, max_len=64)
+            with torch.no_grad():
+                pred = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
+            own[reading].append(word_tags_from_subtokens(pred, word_ids, CAUSAL_NER_LABELS, num_words=len(words),
+                                                         tag_subtoken=reading))
+    assert own["first"] != own["last"]
+    n_entities = sum(ner_counts(t, t)[2] for t in own["last"])
+    assert n_entities > 0  # a random model still tags something
+    conll = tmp_path / "val.conll"
+    conll.write_text("".join("".join(f"{w} {t}\n" for w, t in zip(ws, ts)) + "\n" for ws, ts in zip(sentences, own["last"])),
+                     encoding="utf-8")
+    result = run(["--export", str(export), "--data", str(conll)], tmp_path)
+    assert result["metrics"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    manifest["ner_tag_subtoken"] = "first"  # the same model read at the first sub-token: not its own tags
+    (export / "raylm.json").write_text(json.dumps(manifest))
+    assert run(["--export", str(export), "--data", str(conll)], tmp_path)["metrics"]["f1"] < 1.0
+
+
+@pytest.mark.parametrize("text,joiner", [("湛江市惠珍联合医院院长梁惠珍", ""), ("邱县不沿海，北京上海天津", ""),
+                                         ("John Smithsonian visited Beijing city", " ")])
+def test_serving_reads_a_causal_export_as_training_labels_it(tmp_path, text, joiner):
+    """Serving's entities (character spans of raw text) from a causal NER export equal the entity spans
+    training.evaluate reads from the same model at each word's last sub-token (words: CJK characters, or
+    space-separated words), so what is served is what was trained and scored."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from serving.encoders import EncoderEngine
+    from serving.export_format import read_export
+    from training.finetune_data import encode_ner, word_tags_from_subtokens
+    from training.task_metrics import entity_spans
+
+    export, _ = causal_ner_export(tmp_path, seed=5)
+    tok, model = AutoTokenizer.from_pretrained(export), AutoModelForTokenClassification.from_pretrained(export).eval()
+    words = text.split(" ") if joiner else list(text)
+    ids, _, word_ids = encode_ner(tok, words, ["O"] * len(words), {"O": 0}, max_len=64, word_joiner=joiner,
+                                  tag_subtoken="last")
+    with torch.no_grad():
+        pred = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
+    tags = word_tags_from_subtokens(pred, word_ids, CAUSAL_NER_LABELS, num_words=len(words), tag_subtoken="last")
+    starts = [sum(len(w) + len(joiner) for w in words[:i]) for i in range(len(words))]
+    want = {(kind, starts[a], starts[b - 1] + len(words[b - 1])) for kind, a, b in entity_spans(tags)}
+    assert want  # a random model still tags something
+
+    served = EncoderEngine(read_export(export)).ner([text])[0]
+    assert {(e.entity, e.start, e.end) for e in served} == want
+    assert all(e.text == text[e.start:e.end] for e in served)

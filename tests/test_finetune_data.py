@@ -22,6 +22,7 @@ from training.finetune_data import (
     encode_ner,
     encode_sft,
     ner_label_list,
+    ner_tag_subtoken,
     pack_sft,
     read_classification_records,
     read_ner_records,
@@ -159,26 +160,49 @@ SENTENCES = [
 ]
 
 
+@pytest.mark.parametrize("tag_subtoken", ["first", "last"])
 @pytest.mark.parametrize("which,joiner", [("wordpiece", None), ("wordpiece", " "), ("bpe", " "), ("bpe", None)])
-def test_ner_round_trip_word_tags_subtoken_labels_word_tags(which, joiner, bpe, wordpiece):
+def test_ner_round_trip_word_tags_subtoken_labels_word_tags(which, joiner, tag_subtoken, bpe, wordpiece):
     tok = {"bpe": bpe, "wordpiece": wordpiece}[which]
     labels = ner_label_list(t for _, tags in SENTENCES for t in tags)
     assert labels == ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
     label2id = {l: i for i, l in enumerate(labels)}
     for words, tags in SENTENCES:
-        ids, sub_labels, word_ids = encode_ner(tok, words, tags, label2id, max_len=128, word_joiner=joiner)
+        ids, sub_labels, word_ids = encode_ner(tok, words, tags, label2id, max_len=128, word_joiner=joiner,
+                                               tag_subtoken=tag_subtoken)
         assert len(ids) == len(sub_labels) == len(word_ids)
         assert len(ids) > len(words)  # words really are split into several sub-tokens
-        for label, w, prev in zip(sub_labels, word_ids, [-1] + word_ids):
+        for label, w, prev, nxt in zip(sub_labels, word_ids, [-1] + word_ids, word_ids[1:] + [-1]):
             if w == -1:
                 assert label == IGNORE_INDEX
+            elif tag_subtoken == "last":  # a causal model has seen the word whole only at its last sub-token
+                assert label == (label2id[tags[w]] if nxt != w else IGNORE_INDEX)
             elif w != prev:
                 assert labels[label] == tags[w]
             else:  # a later sub-token continues its word's entity
                 assert labels[label] == tags[w].replace("B-", "I-")
-        back = word_tags_from_subtokens(sub_labels, word_ids, labels, num_words=len(words))
+        back = word_tags_from_subtokens(sub_labels, word_ids, labels, num_words=len(words), tag_subtoken=tag_subtoken)
         assert back == tags
         assert entity_spans(back) == entity_spans(tags)
+
+
+def test_ner_tag_subtoken_is_first_for_encoders_and_last_for_causal_decoders():
+    assert [ner_tag_subtoken(t) for t in ("bert", "roberta", "xlm-roberta", "deberta-v2", "modernbert")] == ["first"] * 5
+    assert [ner_tag_subtoken(t) for t in ("llama", "qwen2", "gpt2", "mistral")] == ["last"] * 4
+    with pytest.raises(ValueError, match="tag_subtoken 'middle'"):
+        word_tags_from_subtokens([0], [0], ["O"], tag_subtoken="middle")
+
+
+def test_ner_truncation_inside_a_word_labels_what_remains_of_it_on_a_causal_base(bpe):
+    labels = ner_label_list(["B-LOC"])
+    label2id = {l: i for i, l in enumerate(labels)}
+    words, tags = ["湛", "湛"], ["O", "B-LOC"]
+    full_ids, _, full_words = encode_ner(bpe, words, tags, label2id, max_len=64, tag_subtoken="last")
+    assert full_words.count(1) >= 2  # the second character is several byte-level sub-tokens
+    cut = full_words.index(1) + 1  # keep only the first sub-token of the second word
+    ids, sub_labels, word_ids = encode_ner(bpe, words, tags, label2id, max_len=cut, tag_subtoken="last")
+    assert ids == full_ids[:cut] and sub_labels[-1] == label2id["B-LOC"]
+    assert word_tags_from_subtokens(sub_labels, word_ids, labels, num_words=2, tag_subtoken="last") == tags
 
 
 def test_ner_truncation_keeps_the_final_special_token_and_missing_words_read_as_o(wordpiece):

@@ -52,7 +52,8 @@ def bases(tmp_path_factory) -> dict[str, Path]:
 
 def write_config(root: Path, bases: dict, name: str, task: str, method_type: str, **sections) -> str:
     """A 2-worker fine-tune of 6 steps on a subset of the shipped sample data."""
-    model = ({"source": "raylm_export", "path": str(bases["llama"])} if task == "sft"
+    # NER with LoRA on the causal Llama (words tagged at their last sub-token), NER in full on BERT (first).
+    model = ({"source": "raylm_export", "path": str(bases["llama"])} if task == "sft" or (task, method_type) == ("ner", "lora")
              else {"source": "hf_dir", "path": str(bases["bert"])})
     raw = {
         "kind": "finetune",
@@ -121,6 +122,8 @@ def test_task_and_method_train_evaluate_and_export(local_ray, bases, root, task,
     assert merged["verify_logits_max_abs_diff"] <= TOL
     if task != "sft":
         assert exported.manifest.labels and exported.manifest.labels == results_labels(run_dir)
+    if task == "ner":
+        assert exported.manifest.ner_tag_subtoken == ("last" if method == "lora" else "first")
     if method == "lora":
         assert merged["merge_max_abs_diff"] <= TOL  # merged weights give the peft model's logits
         export_checkpoint(run_dir, root / f"adapter-{run_dir.name}", adapter=True)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 import yaml
-from serving_fixtures import auth, config_for_test, serve_run_config
+from serving_fixtures import auth, causal_lm_app_beside_training
 
 from training import finetune
 from training.export import main as export_main
@@ -27,11 +27,8 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def served(local_ray, tmp_path_factory):
-    """The causal-LM app running on a tiny base, on the session's shared Ray (started with this module's
-    API keys and proxy hook in its environment: tests/conftest.py); its adapters directory starts empty."""
-    import ray
-    from ray import serve
-
+    """The causal-LM app running on a tiny base, on the session's shared Ray (tests/conftest.py); its adapters
+    directory starts empty."""
     from serving.tiny_exports import build_causal_lm_export
 
     root = tmp_path_factory.mktemp("train-serve")
@@ -39,18 +36,8 @@ def served(local_ray, tmp_path_factory):
     base = build_causal_lm_export(root / "tiny-llama", hidden_size=64, num_layers=2, vocab_size=512, max_seq_len=256)
     adapters = root / "adapters"
     adapters.mkdir()
-    try:  # the shared Ray's 4 logical CPUs: the replica (1), two Train workers (1 each) and Ray Data's read tasks
-        config = config_for_test(
-            "causal_lm_cpu.yaml", http_port=HTTP_PORT,
-            app_args={"export_dir": str(base), "adapters_dir": str(adapters), "torch_threads": 1,
-                      "max_batch_size": 4, "max_tokens_limit": 64},
-            deployment_overrides={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-                                  "ray_actor_options": {"num_cpus": 1}},
-        )
-        serve_run_config(config, root, ray.get_runtime_context().gcs_address)
+    with causal_lm_app_beside_training(root, base, adapters, HTTP_PORT):
         yield {"root": root, "base": base, "adapters": adapters}
-    finally:
-        serve.shutdown()  # frees the replica's CPU for the modules that share this Ray next
 
 
 def complete(model: str) -> httpx.Response:

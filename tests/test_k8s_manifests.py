@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
+import fnmatch
 import json
 import re
 import shutil
@@ -683,3 +685,104 @@ def test_serving_nodes_install_the_proxy_error_hook(build):
     for where, container in containers(cluster_specs(service)):
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         assert env.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == "serving.errors:proxy_middlewares", f"{build} {where}"
+
+
+@pytest.mark.parametrize("build", ["base"] + OVERLAYS)
+def test_serving_nodes_start_with_the_shipped_request_path(build):
+    """Serve reads its request-path switches when its processes start: every RayService container carries
+    serving.ingress.NODE_ENV (the environment the serving tests run with)."""
+    from serving.ingress import NODE_ENV
+
+    (service,) = docs_of_kind("RayService", build)
+    for where, container in containers(cluster_specs(service)):
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {k: env.get(k) for k in NODE_ENV} == NODE_ENV, f"{build} {where}"
+
+
+# -------------------------------------------------------------------------------------------------
+# Scheduled re-fine-tuning: a CronJob that submits the fine-tune, then the promote-if-better step
+
+
+CRONJOB = K8S / "base" / "cronjob-refinetune.yaml"
+SAMPLE_JOB_NAME = "raylm-refinetune-29402520"  # what the CronJob controller names a night's Job
+
+
+def cronjob_steps(doc: dict) -> list[tuple[str, argparse.Namespace, dict[str, str]]]:
+    """(container name, its parsed `cluster.submit` arguments with $(VAR)s expanded, env) of each step, in order."""
+    from cluster.submit import parse_args
+
+    pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    steps = []
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert list(env)[0] == "RUN_NAME", "$(RUN_NAME) must be defined before the variables that could use it"
+        command = [re.sub(r"\$\(RUN_NAME\)", SAMPLE_JOB_NAME, a) for a in container["command"]]
+        assert command[:3] == ["python", "-m", "cluster.submit"], command
+        steps.append((container["name"], parse_args(command[3:]), env))
+    return steps
+
+
+def test_refinetune_cronjob_is_not_in_the_base_but_validates_and_runs_restricted():
+    (doc,) = [d for d in yaml.safe_load_all(CRONJOB.read_text(encoding="utf-8")) if d]
+    validate_manifest(doc)  # Kubernetes' own batch/v1 CronJob schema, strict
+    assert all(d["kind"] != "CronJob" for d in built("base")), "it needs data on the volume first, like rayjob-finetune"
+    assert restriction_problems(doc, image_uid()) == []
+    assert len(list(pod_specs(doc))) == 1
+    spec = doc["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid", "two fine-tunes of one adapter must never overlap"
+    job = spec["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0 and job["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["template"]["spec"]["automountServiceAccountToken"] is False, "it only talks to Ray, never to the API server"
+
+
+def test_refinetune_cronjob_reaches_the_raycluster_with_its_token():
+    (doc,) = [d for d in yaml.safe_load_all(CRONJOB.read_text(encoding="utf-8")) if d]
+    (cluster,) = docs_of_kind("RayCluster", "base")
+    name = cluster["metadata"]["name"]
+    (policy,) = docs_of_kind("NetworkPolicy", "base")
+    labels = doc["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    submitters = [p["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for p in rule.get("from", [])
+                  if 8265 in [q["port"] for q in rule.get("ports", [])] and "podSelector" in p]
+    assert any(set(s.items()) <= set(labels.items()) for s in submitters), "the NetworkPolicy must admit it to the dashboard"
+    pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_ADDRESS"]["value"] == f"http://{name}-head-svc:8265", "KubeRay's head Service is <cluster>-head-svc"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "auth_token"}
+        assert env["RUN_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+        assert not container.get("volumeMounts"), "the submitter holds no data: the Ray jobs read and write the volume"
+
+
+def test_refinetune_cronjob_fine_tunes_fresh_then_promotes_that_run_into_the_served_adapters():
+    from training.config import load_config
+
+    (doc,) = [d for d in yaml.safe_load_all(CRONJOB.read_text(encoding="utf-8")) if d]
+    (finetune_step, finetune, _), (promote_step, promote, _) = cronjob_steps(doc)
+    assert (finetune_step, promote_step) == ("finetune", "promote"), "initContainers run first: promote only after it"
+    configs = {}
+    for args in (finetune, promote):
+        assert args.wait, "each step waits for its Ray job and fails the pod with it"
+        assert args.working_dir == "/opt/raylm" and args.submission_id.startswith(SAMPLE_JOB_NAME)
+        entrypoint = " ".join(args.entrypoint)
+        assert check_entrypoint(entrypoint, REPO) == [], entrypoint
+        argv = args.entrypoint
+        overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        configs[argv[2]] = load_config(REPO / config_path(entrypoint), overrides)
+    run, gate = configs["training.finetune"], configs["training.promote"]
+    assert run.kind == "finetune" and run.method.type == "lora" and gate.kind == "promote"
+    assert run.run.name == SAMPLE_JOB_NAME, "a fresh run per night: the same name would resume the last one"
+    assert str(run.run_dir) == gate.candidate.path and run.run_dir.parts[:3] == ("/", "mnt", "shared")
+    # The fine-tune starts from what is served, and promote publishes where serving reads its adapters.
+    (service,) = docs_of_kind("RayService", "base")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert run.model.source == "raylm_export" and run.model.path == app["args"]["export_dir"] == gate.served.base
+    assert gate.served.adapters_dir == app["args"]["adapters_dir"]
+    assert all(f.startswith("/mnt/shared/") for f in gate.evaluation.files + run.data.train_files)
+    assert not any(fnmatch.fnmatch(f, pattern) for f in gate.evaluation.files for pattern in run.data.train_files), \
+        "the fixed test file is never trained on"
+    if gate.evaluation.device.startswith("cuda"):
+        assert promote.entrypoint_num_gpus >= 1, "promote evaluates on a GPU: its Ray job must land on a GPU worker"
+    (cluster,) = docs_of_kind("RayCluster", "base")
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        for container in group["template"]["spec"]["containers"]:
+            assert any(m["mountPath"] == "/mnt/shared" and not m.get("readOnly") for m in container["volumeMounts"])

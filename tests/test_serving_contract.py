@@ -404,6 +404,97 @@ def test_pii_masking_new_kinds():
     assert mask_pii(keep) == keep
 
 
+# Digits as typed in other scripts and on CJK keyboards: full-width, Arabic-Indic, Devanagari,
+# mathematical bold (outside the BMP). Masking reads them as ASCII digits and keeps the rest as written.
+OTHER_DIGITS = {"full-width": "０１２３４５６７８９", "arabic-indic": "٠١٢٣٤٥٦٧٨٩", "devanagari": "०१२३४५६७८९",
+                "math-bold": "𝟎𝟏𝟐𝟑𝟒𝟓𝟔𝟕𝟖𝟗"}
+
+
+@pytest.mark.parametrize("script", sorted(OTHER_DIGITS))
+def test_pii_in_other_digit_forms_is_masked_like_ascii(script):
+    from serving.security import mask_pii
+
+    card = _valid_card("411111111111111")
+    ascii_text = (f"手机13812345678，身份证11010519491231002X，卡 {card}，call 415-555-0132, host 192.168.1.10, "
+                  "IBAN DE89370400440532013000; not PII: 2024-05-01, v1.2.3, order 20240501, 4111111111111112.")
+    to_script = str.maketrans("0123456789", OTHER_DIGITS[script])
+    masked = mask_pii(ascii_text.translate(to_script))
+    # The same spans are masked; what is kept is the original text, digits as written.
+    assert masked == mask_pii(ascii_text).translate(to_script)
+    assert masked.count("[") == 6, masked
+    assert "2024-05-01".translate(to_script) in masked
+
+
+def test_pii_in_full_width_forms_is_masked_and_the_rest_kept():
+    from serving.security import mask_pii
+
+    text = "电话：（０１０）６２３４－５６７８，邮箱ｊａｎｅ＠ｅｘａｍｐｌｅ．ｃｏｍ，手机１３８　１２３４　５６７８。"
+    assert mask_pii(text) == "电话：[PHONE]，邮箱[EMAIL]，手机[PHONE]。"
+    mixed = "卡号４１１１ 1111 １１１１ 1111，编号１２３。"  # mixed forms in one number
+    assert mask_pii(mixed) == "卡号[BANK_CARD]，编号１２３。"
+    # Lone surrogates (from JSON escapes) and characters outside every pattern's classes pass through.
+    assert mask_pii("\ud800 13812345678 é\udfff") == "\ud800 [PHONE] é\udfff"
+
+
+def test_masking_long_text_equals_the_regexes_alone():
+    """Long texts are masked from candidates numpy reads off the digit runs (windows for the regexes,
+    IPv4 addresses, cards and phones read directly), short ones by the regexes alone: both give the same
+    result, on random mixes of PII, near-PII and separators."""
+    import random
+
+    from serving.pii import _mask_by_candidates, _mask_by_regex_alone
+
+    pieces = ["1", "2", "0", "5", "8", "6", "13", "86", " ", "-", ".", "(", ")", "+", "a", "A", "X", "@", "_", "GB",
+              "e.co", "4111 1111 1111 1111", "4111111111111111", "13812345678", "11010519491231002X",
+              "110105491231002", "192.168.1.10", "255.255.255.255", "415-555-0132", "+1 (415) 555-0132",
+              "jane@example.com", "a@b.co+c@d.co", "GB82 WEST 1234 5698 7654 32", "DE89370400440532013000",
+              "+86 139-1234-5678", "2024-05-01", "4155550132", "12 12 12", "0071 888-242.164.166.171", "1234 ",
+              "\n"]
+    rng = random.Random(0)
+    for _ in range(1000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 200)))
+        assert _mask_by_candidates(text) == _mask_by_regex_alone(text), text
+
+
+def test_vectorized_checks_agree_with_the_scalar_ones():
+    """Luhn and mod-97 run over all candidate spans at once; they agree with the one-span checks."""
+    import random
+
+    import numpy as np
+
+    from serving.pii_patterns import _iban_valid_spans, _luhn_valid, _luhn_valid_spans
+
+    rng = random.Random(0)
+    cards = []
+    for _ in range(400):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(13, 19)))
+        cards.append("".join(d + (rng.choice(["", " ", "-"]) if i < len(digits) - 1 else "") for i, d in enumerate(digits)))
+    text = "|".join(cards)
+    starts = np.array([text.index(card) for card in cards])
+    ends = starts + np.array([len(card) for card in cards])
+    got = _luhn_valid_spans(np.frombuffer(text.encode(), np.uint8), starts, ends)
+    assert got.tolist() == [_luhn_valid(card, b" -") for card in cards]
+    assert 10 < got.sum() < 390
+
+    def mod97(iban: str) -> bool:
+        compact = iban.replace(" ", "")
+        return 15 <= len(compact) <= 34 and int("".join(str(int(c, 36)) for c in compact[4:] + compact[:4])) % 97 == 1
+
+    ibans = []
+    for _ in range(400):
+        body = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(rng.randint(9, 32)))
+        iban = next((s for check in range(100) if mod97(s := f"GB{check:02d}{body}")), f"GB00{body}")
+        if rng.random() < 0.5:
+            iban = f"GB{rng.randint(0, 99):02d}{body}"  # mostly invalid
+        ibans.append(" ".join(iban[i:i + 4] for i in range(0, len(iban), 4)) if rng.random() < 0.5 else iban)
+    text = "|".join(ibans)
+    starts = np.array([text.index(iban) for iban in ibans])
+    ends = starts + np.array([len(iban) for iban in ibans])
+    got = _iban_valid_spans(np.frombuffer(text.encode(), np.uint8), starts, ends)
+    assert got.tolist() == [mod97(iban) for iban in ibans]
+    assert 50 < got.sum() < 350
+
+
 def test_pii_kinds_inside_card_shaped_numbers_and_glued_emails():
     """The digit pass tries kinds leftmost first; a card-shaped span that is no card (Luhn) still has
     the kinds that start inside it, at its start or run on past it masked, as one pass per kind did."""

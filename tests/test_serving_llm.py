@@ -3,6 +3,7 @@ batching, auth, limits, PII masking, multi-LoRA, metrics. One Ray and one deploy
 
 import concurrent.futures as futures
 import json
+import os
 import shutil
 import time
 
@@ -10,8 +11,8 @@ import httpx
 import openai
 import pytest
 from serving_fixtures import (
-    API_KEYS, auth, check_error_table, config_for_test, metric_samples, raw_body_rows, scrape, serve_run_config,
-    shared_exports, start_ray, stop_ray,
+    API_KEYS, auth, check_error_table, config_for_test, metric_samples, raw_body_rows, replica_pids, scrape,
+    serve_run_config, shared_exports, start_ray, stop_ray,
 )
 
 from serving.metrics import EXPORTED_NAMES
@@ -202,6 +203,28 @@ def test_two_adapters_differ_and_a_new_adapter_is_served_without_restart(server,
     assert f"{MODEL}:legal" in [m["id"] for m in models["data"]]
     legal = complete(prompt, model=f"{MODEL}:legal")["choices"][0]["text"]
     assert legal not in {base, support, finance}
+
+
+@pytest.mark.unverified
+@pytest.mark.skipif(os.environ.get("RAYLM_TEST_REQUEST_PATH") != "haproxy",
+                    reason="the HAProxy request path (serving.ingress.HAPROXY_NODE_ENV): RAYLM_TEST_REQUEST_PATH=haproxy")
+def test_requests_go_through_haproxy_to_the_replica_listening_on_localhost_only(server):
+    """The request path of serving/ingress.py HAPROXY_NODE_ENV: HAProxy answers the Serve HTTP port and forwards to the
+    replica's own HTTP server, which binds http_options.host (127.0.0.1 here), never 0.0.0.0 unless the
+    config says so. That server still checks API keys: bypassing HAProxy bypasses nothing."""
+    import psutil
+
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    (front,) = [c for c in listening if c.laddr.port == HTTP_PORT]
+    assert psutil.Process(front.pid).name() == "haproxy" and front.laddr.ip == "127.0.0.1"
+    pids = set(replica_pids("causal-lm", "CausalLMServer").values())
+    own = [c for c in listening if c.pid in pids and 30000 <= c.laddr.port <= 31000]  # RAY_SERVE_DIRECT_INGRESS_*
+    assert own and all(c.laddr.ip == "127.0.0.1" for c in own), own
+    direct = f"http://127.0.0.1:{own[0].laddr.port}/v1/completions"
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+    assert httpx.post(direct, json=body, headers=auth(), timeout=60).json()["usage"]["completion_tokens"] >= 1
+    refused = httpx.post(direct, json=body, timeout=60)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_custom_metrics_appear_next_to_ray_serve_metrics(server):

@@ -25,7 +25,9 @@ from training.tracking import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 BASE_PORT = 26700
 STEP_LINE = re.compile(r"\[raylm\] step (\d+)/(\d+) .*\| (\d+) workers? \|")
-MAX_STEPS = 60
+# Long enough that the 1-worker run is still going when the worker node is back and Ray Train's resize
+# monitor (every 5 s) sees it: ray start + registration alone take 5-15 s, and a step ~0.3 s.
+MAX_STEPS = 120
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.unverified]  # never run yet
 
@@ -69,7 +71,9 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(cluster, tmp_path):
                 events.append(("killed worker node", step))
                 phase = "shrunk"
             elif phase == "shrunk" and workers == 1 and step >= events[-1][1] + 6:  # a 1-worker checkpoint exists
-                cluster.start_node("worker-1", wait=False)
+                # Waits until the node is ALIVE (restarting a `ray start` that gave up on Ray's fixed 30 s
+                # registration wait on a loaded machine); the run goes on on 1 worker meanwhile.
+                cluster.start_node("worker-1", wait=True, timeout_s=300)
                 events.append(("worker node back", step))
                 phase = "regrown"
         exit_code = process.wait(timeout=60)

@@ -440,7 +440,7 @@ def read_yaml(path: str | Path) -> dict:
 # Config kinds: the top-level `kind` key picks the typed class (absent = pretrain, so older YAMLs stay valid).
 # Each kind names the command that runs it, for the "wrong command" message.
 KIND_COMMANDS = {"pretrain": "python -m training.pretrain", "finetune": "python -m training.finetune",
-                 "prune": "python -m training.prune"}
+                 "prune": "python -m training.prune", "promote": "python -m training.promote"}
 
 
 def config_class_for(raw: dict, source: str = "config") -> type[BaseModel]:
@@ -456,6 +456,10 @@ def config_class_for(raw: dict, source: str = "config") -> type[BaseModel]:
         from training.prune_config import PruneConfig  # sibling module; imports this one
 
         return PruneConfig
+    if kind == "promote":
+        from training.promote_config import PromoteConfig  # sibling module; imports this one
+
+        return PromoteConfig
     raise ConfigError([f"kind: unknown config kind {kind!r}; use one of {', '.join(KIND_COMMANDS)}"], source)
 
 

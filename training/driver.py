@@ -16,6 +16,7 @@ from training.checkpoints import latest_complete_checkpoint, list_checkpoints
 from training.config import ConfigError, read_yaml
 
 FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")
+INTERRUPTED = 130  # exit code of a run stopped with Ctrl-C (the shell's 128 + SIGINT)
 MATERIALIZE_MAX_BYTES = 256 * 2**20
 
 
@@ -273,8 +274,40 @@ def torch_trainer(
     )
 
 
+def fit_off_main_thread(trainer):
+    """trainer.fit() in a helper thread; a Ctrl-C reaches the caller as KeyboardInterrupt.
+
+    Called in the main thread, Ray Train V2's fit() installs a SIGINT handler of its own and never puts
+    the previous one back: Ctrl-C aborts the run and ends the process with sys.exit(0), so an interrupted
+    run exits 0 and its caller's own clean-up never runs (the demo would leave its Ray node behind), and a
+    Ctrl-C long after fit() returned calls that handler for a controller that is gone. Off the main
+    thread fit() installs none, as under Ray Tune. The run's controller is an actor owned by this driver:
+    it ends when the driver exits or calls ray.shutdown().
+    """
+    import threading
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome["error"] = err
+
+    fitter = threading.Thread(target=fit, name="raylm-fit", daemon=True)
+    fitter.start()
+    while fitter.is_alive():
+        fitter.join(timeout=0.5)  # short waits: SIGINT is handled in this thread between them
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def fit_with_progress(cfg, trainer):
-    """trainer.fit() with the live progress line, TensorBoard and MLflow; None when the run failed."""
+    """trainer.fit() with the live progress line, TensorBoard and MLflow; None when the run failed.
+
+    Ctrl-C: says where the checkpoints are and re-raises KeyboardInterrupt (entry points exit INTERRUPTED).
+    """
     from training.tracking import ProgressMonitor, link_ray_logs
 
     logs = link_ray_logs(cfg.run_dir)
@@ -282,7 +315,12 @@ def fit_with_progress(cfg, trainer):
         print(f"[raylm] Ray's full logs (every process, Ray Train's per-report lines included): {logs}")
     monitor = ProgressMonitor(cfg.run_dir, cfg.redacted_dump(), cfg.run.mlflow_tracking_uri).start()
     try:
-        result = trainer.fit()
+        result = fit_off_main_thread(trainer)
+    except KeyboardInterrupt:
+        monitor.stop(status="KILLED")
+        print(f"\n[raylm] interrupted: checkpoints kept in {cfg.run_dir}; rerun the same command to resume",
+              file=sys.stderr)
+        raise
     except Exception as err:  # the run failed beyond max_failures: say so, keep what was saved
         monitor.stop(status="FAILED")
         print(f"[raylm] training failed: {err}\n[raylm] checkpoints kept in {cfg.run_dir}; rerun the "

@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, help="tokens per example (default: the export's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="evaluate only the first N rows")
+    p.add_argument("--device", default="cpu", help="torch device the model runs on: cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights' dtype (default float32; losses are computed in float32 either way)")
     f = p.add_argument_group("fields (same names and defaults as the fine-tuning YAML's data section)")
     f.add_argument("--format", default="auto", help="csv | tsv | jsonl | parquet | conll | txt (default: by suffix)")
     f.add_argument("--messages-field", default="messages")
@@ -78,8 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- build ----------------------------------------------------------------------------------------
-def load_export(export_dir: str, base_dir: str | None = None):
-    """(model, tokenizer, manifest) of a merged export, or of base + adapter. Safetensors only."""
+def load_export(export_dir: str, base_dir: str | None = None, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer, manifest) of a merged export, or of base + adapter, on `device`. Safetensors only."""
+    import torch
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -104,13 +108,17 @@ def load_export(export_dir: str, base_dir: str | None = None):
         "token-classification": AutoModelForTokenClassification,
     }[export.task]
     tokenizer = AutoTokenizer.from_pretrained(export.path, local_files_only=True)
-    model = model_cls.from_pretrained(export.path, use_safetensors=True, local_files_only=True)
+    model = model_cls.from_pretrained(export.path, use_safetensors=True, local_files_only=True,
+                                      dtype=getattr(torch, dtype)).to(device)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter.path)
     model.eval()
-    return model, tokenizer, export.manifest
+    manifest = export.manifest
+    if adapter is not None and getattr(adapter.manifest, "ner_tag_subtoken", None):  # how the adapter was trained
+        manifest = manifest.model_copy(update={"ner_tag_subtoken": adapter.manifest.ner_tag_subtoken})
+    return model, tokenizer, manifest
 
 
 def resolve_task(requested: str | None, export_task: str) -> str:
@@ -141,9 +149,9 @@ def token_loss_sums(model, examples: list[tuple[list[int], list[int]]], batch_si
 
     total, count = 0.0, 0
     for batch in _batches(examples, batch_size):
-        ids = torch.tensor(_pad([e[0] for e in batch], pad_id))
-        labels = torch.tensor(_pad([e[1] for e in batch], -100))
-        mask = torch.tensor(_pad([[1] * len(e[0]) for e in batch], 0))
+        ids = torch.tensor(_pad([e[0] for e in batch], pad_id), device=model.device)
+        labels = torch.tensor(_pad([e[1] for e in batch], -100), device=model.device)
+        mask = torch.tensor(_pad([[1] * len(e[0]) for e in batch], 0), device=model.device)
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         targets = labels[:, 1:]
@@ -166,8 +174,8 @@ def classify_ids(model, id_rows: list[list[int]], batch_size: int, pad_id: int) 
 
     preds: list[int] = []
     for batch in _batches(id_rows, batch_size):
-        ids = torch.tensor(_pad(batch, pad_id))
-        mask = torch.tensor(_pad([[1] * len(r) for r in batch], 0))
+        ids = torch.tensor(_pad(batch, pad_id), device=model.device)
+        mask = torch.tensor(_pad([[1] * len(r) for r in batch], 0), device=model.device)
         with torch.inference_mode():
             preds.extend(model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist())
     return preds
@@ -179,8 +187,8 @@ def tag_subtokens(model, rows: list[tuple[list[int], list[int]]], batch_size: in
 
     preds: list[list[int]] = []
     for batch in _batches(rows, batch_size):
-        ids = torch.tensor(_pad([r[0] for r in batch], pad_id))
-        mask = torch.tensor(_pad([[1] * len(r[0]) for r in batch], 0))
+        ids = torch.tensor(_pad([r[0] for r in batch], pad_id), device=model.device)
+        mask = torch.tensor(_pad([[1] * len(r[0]) for r in batch], 0), device=model.device)
         with torch.inference_mode():
             best = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
         preds.extend(b[: len(r[0])] for b, r in zip(best, batch))
@@ -205,8 +213,8 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], verbalizations: 
             jobs.append((p_index, l_index, prompt_ids[-keep:] + ids, len(ids)))
     scores = [[0.0] * len(verbalizations) for _ in prompts]
     for batch in _batches(jobs, batch_size):
-        ids = torch.tensor(_pad([j[2] for j in batch], pad_id))
-        mask = torch.tensor(_pad([[1] * len(j[2]) for j in batch], 0))
+        ids = torch.tensor(_pad([j[2] for j in batch], pad_id), device=model.device)
+        mask = torch.tensor(_pad([[1] * len(j[2]) for j in batch], 0), device=model.device)
         with torch.inference_mode():
             logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
         for row, (p_index, l_index, seq, n) in enumerate(batch):
@@ -269,7 +277,7 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
     """Load, read, score; returns the JSON-ready result."""
     from training.finetune_data import encode_classification, encode_ner, encode_sft, word_tags_from_subtokens
 
-    model, tokenizer, manifest = load_export(args.export, args.base)
+    model, tokenizer, manifest = load_export(args.export, args.base, args.device, args.dtype)
     task = resolve_task(args.task, manifest.task)
     max_len = args.max_len or manifest.max_seq_len
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -311,11 +319,13 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
         if unknown_types:
             stats.notes.append(f"entity types {unknown_types} are not in the export's labels: counted as missed")
         encoded = [encode_ner(tokenizer, words, ["O"] * len(words), placeholder, max_len=max_len,
-                              word_joiner=args.word_joiner, stats=stats) for words, _ in records]
+                              word_joiner=args.word_joiner, tag_subtoken=manifest.ner_tag_subtoken, stats=stats)
+                   for words, _ in records]
         preds = tag_subtokens(model, [(ids, word_ids) for ids, _, word_ids in encoded], args.batch_size, pad_id)
         totals = [0, 0, 0]
         for (words, gold), (_, _, word_ids), pred in zip(records, encoded, preds):
-            tags = word_tags_from_subtokens(pred, word_ids, labels, num_words=len(words))
+            tags = word_tags_from_subtokens(pred, word_ids, labels, num_words=len(words),
+                                            tag_subtoken=manifest.ner_tag_subtoken)
             totals = [a + b for a, b in zip(totals, ner_counts(gold, tags))]
         result["metrics"] = ner_metrics(*totals)
         result["entities"] = dict(zip(("correct", "predicted", "gold"), totals))

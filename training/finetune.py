@@ -147,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     driver.warn_relative_storage(cfg, args.address)
     driver.start_ray(cfg, args.address)
     trainer = build_trainer(cfg, prepared)
-    result = driver.fit_with_progress(cfg, trainer)
+    try:
+        result = driver.fit_with_progress(cfg, trainer)
+    except KeyboardInterrupt:
+        return driver.INTERRUPTED
     if result is None:
         return 1
     summary = write_results(cfg, result, prepared_data.stats)

@@ -328,7 +328,8 @@ def read_classification_records(
 # types; they are part of this module's public API, resolved on first use so any of them can be imported first.
 _ELSEWHERE = {
     "finetune_ner": ("read_ner_records", "to_bio", "ner_label_list"),
-    "finetune_encode": ("encode_sft", "encode_classification", "encode_ner", "word_tags_from_subtokens", "pack_sft"),
+    "finetune_encode": ("encode_sft", "encode_classification", "encode_ner", "word_tags_from_subtokens", "pack_sft",
+                        "ner_tag_subtoken", "NER_TAG_SUBTOKENS"),
 }
 
 

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from training.finetune_data import FALLBACK_CHATML, IGNORE_INDEX, DataError, TaskDataStats
 
+NER_TAG_SUBTOKENS = ("first", "last")  # which sub-token of a word carries its tag (see encode_ner)
+
 
 def _render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(
@@ -131,15 +133,23 @@ def encode_ner(
     *,
     max_len: int,
     word_joiner: str | None = None,
+    tag_subtoken: str = "first",
     stats: TaskDataStats | None = None,
 ) -> tuple[list[int], list[int], list[int]]:
     """(input_ids, labels, word_ids) for BIO-tagged words.
 
-    Every non-special sub-token is labelled, as serving reads every non-special sub-token back: the
-    first with its word's tag, later ones of a B-X word with I-X. Special tokens get IGNORE_INDEX and
-    word id -1. With word_joiner=None the words are tokenized as pre-split words; with a string (" " for
-    English, "" for Chinese) the joined text is tokenized and tokens are mapped to words by character
-    offset, which matches how serving tokenizes raw text with byte-level BPE tokenizers."""
+    tag_subtoken says which sub-token of a word carries the word's tag (ner_tag_subtoken picks it per base):
+    - "first" (bidirectional encoders): every non-special sub-token is labelled, as serving reads every
+      one back: the first with its word's tag, later ones of a B-X word with I-X.
+    - "last" (causal decoders): a causal model has seen the whole word only at its last sub-token (at the
+      first byte of a Chinese character it cannot know which character follows), so the last sub-token
+      carries the word's tag and the earlier ones get IGNORE_INDEX (no loss, never read back).
+    Special tokens get IGNORE_INDEX and word id -1. With word_joiner=None the words are tokenized as
+    pre-split words; with a string (" " for English, "" for Chinese) the joined text is tokenized and tokens
+    are mapped to words by character offset, which matches how serving tokenizes raw text with byte-level
+    BPE tokenizers."""
+    if tag_subtoken not in NER_TAG_SUBTOKENS:
+        raise ValueError(f"tag_subtoken {tag_subtoken!r}: use one of {', '.join(NER_TAG_SUBTOKENS)}")
     missing = sorted({t for t in tags} - set(label2id) | {_continuation(t) for t in tags} - set(label2id))
     if missing:
         raise DataError(f"tags {missing} are not in the label set {list(label2id)}; build labels with ner_label_list")
@@ -147,7 +157,6 @@ def encode_ner(
         encoded = tokenizer(words, is_split_into_words=True, add_special_tokens=True)
         word_of = [(-1 if w is None else w) for w in encoded.word_ids()]
         input_ids = encoded["input_ids"]
-        special = [w == -1 for w in word_of]
     else:
         starts, pos = [], 0
         for word in words:
@@ -162,16 +171,12 @@ def encode_ner(
             if is_special:
                 word_of.append(-1)
                 continue
+            if tag_subtoken == "last" and not text[begin:end].strip():
+                word_of.append(-1)  # a lone space token is no word's last sub-token (serving skips it too)
+                continue
             while begin < end - 1 and text[begin].isspace():  # byte-level tokens carry the space before a word
                 begin += 1
             word_of.append(max(bisect.bisect_right(starts, begin) - 1, 0))
-    labels, previous = [], -1
-    for w, is_special in zip(word_of, special):
-        if is_special or w == -1:
-            labels.append(IGNORE_INDEX)
-        else:
-            labels.append(label2id[tags[w] if w != previous else _continuation(tags[w])])
-        previous = w
     if len(input_ids) > max_len:
         if stats is not None:
             stats.truncated += 1
@@ -179,8 +184,18 @@ def encode_ner(
         tail = 1 if word_of and word_of[-1] == -1 else 0
         keep = max_len - tail
         input_ids = input_ids[:keep] + input_ids[len(input_ids) - tail :]
-        labels = labels[:keep] + labels[len(labels) - tail :]
         word_of = word_of[:keep] + word_of[len(word_of) - tail :]
+    # Labelled after truncation, so a word cut short is labelled (and read back) on what remains of it.
+    labels, previous = [], -1
+    for i, w in enumerate(word_of):
+        if w == -1:  # special tokens
+            labels.append(IGNORE_INDEX)
+        elif tag_subtoken == "last":
+            last_of_word = i + 1 == len(word_of) or word_of[i + 1] != w
+            labels.append(label2id[tags[w]] if last_of_word else IGNORE_INDEX)
+        else:
+            labels.append(label2id[tags[w] if w != previous else _continuation(tags[w])])
+        previous = w
     return input_ids, labels, word_of
 
 
@@ -189,19 +204,33 @@ def word_tags_from_subtokens(
     word_ids: Sequence[int],
     id2label: Mapping[int, str] | Sequence[str],
     num_words: int | None = None,
+    tag_subtoken: str = "first",
 ) -> list[str]:
-    """Word-level tags from per-sub-token predictions: each word takes its first sub-token's tag.
+    """Word-level tags from per-sub-token predictions: each word takes the tag of the sub-token that
+    encode_ner labelled with it (tag_subtoken: its first, or for causal decoders its last).
 
-    Words with no sub-token (cut by truncation) get 'O'; pass num_words to get one tag per input word."""
+    Words with no sub-token (cut by truncation) get 'O'; pass num_words to get one tag per input word.
+    A word cut by truncation after some of its sub-tokens is read from its last remaining one."""
+    if tag_subtoken not in NER_TAG_SUBTOKENS:
+        raise ValueError(f"tag_subtoken {tag_subtoken!r}: use one of {', '.join(NER_TAG_SUBTOKENS)}")
     count = num_words if num_words is not None else max((w for w in word_ids if w >= 0), default=-1) + 1
     tags = ["O"] * count
     seen: set[int] = set()
     for label_id, w in zip(pred_label_ids, word_ids):
-        if w < 0 or w in seen or w >= count:
-            continue
+        if w < 0 or w >= count or label_id < 0 or (w in seen and tag_subtoken == "first"):
+            continue  # label_id < 0: IGNORE_INDEX in gold labels (a causal word's earlier sub-tokens)
         seen.add(w)
-        tags[w] = id2label[int(label_id)]
+        tags[w] = id2label[int(label_id)]  # "last": later sub-tokens of the word overwrite
     return tags
+
+
+def ner_tag_subtoken(model_type: str) -> str:
+    """Which sub-token of a word carries its NER tag for a base of this model_type: "first" for the
+    bidirectional encoders (those with a masked-LM head in transformers: BERT, RoBERTa, DeBERTa, ...),
+    "last" for everything else (causal decoders: Llama, SmolLM2, Qwen, GPT-2, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return "first" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "last"
 
 
 def pack_sft(examples: Iterable[tuple[list[int], list[int]]], seq_len: int) -> list[tuple[list[int], list[int]]]:

@@ -104,7 +104,7 @@ def export_merged(checkpoint: Path, out_dir: Path, cfg: FinetuneConfig, facts: d
         format=EXPORT_FORMAT, format_version=EXPORT_FORMAT_VERSION, task=TASK_EXPORT_NAMES[cfg.task],
         model_name=cfg.run.name, max_seq_len=cfg.data.max_len, labels=facts["labels"],
         base_model=facts["base_path"], method=cfg.method.type, merge_max_abs_diff=merge_diff,
-        **_provenance(checkpoint, state),
+        ner_tag_subtoken=facts.get("ner_tag_subtoken", "first"), **_provenance(checkpoint, state),
     )
 
     def write(staged: Path) -> None:
@@ -152,6 +152,7 @@ def export_adapter(checkpoint: Path, out_dir: Path, cfg: FinetuneConfig, facts: 
         base_model=base_model_name(cfg, facts["base_path"]), peft_type=PEFT_TYPES[cfg.method.type],
         base_shape=facts["base_shape"], labels=facts["labels"], model_name=cfg.run.name,
         max_seq_len=cfg.data.max_len, **_provenance(checkpoint, state),
+        **({"ner_tag_subtoken": facts.get("ner_tag_subtoken", "first")} if cfg.task == "ner" else {}),
     )
 
     def write(staged: Path) -> None:

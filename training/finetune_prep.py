@@ -25,7 +25,7 @@ from training.config import resolve_data_path
 from training.data import _is_validation, expand_files
 from training.finetune_config import FinetuneConfig
 
-PREP_VERSION = 1
+PREP_VERSION = 2  # 2: NER labels a causal base's words on their last sub-token
 SCHEMAS = {
     "sft": pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))]),
     "classification": pa.schema([("input_ids", pa.list_(pa.int32())), ("label", pa.int64())]),
@@ -48,6 +48,7 @@ class PreparedFinetune:
     train_rows: int
     val_rows: int
     stats: dict
+    ner_tag_subtoken: str = "first"  # ner: the sub-token of a word that carries its tag (encode_ner)
 
 
 def base_model_path(cfg: FinetuneConfig) -> Path:
@@ -78,6 +79,17 @@ def load_base_tokenizer(cfg: FinetuneConfig):
             raise ValueError(f"the tokenizer of {path} has neither a pad nor an eos token; batches cannot be padded")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def base_model_type(cfg: FinetuneConfig) -> str:
+    """model_type of the base's config (read from config.json, or from the GGUF file's metadata)."""
+    from transformers import AutoConfig
+
+    path = base_model_path(cfg)
+    if cfg.model.source == "gguf":
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True).model_type
+    return AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                      trust_remote_code=cfg.model.trust_remote_code).model_type
 
 
 def fingerprint(cfg: FinetuneConfig, train_files: list[Path], val_files: list[Path]) -> str:
@@ -139,7 +151,8 @@ def label_set(cfg: FinetuneConfig, train: list) -> list[str]:
     return []
 
 
-def encode_split(cfg: FinetuneConfig, tokenizer, records: list, labels: list[str], stats, split: str) -> dict:
+def encode_split(cfg: FinetuneConfig, tokenizer, records: list, labels: list[str], stats, split: str,
+                 ner_tag_subtoken: str = "first") -> dict:
     """Columns of one split; validation rows with labels unseen in training are counted and left out."""
     from training import finetune_data as fd
 
@@ -172,7 +185,8 @@ def encode_split(cfg: FinetuneConfig, tokenizer, records: list, labels: list[str
             if any(tag not in label2id for tag in tags):
                 stats.unknown_labels += 1
                 continue
-            ids, lab, word_ids = fd.encode_ner(tokenizer, words, tags, label2id, max_len=max_len, stats=stats)
+            ids, lab, word_ids = fd.encode_ner(tokenizer, words, tags, label2id, max_len=max_len,
+                                              tag_subtoken=ner_tag_subtoken, stats=stats)
             columns["input_ids"].append(ids)
             columns["labels"].append(lab)
             columns["word_ids"].append(word_ids)
@@ -192,7 +206,7 @@ def _write_split(path: Path, task: str, columns: dict, shuffle_seed: int | None)
 
 def prepare_finetune_data(cfg: FinetuneConfig, log=print) -> PreparedFinetune:
     """Read, split, label, encode and write the splits once; later calls with the same inputs reuse them."""
-    from training.finetune_data import TaskDataStats
+    from training import finetune_data as fd
 
     train_files = expand_files(cfg.data.train_files)
     val_files = expand_files(cfg.data.val_files) if cfg.data.val_files else []
@@ -203,14 +217,16 @@ def prepare_finetune_data(cfg: FinetuneConfig, log=print) -> PreparedFinetune:
         return PreparedFinetune(**json.loads(manifest_path.read_text())["prepared"])
 
     tokenizer = load_base_tokenizer(cfg)
-    stats = TaskDataStats()
+    stats = fd.TaskDataStats()
     train, val = split_records(cfg, train_files, val_files, stats)
     labels = label_set(cfg, train)
     if cfg.task == "classification" and len(labels) < 2:
         raise ValueError(f"data: the training split has {len(labels)} label(s) {labels} in '{cfg.data.label_field}'; "
                          "classification needs at least 2 (check data.label_field)")
-    train_columns = encode_split(cfg, tokenizer, train, labels, stats, "train")
-    val_columns = encode_split(cfg, tokenizer, val, labels, stats, "val")
+    # A causal base sees a word whole only at its last sub-token: NER tags go there (encode_ner).
+    tag_subtoken = fd.ner_tag_subtoken(base_model_type(cfg)) if cfg.task == "ner" else "first"
+    train_columns = encode_split(cfg, tokenizer, train, labels, stats, "train", tag_subtoken)
+    val_columns = encode_split(cfg, tokenizer, val, labels, stats, "val", tag_subtoken)
     out.mkdir(parents=True, exist_ok=True)
     train_rows = _write_split(out / "train.parquet", cfg.task, train_columns, cfg.run.seed)
     val_rows = _write_split(out / "val.parquet", cfg.task, val_columns, None)
@@ -227,13 +243,15 @@ def prepare_finetune_data(cfg: FinetuneConfig, log=print) -> PreparedFinetune:
         task=cfg.task, train_path=str(out / "train.parquet"), val_path=str(out / "val.parquet"),
         tokenizer_dir=str(tokenizer_dir), labels=labels, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, train_rows=train_rows, val_rows=val_rows, stats=asdict(stats),
+        ner_tag_subtoken=tag_subtoken,
     )
     # Written last: its presence means the directory is complete.
     manifest_path.write_text(json.dumps({"prepared": asdict(prepared), "labels": labels}, indent=2, ensure_ascii=False))
     log(f"[data] {cfg.task}: {stats.rows} rows read -> {train_rows} train / {val_rows} val examples"
         f"{f', {len(labels)} labels' if labels else ''}; skipped {stats.skipped} (empty {stats.skipped_empty}, "
         f"malformed {stats.skipped_malformed}, too long {stats.skipped_too_long}), truncated {stats.truncated}, "
-        f"validation rows with unknown labels {stats.unknown_labels}")
+        f"validation rows with unknown labels {stats.unknown_labels}"
+        + (f"; tags on each word's {tag_subtoken} sub-token" if cfg.task == "ner" else ""))
     for note in stats.notes[:5]:
         log(f"[data]   {note}")
     return prepared

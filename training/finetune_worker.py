@@ -73,7 +73,8 @@ def load_validation(val_shard, cfg: FinetuneConfig, task: str, pad_token_id: int
     return batches
 
 
-def evaluate_task(engine, batches, cfg: FinetuneConfig, labels: list[str], torch, dist, device) -> dict:
+def evaluate_task(engine, batches, cfg: FinetuneConfig, labels: list[str], torch, dist, device,
+                  tag_subtoken: str = "first") -> dict:
     """Validation metrics of the task, from counts summed over all ranks."""
     from training.finetune_data import word_tags_from_subtokens
     from training.task_metrics import classification_metrics, ner_counts, ner_metrics
@@ -106,8 +107,9 @@ def evaluate_task(engine, batches, cfg: FinetuneConfig, labels: list[str], torch
             elif task == "ner":
                 pred = logits.argmax(-1).tolist()
                 for row_pred, row_gold, row_words in zip(pred, labels_t.tolist(), batch["word_ids"].tolist()):
-                    gold_tags = word_tags_from_subtokens(row_gold, row_words, labels)
-                    pred_tags = word_tags_from_subtokens(row_pred, row_words, labels, num_words=len(gold_tags))
+                    gold_tags = word_tags_from_subtokens(row_gold, row_words, labels, tag_subtoken=tag_subtoken)
+                    pred_tags = word_tags_from_subtokens(row_pred, row_words, labels, num_words=len(gold_tags),
+                                                         tag_subtoken=tag_subtoken)
                     entities += torch.tensor(ner_counts(gold_tags, pred_tags), dtype=torch.float64, device=device)
     engine.train()
     for tensor in (sums, confusion, entities):
@@ -217,7 +219,8 @@ def finetune_task(cfg: FinetuneConfig, prepared: dict, wctx: WorkerContext) -> W
               f"({trainable / total:.4%})", flush=True)
     base_config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     facts = {"task": cfg.task, "method": cfg.method.type, "labels": labels, "base_shape": base_shape(base_config),
-             "base_source": cfg.model.source, "base_path": str(base_model_path(cfg)), "max_len": cfg.data.max_len}
+             "base_source": cfg.model.source, "base_path": str(base_model_path(cfg)), "max_len": cfg.data.max_len,
+             "ner_tag_subtoken": prepared.get("ner_tag_subtoken", "first")}
 
     per_rank = cfg.optim.micro_batch_size
     train_shard = ray.train.get_dataset_shard("train")
@@ -236,7 +239,8 @@ def finetune_task(cfg: FinetuneConfig, prepared: dict, wctx: WorkerContext) -> W
         nonlocal val_batches
         if val_batches is None:
             val_batches = load_validation(val_shard, cfg, cfg.task, pad, rank, world, torch, device)
-        return evaluate_task(engine, val_batches, cfg, labels, torch, dist, device)
+        return evaluate_task(engine, val_batches, cfg, labels, torch, dist, device,
+                             prepared.get("ner_tag_subtoken", "first"))
 
     def save_weights(engine, ckpt_dir: str) -> None:
         save_finetune_weights(engine, ckpt_dir, cfg, prepared, facts, rank, torch, dist)

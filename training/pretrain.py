@@ -138,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     driver.warn_relative_storage(cfg, args.address)
     start_ray(cfg, args.address)
     trainer = build_trainer(cfg, prepared)
-    result = driver.fit_with_progress(cfg, trainer)
+    try:
+        result = driver.fit_with_progress(cfg, trainer)
+    except KeyboardInterrupt:
+        return driver.INTERRUPTED
     if result is None:
         return 1
     summary = write_results(cfg, result, data_stats)

@@ -115,6 +115,9 @@ class OptunaSearch(_Section):
 
     type: Literal["optuna"]
     seed: int | None = None
+    n_startup_trials: int = Field(
+        10, ge=1, description="Trials sampled at random before TPE models the results (Optuna's default 10); "
+        "lower it for small budgets, or TPE never gets to propose a trial.")
 
 
 Scheduler = Annotated[Union[FifoScheduler, AshaScheduler, PbtScheduler], Field(discriminator="type")]

@@ -20,10 +20,15 @@ def _history(result, metric: str) -> list[tuple[int, float]]:
 
 
 def trial_rows(result_grid, sweep) -> list[dict]:
-    """One row per trial: id, searched values, final and best metric, steps run, status, run dir."""
+    """One row per trial, in the order Tune created them (`number`, from 0; trial ids are random):
+    id, searched values, final and best metric, steps run, status, run dir.
+
+    The order matters for a searcher that learns (Optuna TPE): trial n was proposed from the results
+    of the trials before it.
+    """
     metric, mode, max_steps = sweep.cfg.metric, sweep.cfg.mode, sweep.base.optim.max_steps
     rows = []
-    for result in result_grid:
+    for number, result in enumerate(result_grid):  # the ResultGrid lists trials as Tune created them
         trial_dir = Path(result.path)
         metrics = result.metrics or {}
         history = _history(result, metric)
@@ -44,6 +49,7 @@ def trial_rows(result_grid, sweep) -> list[dict]:
             status = "stopped early" if step is not None else "no result"
         run_file = trial_dir / CURRENT_RUN_FILE
         rows.append({
+            "number": number,
             "trial": trial_dir.name,
             **{key: (result.config or {}).get(key) for key in sweep.space},
             metric: metrics.get(metric),
@@ -54,7 +60,6 @@ def trial_rows(result_grid, sweep) -> list[dict]:
             "run_dir": str(trial_dir / (run_file.read_text().strip() if run_file.is_file() else OWN_RUN)),
             "history": history,
         })
-    rows.sort(key=lambda r: r["trial"])
     return rows
 
 

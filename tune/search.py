@@ -166,10 +166,12 @@ def build_search(sweep: Sweep, concurrency: int):
     """
     s = sweep.cfg.search
     if s.type == "optuna":
+        from optuna.samplers import TPESampler
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(seed=s.seed), max_concurrent=concurrency)
+        sampler = TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+        return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrency)
     from ray.tune.search import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=getattr(s, "seed", None), max_concurrent=concurrency)

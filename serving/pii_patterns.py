@@ -1,0 +1,151 @@
+"""What PII masking looks for (serving/pii.py finds it): the patterns, over the byte view of the text
+(one byte per character, digits in any script read as ASCII), and the checks of what they match (Luhn,
+mod-97), for one span or for many at once.
+
+Every repeat is bounded and every repeat above 64 is possessive (tests/test_serving_contract.py walks the
+parsed patterns), so no attempt costs more than a bounded number of steps. ASCII classes, not \\w: in
+Python \\w matches CJK characters, and Chinese text puts digits right after words (座机010-62345678).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+PII_PLACEHOLDERS = {"email": "[EMAIL]", "cn_id": "[CN_ID]", "card": "[BANK_CARD]", "phone": "[PHONE]",
+                    "ip": "[IP]", "iban": "[IBAN]"}
+
+
+def _compile(pattern: str) -> re.Pattern[bytes]:
+    return re.compile(pattern.encode("ascii"))  # bytes: \d is [0-9], and the view is bytes
+
+
+# Emails: a local part of 1-64 characters that starts a run of local-part characters, "@", a domain;
+# and the emails glued to it ("a@b.co+c@d.co": the next local part starts with the "+" or "." after
+# the domain, which a local part that starts a run cannot) are masked with it.
+_EMAIL_LOCAL = r"A-Za-z0-9._%+\-"
+_EMAIL_DOMAIN = r"@[A-Za-z0-9-]{1,63}+(?:\.[A-Za-z0-9-]{1,63}+){0,8}\.[A-Za-z]{2,24}+(?![A-Za-z0-9-])"
+_EMAIL = _compile(rf"[{_EMAIL_LOCAL}](?<![{_EMAIL_LOCAL}][{_EMAIL_LOCAL}])[{_EMAIL_LOCAL}]{{0,63}}+{_EMAIL_DOMAIN}"
+                  rf"(?:[._%+][{_EMAIL_LOCAL}]{{0,63}}+{_EMAIL_DOMAIN}){{0,100000}}+")
+
+# IBAN: country, check digits, 11-30 alphanumerics, optionally in groups of 4; kept only if mod-97
+# valid. A run of letters in which no IBAN starts is consumed at once.
+_IBAN = r"(?<![A-Za-z0-9][A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])"
+_IBAN_PASS = _compile(rf"[A-Z](?:(?P<iban>{_IBAN})|(?P<rest>[A-Za-z]{{7,4095}}+))")
+_IBAN_REACH = 45  # the longest IBAN match: 4 + 7 * 5 + 5 characters
+
+# Digit kinds, each written as what follows the run's first digit (already consumed).
+# Mainland China resident ID: 6-digit region, birth date 18xx-20xx, 3-digit sequence, check digit/X;
+# the legacy 15-digit form: region, YYMMDD, 3-digit sequence. Not preceded or followed by a letter.
+_CN_ID = (r"(?<![A-Za-z]\d)(?<=[1-9])(?:\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"
+          r"|\d{7}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3})(?![0-9A-Za-z])")
+# Mainland mobile: 1[3-9] + 9 digits, optional 86 prefix (+86: _PLUS86_MOBILE), optional 3-4-4 grouping.
+_MOBILE = r"(?:(?<=8)6[ -]?1|(?<=1))[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)"
+# IPv4: four octets 0-255, not inside a longer dotted number. Atomic octets: a shorter octet would
+# leave a digit where a dot or the end must follow, so never giving one back loses no address.
+_OCTET = r"(?>25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IP_TAIL = rf"(?:\.{_OCTET}){{3}}(?![0-9]|\.[0-9])"
+_IP_MULTI = rf"(?<!\.\d)(?>(?<=2)(?:5[0-5]|[0-4]\d|\d)?|(?<=1)\d\d?|(?<=[3-9])\d){_IP_TAIL}"  # first octet 2-3 digits
+_IP_SINGLE = rf"(?<!\.\d){_IP_TAIL}"  # first octet 1 digit
+# Card numbers: 13-19 digits, optionally grouped by spaces or dashes; kept only if Luhn-valid.
+_CARD = r"(?<!-\d)(?:[ -]?\d){12,18}(?![\d-])"
+# A bare 10-digit number (US-style phone without separators), not part of a longer word or number.
+_PHONE10 = r"(?<![A-Za-z]\d)\d{9}(?![0-9A-Za-z])"
+# Other phone numbers: optional +country code, then 7-15 digits in groups separated by space, dot,
+# dash or parentheses (e.g. +1 (415) 555-0132, 415-555-0132, 010-62345678, +44 20 7946 0958).
+_PHONE_GROUPS = r"(?:[ .-]\d{2,8}+){1,3}(?![A-Za-z0-9_]|[.-]\d)"
+
+
+def _digit_pass(long_run: list[str], short_run: list[str], single: list[str]) -> re.Pattern[bytes]:
+    """A digit pass over named kinds, chosen by the length of the run's first group."""
+    return _compile(
+        r"[0-9](?:(?<![0-9]\d)(?:"
+        rf"(?=\d{{9}})(?:{'|'.join(long_run)}|(?P<rest_long>\d{{9,4095}}+))"  # a run of 10+ digits
+        rf"|(?=\d)(?:{'|'.join(short_run)})"  # 2-9 digits
+        rf"|(?=[ .-])(?:{'|'.join(single)}))"  # one digit, then a separator
+        r"|(?P<rest_run>\d{7,4095}+))")  # the rest of a run in which nothing started
+
+
+# Kinds in the order the masking applied them one pass each; phone numbers come last, in their own
+# pass, so that the placeholders of the other kinds bound them ("834-593-2689-[CN_ID]").
+_DIGIT_PASS = _digit_pass(
+    [f"(?P<cn_id>{_CN_ID})", f"(?P<mobile>{_MOBILE})", f"(?P<card>{_CARD})", f"(?P<phone10>{_PHONE10})"],
+    [f"(?P<mobile_>{_MOBILE})", f"(?P<ip>{_IP_MULTI})", f"(?P<card_>{_CARD})"],
+    [f"(?P<ip_>{_IP_SINGLE})", f"(?P<card__>{_CARD})"])
+_DIGIT_REACH = 40  # the longest kind from its run's first digit: a card of 19 digits and 18 separators
+# Kinds that may start inside a card-shaped span that failed the Luhn check ("55 13812345678"), or at
+# its start ("4155550132 123"), or run on past its end ("... 0071 888-242.164.166.171"); serving/pii.py
+# `_only_cards` tells the spans in which none can.
+_INSIDE_CARD = _digit_pass([f"(?P<cn_id>{_CN_ID})", f"(?P<mobile>{_MOBILE})", f"(?P<phone10>{_PHONE10})"],
+                           [f"(?P<mobile_>{_MOBILE})", f"(?P<ip>{_IP_MULTI})"], [f"(?P<ip_>{_IP_SINGLE})"])
+_INSIDE_CARD_REACH = 20  # what starts inside a card-shaped span is at most 18 characters; lookarounds need 2 more
+_CARD_DIGITS = _compile(r"\d(?:[ -]?\d){12,18}")
+_PLUS86_MOBILE = _compile(r"\+86(?<![0-9]\+86)[ -]?1[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)")
+_PHONE_PASS = _compile(
+    r"[+(0-9](?:(?<![A-Za-z0-9_+][+(0-9])(?P<phone>"
+    r"(?:(?<=\+)\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}"  # +country code, optional (area), first group
+    r"|(?<=\()\d{1,4}\)[ .-]?\d{2,4}"  # (area) first group
+    rf"|(?<=[0-9])\d{{1,3}}+){_PHONE_GROUPS})"  # a first group of 2-4 digits
+    r"|(?<=[0-9])(?P<rest>\d{4,4095}+))")  # a run of 5+ digits: no phone starts in it
+_PHONE_REACH = 45  # the longest phone match: 16 characters up to the first group, 3 groups of 9
+_DATE = _compile(r"\d{4}([-./])\d{1,2}\1\d{1,2}")
+PII_PATTERNS = (_EMAIL, _IBAN_PASS, _PLUS86_MOBILE, _DIGIT_PASS, _INSIDE_CARD, _PHONE_PASS)  # the scanners
+
+
+# ---- checks -------------------------------------------------------------------------------------------
+_LUHN_DOUBLED = bytes.maketrans(b"0123456789", bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
+_LUHN_DOUBLED_ARRAY = np.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], np.int32)
+
+
+def _luhn_valid(digits: str | bytes, separators: bytes = b"") -> bool:
+    """Luhn check of a string of ASCII digits and `separators`."""
+    data = (digits.encode("ascii") if isinstance(digits, str) else digits).translate(None, separators)
+    kept, doubled = data[-1::-2], data[-2::-2]
+    return (sum(kept) - 48 * len(kept) + sum(doubled.translate(_LUHN_DOUBLED))) % 10 == 0
+
+
+def _span_positions(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every position inside the spans, and the index of its span."""
+    lengths = ends - starts
+    span = np.repeat(np.arange(len(starts)), lengths)
+    return np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths), span
+
+
+def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Luhn checks of many card-shaped spans (digits, spaces, dashes) at once: counted from the right,
+    every second digit is doubled (less 9 above 9), and the sum must end in 0."""
+    positions, span = _span_positions(starts, ends)
+    values = view[positions].astype(np.int64) - 48
+    digit = values >= 0
+    values, span = values[digit], span[digit]
+    length = np.bincount(span, minlength=len(starts))
+    from_right = (np.cumsum(length) - 1)[span] - np.arange(len(values))  # 0 for each span's last digit
+    summed = np.where(from_right % 2 == 1, _LUHN_DOUBLED_ARRAY[values], values)
+    return np.bincount(span, weights=summed, minlength=len(starts)) % 10 == 0
+
+
+_POW10_MOD97 = np.array([pow(10, k, 97) for k in range(80)], np.int64)
+
+
+def _iban_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """mod-97 checks of many IBAN-shaped spans (uppercase letters, digits, spaces) at once: without its
+    spaces and with its first four characters moved to the end, letters read as 10-35, the span is a
+    number that leaves 1. Each character adds its value times 10**(digits after it) mod 97."""
+    positions, span = _span_positions(starts, ends)
+    chars = view[positions]
+    kept = chars != ord(" ")
+    chars, span = chars[kept].astype(np.int64), span[kept]
+    length = np.bincount(span, minlength=len(starts))
+    first = np.cumsum(length) - length
+    rank = np.arange(len(chars)) - first[span]
+    moved = np.where(rank >= 4, rank - 4, rank + length[span] - 4)  # position after the move
+    order = np.lexsort((moved, span))
+    chars, span = chars[order], span[order]
+    letter = chars >= ord("A")
+    value = np.where(letter, chars - 55, chars - 48)
+    width = np.where(letter, 2, 1)
+    through = np.cumsum(width)  # decimal digits up to and including each character, over all spans
+    digits_after = through[(first + length - 1)[span]] - through
+    remainder = np.bincount(span, weights=value * _POW10_MOD97[digits_after] % 97, minlength=len(starts)) % 97
+    return (length >= 15) & (length <= 34) & (remainder == 1)

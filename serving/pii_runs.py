@@ -1,0 +1,231 @@
+"""How PII masking reads a text (serving/pii.py does the masking): the byte view (one byte per character,
+every Unicode decimal digit as its ASCII digit, full-width forms as ASCII), the maximal runs of digits in it,
+and the card, phone and IPv4 spans read straight off those runs with numpy, without a regex."""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+
+import numpy as np
+
+_OTHER = 0x80  # a character outside every pattern's classes
+
+
+@functools.cache
+def _normalization() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The byte each BMP code point reads as, and the supplementary-plane digits with their bytes."""
+    every_character = "".join(map(chr, range(0x80, 0x110000)))
+    mapped = {ord(digit): 0x30 + unicodedata.decimal(digit)  # str patterns' \d: every Unicode decimal digit
+              for digit in re.findall(r"\d", every_character)}
+    mapped.update({cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F)})  # full-width ！..～ -> ASCII ! .. ~
+    mapped[0x3000] = 0x20  # ideographic space
+    bmp = np.full(0x10000, _OTHER, np.uint8)
+    bmp[:0x80] = np.arange(0x80, dtype=np.uint8)
+    for cp, byte in mapped.items():
+        if cp < 0x10000:
+            bmp[cp] = byte
+    astral = sorted((cp, byte) for cp, byte in mapped.items() if cp >= 0x10000)
+    return bmp, np.array([cp for cp, _ in astral], np.uint32), np.array([b for _, b in astral], np.uint8)
+
+
+def _view(text: str) -> np.ndarray:
+    """The text as the patterns read it: one byte per character (see the module docstring)."""
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), np.uint8)
+    bmp, astral_cps, astral_bytes = _normalization()
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+    view = bmp[np.minimum(cps, 0xFFFF)]
+    astral = np.flatnonzero(cps > 0xFFFF)
+    if astral.size:
+        at = np.minimum(np.searchsorted(astral_cps, cps[astral]), len(astral_cps) - 1)
+        hit = astral_cps[at] == cps[astral]
+        view[astral[hit]] = astral_bytes[at[hit]]
+    return view
+
+
+def _in(codes: np.ndarray, chars: bytes) -> np.ndarray:
+    found = codes == chars[0]
+    for char in chars[1:]:
+        found |= codes == char
+    return found
+
+
+def _in_lengths(lengths: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+    found = lengths == values[0]
+    for value in values[1:]:
+        found |= lengths == value
+    return found
+
+
+def _is_digit(codes: np.ndarray) -> np.ndarray:
+    return (codes - 48).astype(np.uint8) < 10
+
+
+class _DigitRuns:
+    """The maximal runs of ASCII digits in the view: where each starts and ends, and the bytes around it
+    (0 past either end of the text)."""
+
+    def __init__(self, view: np.ndarray):
+        padded = np.zeros(len(view) + 4, np.uint8)
+        padded[1:-3] = view
+        digit = _is_digit(padded)
+        edges = np.flatnonzero(digit[1:] != digit[:-1])
+        self.starts, self.ends = edges[0::2], edges[1::2]
+        self.lengths = self.ends - self.starts
+        self.before = padded[self.starts]  # padded[i + 1] is view[i]
+        self.first, self.second = padded[self.starts + 1], padded[self.starts + 2]
+        self.after, self.after2, self.after3 = padded[self.ends + 1], padded[self.ends + 2], padded[self.ends + 3]
+        self.third = padded[np.minimum(self.starts + 3, len(padded) - 1)]
+
+
+class _DigitStarts:
+    """Which digit runs a kind of the digit pass can match at (a superset, read off each kind's pattern),
+    and the chains of groups joined by one space or dash that cards and mobiles are read from.
+    `other`: 11 or 13 digits (a mobile), 13-19 (a card), 10, 15, 17 or 18 not after a letter (a bare
+    10-digit phone, an ID card); 13+ digits in the chain from this group on, not after a dash (a card);
+    1[3-9]d or 86 followed by [ -]1 or 1 (a mobile). `ip`: 1-3 digits followed by a dot and not preceded
+    by one. `alone`: an `ip` where no other kind can start, nor earlier in its chain (a card or mobile
+    could run into it, "1 2 ... 3 4.5.6.7")."""
+
+    def __init__(self, runs: _DigitRuns):
+        lengths, before, after = runs.lengths, runs.before, runs.after
+        space_or_dash_after = _in(after, b" -")
+        joined = (runs.starts[1:] == runs.ends[:-1] + 1) & space_or_dash_after[:-1]  # to the next group
+        new_chain = np.concatenate(([True], ~joined))
+        self.chain_starts = np.flatnonzero(new_chain)
+        self.chain = np.cumsum(new_chain) - 1
+        self.chain_last = np.concatenate((self.chain_starts[1:] - 1, [len(lengths) - 1]))
+        self.digits_through = np.cumsum(lengths)
+        digits_from_here = self.digits_through[self.chain_last][self.chain] - self.digits_through + lengths
+        letter_before = ((before | 0x20) - 97).astype(np.uint8) < 26
+        self.mobile = (runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7) & (lengths >= 3) | (
+            (runs.first == ord("8")) & (runs.second == ord("6")) & (
+                ((lengths == 2) & space_or_dash_after & (runs.after2 == ord("1"))
+                 & ((runs.after3 - 51).astype(np.uint8) < 7)) | ((lengths >= 4) & (runs.third == ord("1")))))
+        self.other = ((lengths == 11) | (lengths == 13) | ((lengths >= 13) & (lengths <= 19))
+                      | (~letter_before & _in_lengths(lengths, (10, 15, 17, 18)))
+                      | ((before != ord("-")) & space_or_dash_after & (digits_from_here >= 13))
+                      | (self.mobile & ((lengths >= 10) | space_or_dash_after)))
+        self.ip = (lengths <= 3) & (after == ord(".")) & (before != ord("."))
+        other_through = np.cumsum(self.other)
+        other_earlier_in_chain = other_through - self.other - (other_through - self.other)[self.chain_starts][self.chain] > 0
+        self.alone = self.ip & ~self.other & ~other_earlier_in_chain
+
+
+def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:
+    """The first runs of the IPv4 addresses that start at the runs `alone` (see _DigitStarts), as
+    _IP_MULTI and _IP_SINGLE match them: four groups joined by single dots, each 0-255 without a
+    leading zero, the last not followed by a digit or a dot and a digit."""
+    first = np.flatnonzero(alone)
+    first = first[first + 3 < len(runs.lengths)]
+    if not first.size:
+        return first
+    lengths = runs.lengths
+    digit = [(byte.astype(np.int64) - 48) for byte in (runs.first, runs.second, runs.third)]
+    value = np.where(lengths == 1, digit[0], np.where(lengths == 2, 10 * digit[0] + digit[1],
+                                                         100 * digit[0] + 10 * digit[1] + digit[2]))
+    octet = (lengths <= 3) & (value <= 255) & ((lengths == 1) | (runs.first != ord("0")))
+    dot_joined = np.concatenate(((runs.starts[1:] == runs.ends[:-1] + 1) & (runs.after[:-1] == ord(".")), [False]))
+    ends_address = octet & ~((runs.after == ord(".")) & _is_digit(runs.after2))
+    address = (octet[first] & dot_joined[first] & octet[first + 1] & dot_joined[first + 1] & octet[first + 2]
+               & dot_joined[first + 2] & ends_address[first + 3])
+    return first[address]
+
+
+def _rank(subset: np.ndarray, length: int) -> np.ndarray:
+    """For each index 0..length, how many elements of the sorted index array `subset` lie before it (the
+    position in `subset` of the first element at or after it)."""
+    counts = np.zeros(length + 1, np.int64)
+    counts[subset + 1] = 1
+    return np.cumsum(counts)
+
+
+def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Card-shaped spans read off the chains in which only cards can start (no mobile, ID card, 10-digit
+    phone or IPv4 start, and not entered from a dot, where an address may end), leftmost first as the
+    regex takes them: from a group, the most digits up to 19 (at least 13) that end a group not followed
+    by a dash. Returns the mask of those chains, and each span's first and last run."""
+    lengths = runs.lengths
+    card_only = ~kinds.mobile & ~kinds.ip & ~_in_lengths(lengths, (10, 15, 17, 18)) & (lengths <= 19)
+    other_start = np.bincount(kinds.chain, weights=scanned & ~card_only, minlength=len(kinds.chain_starts)) > 0
+    entered_from_dot = (runs.before[kinds.chain_starts] == ord(".")) & scanned[kinds.chain_starts]
+    fast_chain = ~other_start & ~entered_from_dot
+    fast = np.flatnonzero(scanned & fast_chain[kinds.chain])
+    if not fast.size:
+        return fast_chain, fast, fast
+    through = kinds.digits_through
+    before = through[fast] - lengths[fast]  # digits before the span's first group
+    longest = np.minimum(np.searchsorted(through, before + 19, "right") - 1, kinds.chain_last[kinds.chain[fast]])
+    last_end = np.maximum.accumulate(np.where(runs.after != ord("-"), np.arange(len(lengths)), -1))[longest]
+    card = (last_end >= fast) & (through[np.maximum(last_end, 0)] - before >= 13) & (runs.before[fast] != ord("-"))
+    # Leftmost first: from a span's last group, the next start is the first candidate after it.
+    after_span = _rank(fast, len(lengths))[np.where(card, last_end, fast) + 1]
+    after_span_list, card_list = after_span.tolist(), card.tolist()
+    taken, position = [], 0
+    while position < len(fast):
+        if card_list[position]:
+            taken.append(position)
+        position = after_span_list[position]
+    taken = np.array(taken, np.int64)
+    return fast_chain, fast[taken], last_end[taken]
+
+
+def _only_cards(view: np.ndarray, runs: _DigitRuns, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """For card-shaped spans: no kind masked before cards can start inside (a group of 10+ digits, or one
+    that starts like a mobile, 1[3-9] or 86), at the start (a first group of exactly 10 digits: a bare
+    10-digit phone) or at the end (a dot and a digit follow: an IPv4 address)."""
+    first_run, last_run = np.searchsorted(runs.starts, starts), np.searchsorted(runs.ends, ends)
+    may_start = ((runs.lengths >= 10) | ((runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7))
+                 | ((runs.first == ord("8")) & (runs.second == ord("6"))))
+    may_start_through = np.concatenate(([0], np.cumsum(may_start)))
+    inside = may_start_through[last_run + 1] - may_start_through[first_run + 1] > 0
+    dot_digit_after = (view[np.minimum(ends, len(view) - 1)] == ord(".")) & (ends + 1 < len(view))
+    dot_digit_after &= _is_digit(view[np.minimum(ends + 1, len(view) - 1)])
+    one_group = first_run == last_run
+    return ~dot_digit_after & (one_group | ~(inside | (runs.lengths[first_run] == 10)))
+
+
+def _phone_ends(runs: _DigitRuns) -> np.ndarray:
+    """Which runs a phone number can end with: a group of 2-8 digits right behind one space, dot or dash
+    that follows a digit, not followed by a letter, digit, "_" or a dot or dash and a digit."""
+    after = runs.after
+    letter = ((after | 0x20) - 97).astype(np.uint8) < 26
+    separated = np.concatenate(([False], runs.starts[1:] == runs.ends[:-1] + 1)) & _in(runs.before, b" .-")
+    return ((runs.lengths >= 2) & (runs.lengths <= 8) & separated & ~letter & (after != ord("_"))
+            & ~(_in(after, b".-") & _is_digit(runs.after2)))
+
+
+def _phone_chains(view: np.ndarray, runs: _DigitRuns, can_end: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Phone-shaped spans read off the chains of groups joined by one space, dot or dash that no "+" or
+    "(" form can enter (the first group not right after "+", "(" or ")", nor after ")" and a separator),
+    leftmost first as the regex takes them: a first group of 2-4 digits not after a letter, "_" or "+",
+    then the most groups, up to 3, of 2-8 digits whose last may end a phone (`can_end`). Returns each
+    run's chain, the mask of those chains, and each span's first and last run."""
+    lengths, before = runs.lengths, runs.before
+    joined = (runs.starts[1:] == runs.ends[:-1] + 1) & _in(runs.after[:-1], b" .-")
+    new_chain = np.concatenate(([True], ~joined))
+    chain_starts = np.flatnonzero(new_chain)
+    chain = np.cumsum(new_chain) - 1
+    first_before = before[chain_starts]
+    first_before2 = view[np.maximum(runs.starts[chain_starts] - 2, 0)]
+    fast_chain = ~_in(first_before, b"+()") & ~(_in(first_before, b" .-") & (first_before2 == ord(")"))
+                                                & (runs.starts[chain_starts] >= 2))
+    letter_before = ((before | 0x20) - 97).astype(np.uint8) < 26
+    starts_phone = (lengths >= 2) & (lengths <= 4) & ~letter_before & (before != ord("_")) & (before != ord("+"))
+    # group[k]: run k + 1 is joined to run k and can be a following group
+    group = np.concatenate((joined & (lengths[1:] >= 2) & (lengths[1:] <= 8), [False, False, False]))
+    ends_at = np.concatenate((can_end, [False, False, False]))
+    n = len(lengths)
+    one, two, three = group[:n], group[:n] & group[1:n + 1], group[:n] & group[1:n + 1] & group[2:n + 2]
+    groups = np.where(three & ends_at[3:n + 3], 3, np.where(two & ends_at[2:n + 2], 2, np.where(one & ends_at[1:n + 1], 1, 0)))
+    fast = np.flatnonzero(starts_phone & (groups > 0) & fast_chain[chain])
+    last = fast + groups[fast]
+    after_span = _rank(fast, n)[last + 1].tolist()
+    taken, position = [], 0
+    while position < len(fast):
+        taken.append(position)
+        position = after_span[position]
+    taken = np.array(taken, np.int64)
+    return chain, fast_chain, fast[taken], last[taken]
