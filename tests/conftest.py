@@ -1,7 +1,10 @@
 """Settings every test process shares (no usage stats, quiet tokenizers, no hub access), and the one local
 Ray that the Ray Train / Tune modules share."""
 
+import hashlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +15,14 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Ray Train's controller takes one report per health-check interval (2 s by default) and a worker's
 # next report waits for it; the tests report every step of a ~50 ms step, so poll faster.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# DeepSpeed JIT-builds its CPU shared-memory comm op into torch's extension cache (~/.cache/torch_extensions/
+# py311_cpu by default), and rebuilds it (35-50 s on 2 cores, inside whichever Train worker loads it first) whenever
+# the cached build was made from a venv at another path: two venvs (or one venv seen at two paths) on a machine
+# rebuild each other's copy all day (the cache's .ninja_log showed 8 alternating rebuilds in 80 min). One cache per
+# interpreter keeps the first build. Every process of a test inherits it: Ray's raylet and workers, `ray start`
+# nodes, subprocess drivers.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
+    Path.home() / ".cache" / "torch_extensions" / f"raylm-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"))
 
 SHARED_RAY_FIXTURE = "local_ray"
 _shared_ray = {"gcs_address": None}
