@@ -45,6 +45,9 @@ def _start_shared_ray() -> None:
         # the replica's API keys, and the proxy's OpenAI-shaped errors (serving/errors.py).
         env.setenv("RAYLM_API_KEYS", ",".join(API_KEYS))
         env.setenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.errors:proxy_middlewares")
+        # Metrics reach the node's export port every second instead of every 10 s (tests/test_k8s_alerts.py
+        # scrapes the training gauges there).
+        env.setenv("RAY_metrics_report_interval_ms", "1000")
         for attempt in range(2):
             try:
                 start_local_ray(4, env_vars)

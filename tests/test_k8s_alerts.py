@@ -13,7 +13,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -196,12 +195,6 @@ def test_every_metric_in_the_rules_is_defined():
             assert f'"{base}"' in known, f"{name}: {metric} is not a metric Ray or raylm serving defines"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scrape(port: int, run: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -210,57 +203,50 @@ def _scrape(port: int, run: str) -> dict[str, float]:
             if s.name.startswith("ray_raylm_train_") and s.labels.get("run") == run}
 
 
-def test_training_gauges_reach_the_metrics_port(tmp_path, monkeypatch):
+def test_training_gauges_reach_the_metrics_port(local_ray, tmp_path):
     """MetricsLogCallback, in an actor as in the Train controller, sets the gauges the rules read; a real Ray
-    node exports them on its metrics port."""
+    node exports them on its metrics port (the session's shared Ray: tests/conftest.py, metrics pushed every second)."""
     import ray
 
     from training.run_metrics import EXPORTED_NAMES
 
-    monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        ray.shutdown()
-    port = _free_port()
-    ray.init(num_cpus=1, _metrics_export_port=port, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    try:
-        @ray.remote(num_cpus=0)
-        class Controller:
-            def __init__(self, run_dir: str):
-                from training.tracking import MetricsLogCallback
+    port = next(node["MetricsExportPort"] for node in ray.nodes() if node["Alive"])
 
-                self.callback = MetricsLogCallback(run_dir)
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def __init__(self, run_dir: str):
+            from training.tracking import MetricsLogCallback
 
-            def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-                from ray.train import Checkpoint
+            self.callback = MetricsLogCallback(run_dir)
 
-                self.callback.after_report(None, [metrics], Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+            from ray.train import Checkpoint
 
-            def worker_failed(self) -> None:
-                self.callback.after_exception(None, {0: RuntimeError("worker died")})
+            self.callback.after_report(None, [metrics], Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
-        run_dir = tmp_path / "gauges-run"
-        (tmp_path / "ckpt").mkdir()
-        controller = Controller.remote(str(run_dir))
-        before = time.time()
-        ray.get(controller.report.remote({"step": 10, "loss": 3.5, "tokens_per_s": 1000.0, "max_steps": 100}, None))
-        ray.get(controller.report.remote({"step": 20, "loss": math.nan, "tokens_per_s": 1200.0, "max_steps": 100}, str(tmp_path / "ckpt")))
-        ray.get(controller.worker_failed.remote())
-        after = time.time()
-        deadline, seen = time.monotonic() + 90, {}
-        while time.monotonic() < deadline:
-            seen = _scrape(port, "gauges-run")
-            if seen.get("ray_raylm_train_worker_failures") == 1.0 and seen.get("ray_raylm_train_step") == 20.0:
-                break
-            time.sleep(1)
-        assert set(seen) == set(EXPORTED_NAMES), seen
-        assert seen["ray_raylm_train_step"] == 20 and seen["ray_raylm_train_max_steps"] == 100
-        assert seen["ray_raylm_train_loss"] == 3.5, "the last finite loss stays"
-        assert seen["ray_raylm_train_loss_finite"] == 0
-        assert seen["ray_raylm_train_tokens_per_second"] == 1200
-        assert before <= seen["ray_raylm_train_last_checkpoint_timestamp_seconds"] <= seen["ray_raylm_train_last_report_timestamp_seconds"] <= after
-        # The JSONL log is still written as before.
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in records] == [10, 20] and "checkpoint" in records[1]
-    finally:
-        ray.shutdown()
+        def worker_failed(self) -> None:
+            self.callback.after_exception(None, {0: RuntimeError("worker died")})
+
+    run_dir = tmp_path / "gauges-run"
+    (tmp_path / "ckpt").mkdir()
+    controller = Controller.remote(str(run_dir))
+    before = time.time()
+    ray.get(controller.report.remote({"step": 10, "loss": 3.5, "tokens_per_s": 1000.0, "max_steps": 100}, None))
+    ray.get(controller.report.remote({"step": 20, "loss": math.nan, "tokens_per_s": 1200.0, "max_steps": 100}, str(tmp_path / "ckpt")))
+    ray.get(controller.worker_failed.remote())
+    after = time.time()
+    deadline, seen = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:
+        seen = _scrape(port, "gauges-run")
+        if seen.get("ray_raylm_train_worker_failures") == 1.0 and seen.get("ray_raylm_train_step") == 20.0:
+            break
+        time.sleep(0.25)
+    assert set(seen) == set(EXPORTED_NAMES), seen
+    assert seen["ray_raylm_train_step"] == 20 and seen["ray_raylm_train_max_steps"] == 100
+    assert seen["ray_raylm_train_loss"] == 3.5, "the last finite loss stays"
+    assert seen["ray_raylm_train_loss_finite"] == 0
+    assert seen["ray_raylm_train_tokens_per_second"] == 1200
+    assert before <= seen["ray_raylm_train_last_checkpoint_timestamp_seconds"] <= seen["ray_raylm_train_last_report_timestamp_seconds"] <= after
+    # The JSONL log is still written as before.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20] and "checkpoint" in records[1]
