@@ -6,15 +6,27 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+from cluster.auth import auth_headers, find_token
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 GCS_PORT, DASHBOARD_PORT = 27379, 27265
+
+
+def job_api_problem(address: str, headers: dict[str, str]) -> str | None:
+    """None once the dashboard's job API answers 200 to a job listing, else why not."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{address}/api/jobs/", headers=headers), timeout=10) as reply:
+            return None if reply.status == 200 else f"HTTP {reply.status}"
+    except OSError as err:  # connection refused while the head starts; HTTPError (401/403/5xx) is an OSError too
+        return repr(err)
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +41,20 @@ def head_node(tmp_path_factory):
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )
     address = f"http://127.0.0.1:{DASHBOARD_PORT}"
-    client_env = {**env, "RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else env
+    token_on = (Path.home() / ".ray" / "auth_token").exists()  # `ray start --head` then turns token auth on
+    client_env = {**env, "RAY_AUTH_MODE": "token"} if token_on else env
+    # Ask the job API itself (what `ray job list` asks) every 0.5 s, with the token when auth is on: a `ray job
+    # list` per probe spent ~2 s importing Ray on the cores the starting head needs.
+    headers = auth_headers(find_token()) if token_on else {}
     deadline = time.time() + 120
     while time.time() < deadline:
-        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
-                               env=client_env, capture_output=True, text=True)
-        if probe.returncode == 0:
+        problem = job_api_problem(address, headers)
+        if problem is None:
             break
-        time.sleep(2)
+        time.sleep(0.5)
     else:
         os.killpg(head.pid, signal.SIGKILL)
-        pytest.fail(f"ray head did not come up on {address}: {probe.stderr[-2000:]}")
+        pytest.fail(f"ray head did not come up on {address}: {problem}")
     yield address, client_env
     os.killpg(head.pid, signal.SIGTERM)
     try:
