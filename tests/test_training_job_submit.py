@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,12 @@ BIN = Path(sys.executable).parent
 GCS_PORT, DASHBOARD_PORT = 27379, 27265
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def job_api_problem(address: str, headers: dict[str, str]) -> str | None:
     """None once the dashboard's job API answers 200 to a job listing, else why not."""
     try:
@@ -33,11 +40,17 @@ def job_api_problem(address: str, headers: dict[str, str]) -> str | None:
 def head_node(tmp_path_factory):
     """A Ray head in its own process group (so tearing it down touches no other Ray on the machine)."""
     temp_dir = tmp_path_factory.mktemp("ray-head")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    # RAY_ADDRESS: the head's processes that look the cluster up without an address (Ray Train's PlacementGroupCleaner)
+    # find this head, not "multiple active Ray instances" when other Rays run on the machine.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ADDRESS": f"127.0.0.1:{GCS_PORT}"}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={GCS_PORT}", "--node-ip-address=127.0.0.1",
          "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={DASHBOARD_PORT}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--dashboard-port={DASHBOARD_PORT}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # The dashboard agent's HTTP port is a fixed 52365 by default: with another Ray on the machine holding
+         # it, this head's agent never registers and every submit answers "No available agent to submit job".
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )
     address = f"http://127.0.0.1:{DASHBOARD_PORT}"
