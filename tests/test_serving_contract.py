@@ -115,6 +115,19 @@ def test_shipped_config_validates_with_serve_schema_and_builder_args(config_path
         assert bool(deployment.ray_actor_options.num_gpus) == ("gpu" in config_path.name)
 
 
+@pytest.mark.parametrize("config_path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_tells_the_node_environment_that_ships(config_path):
+    """The `export` lines in a config's header are exactly serving.ingress.NODE_ENV (what the serving tests and
+    the RayService start Ray with)."""
+    import shlex
+
+    from serving.ingress import NODE_ENV
+
+    exported = [pair.split("=", 1) for line in config_path.read_text().splitlines() if line.startswith("#   export ")
+                for pair in shlex.split(line.removeprefix("#   export ").split("  # ")[0])]
+    assert dict(exported) == NODE_ENV and len(exported) == len(NODE_ENV)
+
+
 def test_builder_validates_export_before_deploying(causal_export, tmp_path):
     from ray.serve.deployment import Application
 
