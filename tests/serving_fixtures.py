@@ -25,27 +25,27 @@ API_KEYS = ("test-key-alpha", "test-key-beta")
 HAPROXY_STATS_OFFSET, HAPROXY_METRICS_OFFSET = 200, 300  # from a module's metrics port
 
 
-def serving_node_env(haproxy_stats_port: int, haproxy_metrics_port: int, python_proxy: bool = False) -> dict[str, str | None]:
+def serving_node_env(haproxy_stats_port: int, haproxy_metrics_port: int) -> dict[str, str | None]:
     """The environment a test's Ray node starts with: serving.ingress.NODE_ENV (Serve's Python proxy and the error
-    hook), or with RAYLM_TEST_REQUEST_PATH=haproxy (and not `python_proxy`) HAPROXY_NODE_ENV with HAProxy's stats
-    and metrics ports moved to the given ones. Keys of the other path are unset (None): one pytest process runs
+    hook), or with RAYLM_TEST_REQUEST_PATH=haproxy HAPROXY_NODE_ENV with HAProxy's stats and metrics ports moved
+    to the given ones. Keys of the other path are unset (None): one pytest process runs
     several modules and os.environ outlives each."""
     from serving.ingress import PYTHON_PROXY_NODE_ENV, haproxy_node_env
 
-    if uses_haproxy(python_proxy):
+    if uses_haproxy():
         return dict(haproxy_node_env(stats_port=haproxy_stats_port, metrics_port=haproxy_metrics_port))
     return {**{key: None for key in haproxy_node_env(0, 0)}, **PYTHON_PROXY_NODE_ENV}
 
 
-def uses_haproxy(python_proxy: bool = False) -> bool:
+def uses_haproxy() -> bool:
     """Whether the serving tests run on the HAProxy path (opt-in: RAYLM_TEST_REQUEST_PATH=haproxy)."""
-    return not python_proxy and os.environ.get("RAYLM_TEST_REQUEST_PATH") == "haproxy"
+    return os.environ.get("RAYLM_TEST_REQUEST_PATH") == "haproxy"
 
 
-def start_ray(num_cpus: int, metrics_port: int, python_proxy: bool = False):
+def start_ray(num_cpus: int, metrics_port: int):
     """A local Ray for one test module; env set so replicas inherit API keys and report metrics fast.
     The request path is serving.ingress.NODE_ENV's (Serve's Python proxy), or HAProxy's with
-    RAYLM_TEST_REQUEST_PATH=haproxy unless `python_proxy`."""
+    RAYLM_TEST_REQUEST_PATH=haproxy."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYLM_API_KEYS"] = ",".join(API_KEYS)
@@ -53,8 +53,7 @@ def start_ray(num_cpus: int, metrics_port: int, python_proxy: bool = False):
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
     # The serving node's environment (serving/ingress.py); on the HAProxy path its stats and metrics ports of this
     # Ray instance, so that two test modules (or another user's Ray) on one machine do not collide.
-    for key, value in serving_node_env(metrics_port + HAPROXY_STATS_OFFSET, metrics_port + HAPROXY_METRICS_OFFSET,
-                                       python_proxy=python_proxy).items():
+    for key, value in serving_node_env(metrics_port + HAPROXY_STATS_OFFSET, metrics_port + HAPROXY_METRICS_OFFSET).items():
         if value is None:
             os.environ.pop(key, None)
         else:
