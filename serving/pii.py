@@ -56,7 +56,6 @@ from serving.pii_patterns import (  # noqa: F401 (PII_PATTERNS: re-exported)
     _PLUS86_MOBILE,
     _iban_valid_spans,
     _luhn_valid,
-    _span_positions,
     _luhn_valid_spans,
 )
 
@@ -111,10 +110,8 @@ class _Masking:
         if starts.size < 256:
             for start, end in zip(starts.tolist(), ends.tolist()):
                 view[start:end] = ord("#")
-        else:  # spans do not overlap: a position is covered when more spans start than end up to it
-            covered = np.cumsum(np.bincount(starts, minlength=len(view) + 1)
-                                - np.bincount(ends, minlength=len(view) + 1))[:-1] > 0
-            view[covered] = ord("#")
+        else:
+            view[_covered(starts, ends, len(view))] = ord("#")
         view[starts] = ord("[")
         view[ends - 1] = ord("]")
         self.view, self.data = view, view.tobytes()
@@ -129,7 +126,7 @@ class _Masking:
             if codes.min() > len(_PLACEHOLDER_LIST):  # no character that reads as a label below
                 # Masked characters dropped, each span's first one replaced by its label's byte.
                 marked = codes.copy()
-                marked[_span_positions(starts, ends)[0]] = 0
+                marked[_covered(starts, ends, len(codes))] = 0
                 marked[starts] = labels + 1
                 masked = marked.tobytes().translate(None, b"\x00")
                 for label, placeholder in enumerate(_PLACEHOLDER_LIST):
@@ -142,6 +139,15 @@ class _Masking:
         pieces[0::2] = operator.itemgetter(*kept)(self.text)
         pieces[1::2] = map(_PLACEHOLDER_LIST.__getitem__, labels.tolist())
         return "".join(pieces)
+
+
+def _covered(starts: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+    """Which of `length` positions the spans cover: spans do not overlap, so a position is covered when
+    more spans start than end up to it."""
+    steps = np.zeros(length + 1, np.int8)
+    steps[starts] = 1
+    steps[ends] -= 1  # an end may be another span's start
+    return np.cumsum(steps[:-1], dtype=np.int8).astype(bool)
 
 
 def _windows(starts: np.ndarray, reach: int, length: int) -> list[tuple[int, int]]:

@@ -95,7 +95,7 @@ PII_PATTERNS = (_EMAIL, _IBAN_PASS, _PLUS86_MOBILE, _DIGIT_PASS, _INSIDE_CARD, _
 
 # ---- checks -------------------------------------------------------------------------------------------
 _LUHN_DOUBLED = bytes.maketrans(b"0123456789", bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
-_LUHN_DOUBLED_ARRAY = np.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], np.int32)
+_LUHN_DOUBLED_ARRAY = np.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], np.uint8)
 
 
 def _luhn_valid(digits: str | bytes, separators: bytes = b"") -> bool:
@@ -105,47 +105,50 @@ def _luhn_valid(digits: str | bytes, separators: bytes = b"") -> bool:
     return (sum(kept) - 48 * len(kept) + sum(doubled.translate(_LUHN_DOUBLED))) % 10 == 0
 
 
-def _span_positions(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every position inside the spans, and the index of its span."""
-    lengths = ends - starts
-    span = np.repeat(np.arange(len(starts)), lengths)
-    return np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths), span
-
-
 def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Luhn checks of many card-shaped spans (digits, spaces, dashes) at once: counted from the right,
-    every second digit is doubled (less 9 above 9), and the sum must end in 0."""
-    positions, span = _span_positions(starts, ends)
-    values = view[positions].astype(np.int64) - 48
-    digit = values >= 0
-    values, span = values[digit], span[digit]
-    length = np.bincount(span, minlength=len(starts))
-    from_right = (np.cumsum(length) - 1)[span] - np.arange(len(values))  # 0 for each span's last digit
-    summed = np.where(from_right % 2 == 1, _LUHN_DOUBLED_ARRAY[values], values)
-    return np.bincount(span, weights=summed, minlength=len(starts)) % 10 == 0
+    """Luhn checks of many card-shaped spans (digits, spaces, dashes; each ends with a digit) at once:
+    counted from the right, every second digit is doubled (less 9 above 9), and the sum must end in 0.
+    Read off two prefix sums over the stretch of the view the spans lie in, one for spans whose last
+    digit has an even index among the digits there, one for odd: no per-character work per span."""
+    if not starts.size:
+        return np.zeros(0, bool)
+    low = int(starts.min())
+    codes = view[low:int(ends.max())]
+    digit = (codes - 48).astype(np.uint8) < 10
+    values = np.where(digit, codes - 48, 0).astype(np.uint8)
+    doubled = _LUHN_DOUBLED_ARRAY[values]
+    odd_count = (np.cumsum(digit, dtype=np.int32) & 1).astype(bool)  # an odd count through here: even index
+    last_even = np.concatenate(([0], np.cumsum(np.where(odd_count, values, doubled), dtype=np.int64)))
+    last_odd = np.concatenate(([0], np.cumsum(np.where(odd_count, doubled, values), dtype=np.int64)))
+    starts, ends = starts - low, ends - low
+    total = np.where(odd_count[ends - 1], last_even[ends] - last_even[starts], last_odd[ends] - last_odd[starts])
+    return total % 10 == 0
 
 
-_POW10_MOD97 = np.array([pow(10, k, 97) for k in range(80)], np.int64)
+_POW10_MOD97 = np.array([pow(10, k, 97) for k in range(96)], np.int32)  # 10**96 % 97 == 1 (Fermat)
+_POW10_INVERSE_MOD97 = np.array([pow(10, -k, 97) for k in range(96)], np.int32)
 
 
 def _iban_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """mod-97 checks of many IBAN-shaped spans (uppercase letters, digits, spaces) at once: without its
-    spaces and with its first four characters moved to the end, letters read as 10-35, the span is a
-    number that leaves 1. Each character adds its value times 10**(digits after it) mod 97."""
-    positions, span = _span_positions(starts, ends)
-    chars = view[positions]
-    kept = chars != ord(" ")
-    chars, span = chars[kept].astype(np.int64), span[kept]
-    length = np.bincount(span, minlength=len(starts))
-    first = np.cumsum(length) - length
-    rank = np.arange(len(chars)) - first[span]
-    moved = np.where(rank >= 4, rank - 4, rank + length[span] - 4)  # position after the move
-    order = np.lexsort((moved, span))
-    chars, span = chars[order], span[order]
-    letter = chars >= ord("A")
-    value = np.where(letter, chars - 55, chars - 48)
-    width = np.where(letter, 2, 1)
-    through = np.cumsum(width)  # decimal digits up to and including each character, over all spans
-    digits_after = through[(first + length - 1)[span]] - through
-    remainder = np.bincount(span, weights=value * _POW10_MOD97[digits_after] % 97, minlength=len(starts)) % 97
+    """mod-97 checks of many IBAN-shaped spans (two uppercase letters and two digits, then uppercase
+    letters, digits and spaces) at once: without its spaces and with its first four characters moved to
+    the end, letters read as 10-35, the span is a number that leaves 1. Over the stretch of the view the
+    spans lie in, character j adds value_j * 10**-W_j (W_j: decimal digits through j), so a span's body
+    [s + 4, e) is 10**W_(e-1) times a difference of prefix sums, all mod 97."""
+    if not starts.size:
+        return np.zeros(0, bool)
+    low = int(starts.min())
+    codes = view[low:int(ends.max())]
+    letter = (codes - 65).astype(np.uint8) < 26
+    digit = (codes - 48).astype(np.uint8) < 10
+    value = np.where(letter, codes - 55, np.where(digit, codes - 48, 0)).astype(np.int32)
+    width = letter.astype(np.int32) * 2 + digit
+    through = np.cumsum(width, dtype=np.int64) % 96
+    alnum = np.concatenate(([0], np.cumsum(letter | digit, dtype=np.int64)))
+    terms = np.concatenate(([0], np.cumsum(value * _POW10_INVERSE_MOD97[through] % 97, dtype=np.int64)))
+    starts, ends = starts - low, ends - low
+    body = (terms[ends] - terms[starts + 4]) % 97 * _POW10_MOD97[through[ends - 1]] % 97
+    first_four = ((value[starts] * 100 + value[starts + 1]) * 100 + value[starts + 2] * 10 + value[starts + 3]) % 97
+    remainder = (body * _POW10_MOD97[6] + first_four) % 97  # the first four are six decimal digits
+    length = alnum[ends] - alnum[starts]
     return (length >= 15) & (length <= 34) & (remainder == 1)
