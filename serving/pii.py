@@ -47,6 +47,7 @@ from serving.pii_patterns import (  # noqa: F401 (PII_PATTERNS: re-exported)
     _DIGIT_PASS,
     _DIGIT_REACH,
     _EMAIL,
+    _EMAIL_SPLIT,
     _IBAN_PASS,
     _IBAN_REACH,
     _INSIDE_CARD,
@@ -182,8 +183,10 @@ def _scan(pattern: re.Pattern[bytes], data: bytes, windows: list[tuple[int, int]
 
 def _mask_emails(masking: _Masking) -> None:
     if b"@" in masking.data and b"." in masking.data:  # every domain holds a dot
-        starts, ends, _, _ = _scan(_EMAIL, masking.data, [(0, len(masking.data))], grouped=False)
-        masking.mask(starts, ends, _LABEL["email"])
+        # Dense emails cost a Match object each with finditer; split makes only the pieces, in C.
+        pieces = _EMAIL_SPLIT.split(masking.data)  # between emails, an email, between, ..., between
+        bounds = np.cumsum(np.fromiter(map(len, pieces), np.int64, len(pieces)))
+        masking.mask(bounds[0:-1:2], bounds[1::2], _LABEL["email"])
 
 
 def _mask_ibans(masking: _Masking) -> None:

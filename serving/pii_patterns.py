@@ -28,6 +28,7 @@ _EMAIL_LOCAL = r"A-Za-z0-9._%+\-"
 _EMAIL_DOMAIN = r"@[A-Za-z0-9-]{1,63}+(?:\.[A-Za-z0-9-]{1,63}+){0,8}\.[A-Za-z]{2,24}+(?![A-Za-z0-9-])"
 _EMAIL = _compile(rf"[{_EMAIL_LOCAL}](?<![{_EMAIL_LOCAL}][{_EMAIL_LOCAL}])[{_EMAIL_LOCAL}]{{0,63}}+{_EMAIL_DOMAIN}"
                   rf"(?:[._%+][{_EMAIL_LOCAL}]{{0,63}}+{_EMAIL_DOMAIN}){{0,100000}}+")
+_EMAIL_SPLIT = re.compile(b"(%s)" % _EMAIL.pattern)  # split() gives the text between emails and each email
 
 # IBAN: country, check digits, 11-30 alphanumerics, optionally in groups of 4; kept only if mod-97
 # valid. A run of letters in which no IBAN starts is consumed at once.
