@@ -252,7 +252,9 @@ def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> bool:
     ip_starts, ip_ends = runs.starts[ip_runs], runs.ends[ip_runs + 3]
     # A window around another start may reach an address or a chain read off above: those are kept once.
     start_run = np.minimum(np.searchsorted(runs.starts, starts), len(runs.starts) - 1)
-    found_twice = np.isin(starts, ip_starts) | fast_chain[kinds.chain[start_run]]
+    ip_run = np.zeros(len(runs.starts), bool)
+    ip_run[ip_runs] = True
+    found_twice = (ip_run[start_run] & (runs.starts[start_run] == starts)) | fast_chain[kinds.chain[start_run]]
     starts = np.concatenate((starts[~found_twice], ip_starts, card_starts))
     masking.mask(starts, np.concatenate((ends[~found_twice], ip_ends, card_ends)),
                  np.concatenate((labels[~found_twice], np.full(len(ip_starts), _LABEL["ip"]),

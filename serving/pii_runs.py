@@ -122,15 +122,18 @@ def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:
     first = first[first + 3 < len(runs.lengths)]
     if not first.size:
         return first
-    lengths = runs.lengths
-    digit = [(byte.astype(np.int64) - 48) for byte in (runs.first, runs.second, runs.third)]
+    # Each candidate's four runs, as rows: octets, and the separators between them and after the last.
+    quad = first[:, None] + np.arange(4)
+    lengths, lead = runs.lengths[quad], runs.first[quad]
+    digit = [lead.astype(np.int64) - 48, runs.second[quad].astype(np.int64) - 48, runs.third[quad].astype(np.int64) - 48]
     value = np.where(lengths == 1, digit[0], np.where(lengths == 2, 10 * digit[0] + digit[1],
                                                          100 * digit[0] + 10 * digit[1] + digit[2]))
-    octet = (lengths <= 3) & (value <= 255) & ((lengths == 1) | (runs.first != ord("0")))
-    dot_joined = np.concatenate(((runs.starts[1:] == runs.ends[:-1] + 1) & (runs.after[:-1] == ord(".")), [False]))
-    ends_address = octet & ~((runs.after == ord(".")) & _is_digit(runs.after2))
-    address = (octet[first] & dot_joined[first] & octet[first + 1] & dot_joined[first + 1] & octet[first + 2]
-               & dot_joined[first + 2] & ends_address[first + 3])
+    octet = (lengths <= 3) & (value <= 255) & ((lengths == 1) | (lead != ord("0")))
+    inner = quad[:, :3]
+    dot_joined = (runs.starts[inner + 1] == runs.ends[inner] + 1) & (runs.after[inner] == ord("."))
+    last = quad[:, 3]
+    ends_address = ~((runs.after[last] == ord(".")) & _is_digit(runs.after2[last]))
+    address = octet.all(axis=1) & dot_joined.all(axis=1) & ends_address
     return first[address]
 
 
