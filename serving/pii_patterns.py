@@ -106,6 +106,20 @@ def _luhn_valid(digits: str | bytes, separators: bytes = b"") -> bool:
     return (sum(kept) - 48 * len(kept) + sum(doubled.translate(_LUHN_DOUBLED))) % 10 == 0
 
 
+def _stretch(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The characters the checks read, and the spans' places in them: the stretch of the view from the
+    first span's start to the last one's end, or, where the spans cover less than a third of it, the
+    spans alone, back to back."""
+    low, high = int(starts.min()), int(ends.max())
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if 3 * total >= high - low:
+        return view[low:high], starts - low, ends - low
+    offsets = np.cumsum(lengths) - lengths
+    positions = np.arange(total) + np.repeat(starts - offsets, lengths)
+    return view[positions], offsets, offsets + lengths
+
+
 def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Luhn checks of many card-shaped spans (digits, spaces, dashes; each ends with a digit) at once:
     counted from the right, every second digit is doubled (less 9 above 9), and the sum must end in 0.
@@ -113,15 +127,13 @@ def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) ->
     digit has an even index among the digits there, one for odd: no per-character work per span."""
     if not starts.size:
         return np.zeros(0, bool)
-    low = int(starts.min())
-    codes = view[low:int(ends.max())]
+    codes, starts, ends = _stretch(view, starts, ends)
     digit = (codes - 48).astype(np.uint8) < 10
     values = np.where(digit, codes - 48, 0).astype(np.uint8)
     doubled = _LUHN_DOUBLED_ARRAY[values]
     odd_count = (np.cumsum(digit, dtype=np.int32) & 1).astype(bool)  # an odd count through here: even index
     last_even = np.concatenate(([0], np.cumsum(np.where(odd_count, values, doubled), dtype=np.int64)))
     last_odd = np.concatenate(([0], np.cumsum(np.where(odd_count, doubled, values), dtype=np.int64)))
-    starts, ends = starts - low, ends - low
     total = np.where(odd_count[ends - 1], last_even[ends] - last_even[starts], last_odd[ends] - last_odd[starts])
     return total % 10 == 0
 
@@ -138,8 +150,7 @@ def _iban_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) ->
     [s + 4, e) is 10**W_(e-1) times a difference of prefix sums, all mod 97."""
     if not starts.size:
         return np.zeros(0, bool)
-    low = int(starts.min())
-    codes = view[low:int(ends.max())]
+    codes, starts, ends = _stretch(view, starts, ends)
     letter = (codes - 65).astype(np.uint8) < 26
     digit = (codes - 48).astype(np.uint8) < 10
     value = np.where(letter, codes - 55, np.where(digit, codes - 48, 0)).astype(np.int32)
@@ -147,7 +158,6 @@ def _iban_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) ->
     through = np.cumsum(width, dtype=np.int64) % 96
     alnum = np.concatenate(([0], np.cumsum(letter | digit, dtype=np.int64)))
     terms = np.concatenate(([0], np.cumsum(value * _POW10_INVERSE_MOD97[through] % 97, dtype=np.int64)))
-    starts, ends = starts - low, ends - low
     body = (terms[ends] - terms[starts + 4]) % 97 * _POW10_MOD97[through[ends - 1]] % 97
     first_four = ((value[starts] * 100 + value[starts + 1]) * 100 + value[starts + 2] * 10 + value[starts + 3]) % 97
     remainder = (body * _POW10_MOD97[6] + first_four) % 97  # the first four are six decimal digits

@@ -456,14 +456,25 @@ def test_masking_long_text_equals_the_regexes_alone():
         assert _mask_by_candidates(text) == _mask_by_regex_alone(text), text
 
 
-def test_vectorized_checks_agree_with_the_scalar_ones():
-    """Luhn and mod-97 run over all candidate spans at once (prefix sums over the stretch they lie in);
-    they agree with the one-span checks, whatever digits and letters lie between the spans."""
+@pytest.mark.parametrize("filler", ["", "x 1-" * 30])
+def test_vectorized_checks_agree_with_the_scalar_ones(filler):
+    """Luhn and mod-97 run over all candidate spans at once (prefix sums over the stretch they lie in,
+    or over the spans alone where they are sparse: `filler`); they agree with the one-span checks,
+    whatever digits and letters lie between the spans."""
     import random
 
     import numpy as np
 
     from serving.pii_patterns import _iban_valid_spans, _luhn_valid, _luhn_valid_spans
+
+    def laid_out(spans: list[str], gaps: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        text, starts = "", []
+        for span in spans:
+            text += rng.choice(gaps) + filler
+            starts.append(len(text))
+            text += span
+        starts = np.array(starts)
+        return np.frombuffer(text.encode(), np.uint8), starts, starts + np.array([len(span) for span in spans])
 
     rng = random.Random(0)
     cards = []
@@ -471,14 +482,7 @@ def test_vectorized_checks_agree_with_the_scalar_ones():
         digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(13, 19)))
         cards.append("".join(d + (rng.choice(["", " ", "-"]) if i < len(digits) - 1 else "") for i, d in enumerate(digits)))
     gaps = ["|", "|7|", "|12 x|", "|A9|", "|8 8|"]  # digits between spans shift no span's count
-    text, starts = "", []
-    for card in cards:
-        text += rng.choice(gaps)
-        starts.append(len(text))
-        text += card
-    starts = np.array(starts)
-    ends = starts + np.array([len(card) for card in cards])
-    got = _luhn_valid_spans(np.frombuffer(text.encode(), np.uint8), starts, ends)
+    got = _luhn_valid_spans(*laid_out(cards, gaps))
     assert got.tolist() == [_luhn_valid(card, b" -") for card in cards]
     assert 10 < got.sum() < 390
 
@@ -493,14 +497,7 @@ def test_vectorized_checks_agree_with_the_scalar_ones():
         if rng.random() < 0.5:
             iban = f"GB{rng.randint(0, 99):02d}{body}"  # mostly invalid
         ibans.append(" ".join(iban[i:i + 4] for i in range(0, len(iban), 4)) if rng.random() < 0.5 else iban)
-    text, starts = "", []
-    for iban in ibans:
-        text += rng.choice(gaps + ["|Z 7|", "|GB82 "])
-        starts.append(len(text))
-        text += iban
-    starts = np.array(starts)
-    ends = starts + np.array([len(iban) for iban in ibans])
-    got = _iban_valid_spans(np.frombuffer(text.encode(), np.uint8), starts, ends)
+    got = _iban_valid_spans(*laid_out(ibans, gaps + ["|Z 7|", "|GB82 "]))
     assert got.tolist() == [mod97(iban) for iban in ibans]
     assert 50 < got.sum() < 350
 
