@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+from array import array
 
 import numpy as np
 
@@ -145,6 +146,19 @@ def _rank(subset: np.ndarray, length: int) -> np.ndarray:
     return np.cumsum(counts)
 
 
+def _visited(following: np.ndarray) -> np.ndarray:
+    """The indices visited from 0 when each index i moves on to following[i] (> i), until past the end:
+    how the regex moves on, leftmost first, from each span it takes or start it passes over. One step of
+    Python each, on array.array buffers (no list of every index, no list of the visited ones)."""
+    steps = array("q", following.astype(np.int64, copy=False).tobytes())
+    visited = array("q")
+    visit, end, position = visited.append, len(steps), 0
+    while position < end:
+        visit(position)
+        position = steps[position]
+    return np.frombuffer(visited, np.int64) if visited else np.zeros(0, np.int64)
+
+
 def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Card-shaped spans read off the chains in which only cards can start (no mobile, ID card, 10-digit
     phone or IPv4 start, and not entered from a dot, where an address may end), leftmost first as the
@@ -164,14 +178,8 @@ def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> 
     last_end = np.maximum.accumulate(np.where(runs.after != ord("-"), np.arange(len(lengths)), -1))[longest]
     card = (last_end >= fast) & (through[np.maximum(last_end, 0)] - before >= 13) & (runs.before[fast] != ord("-"))
     # Leftmost first: from a span's last group, the next start is the first candidate after it.
-    after_span = _rank(fast, len(lengths))[np.where(card, last_end, fast) + 1]
-    after_span_list, card_list = after_span.tolist(), card.tolist()
-    taken, position = [], 0
-    while position < len(fast):
-        if card_list[position]:
-            taken.append(position)
-        position = after_span_list[position]
-    taken = np.array(taken, np.int64)
+    visited = _visited(_rank(fast, len(lengths))[np.where(card, last_end, fast) + 1])
+    taken = visited[card[visited]]
     return fast_chain, fast[taken], last_end[taken]
 
 
@@ -225,10 +233,5 @@ def _phone_chains(view: np.ndarray, runs: _DigitRuns, can_end: np.ndarray) -> tu
     groups = np.where(three & ends_at[3:n + 3], 3, np.where(two & ends_at[2:n + 2], 2, np.where(one & ends_at[1:n + 1], 1, 0)))
     fast = np.flatnonzero(starts_phone & (groups > 0) & fast_chain[chain])
     last = fast + groups[fast]
-    after_span = _rank(fast, n)[last + 1].tolist()
-    taken, position = [], 0
-    while position < len(fast):
-        taken.append(position)
-        position = after_span[position]
-    taken = np.array(taken, np.int64)
+    taken = _visited(_rank(fast, n)[last + 1])  # leftmost first: the next start after a span's last group
     return chain, fast_chain, fast[taken], last[taken]
