@@ -174,7 +174,11 @@ def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> 
         return fast_chain, fast, fast
     through = kinds.digits_through
     before = through[fast] - lengths[fast]  # digits before the span's first group
-    longest = np.minimum(np.searchsorted(through, before + 19, "right") - 1, kinds.chain_last[kinds.chain[fast]])
+    # The last run ending within 19 digits: the run that holds digit number before + 19, or the one
+    # before it where that run holds more (a lookup in each digit's run, cheaper than searchsorted).
+    run_of_digit = np.repeat(np.arange(len(lengths)), lengths)
+    holding = run_of_digit[np.minimum(before + 18, len(run_of_digit) - 1)]
+    longest = np.minimum(holding - (through[holding] > before + 19), kinds.chain_last[kinds.chain[fast]])
     last_end = np.maximum.accumulate(np.where(runs.after != ord("-"), np.arange(len(lengths)), -1))[longest]
     card = (last_end >= fast) & (through[np.maximum(last_end, 0)] - before >= 13) & (runs.before[fast] != ord("-"))
     # Leftmost first: from a span's last group, the next start is the first candidate after it.
