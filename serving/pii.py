@@ -238,7 +238,7 @@ def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> bool:
     scanned[ip_runs + 3] = False  # a last octet followed by a space could start a card; the address holds it
     fast_chain, first_runs, last_runs = _card_chains(runs, kinds, scanned)
     card_starts, card_ends = runs.starts[first_runs], runs.ends[last_runs]
-    only_cards = _only_cards(masking.view, runs, card_starts, card_ends)
+    only_cards = _only_cards(runs, first_runs, last_runs)
     if not only_cards.all():  # such a chain is scanned by the regex instead
         fast_chain[kinds.chain[first_runs[~only_cards]]] = False
         read_off = fast_chain[kinds.chain[first_runs]]
@@ -268,7 +268,8 @@ def _digit_pass_windows(masking: _Masking, runs: _DigitRuns, windows, starts: li
     label = _DIGIT_PASS_LABELS[group]
     card = label == _CARD_SHAPED
     only_a_card = card.copy()
-    only_a_card[card] = _only_cards(masking.view, runs, start[card], end[card])
+    only_a_card[card] = _only_cards(runs, np.searchsorted(runs.starts, start[card]),
+                                    np.searchsorted(runs.ends, end[card]))
     kept = label >= 0
     kept[only_a_card] = _luhn_valid_spans(masking.view, start[only_a_card], end[only_a_card])
     label[only_a_card] = _LABEL["card"]

@@ -187,17 +187,15 @@ def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> 
     return fast_chain, fast[taken], last_end[taken]
 
 
-def _only_cards(view: np.ndarray, runs: _DigitRuns, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def _only_cards(runs: _DigitRuns, first_run: np.ndarray, last_run: np.ndarray) -> np.ndarray:
     """For card-shaped spans: no kind masked before cards can start inside (a group of 10+ digits, or one
     that starts like a mobile, 1[3-9] or 86), at the start (a first group of exactly 10 digits: a bare
     10-digit phone) or at the end (a dot and a digit follow: an IPv4 address)."""
-    first_run, last_run = np.searchsorted(runs.starts, starts), np.searchsorted(runs.ends, ends)
     may_start = ((runs.lengths >= 10) | ((runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7))
                  | ((runs.first == ord("8")) & (runs.second == ord("6"))))
     may_start_through = np.concatenate(([0], np.cumsum(may_start)))
     inside = may_start_through[last_run + 1] - may_start_through[first_run + 1] > 0
-    dot_digit_after = (view[np.minimum(ends, len(view) - 1)] == ord(".")) & (ends + 1 < len(view))
-    dot_digit_after &= _is_digit(view[np.minimum(ends + 1, len(view) - 1)])
+    dot_digit_after = (runs.after[last_run] == ord(".")) & _is_digit(runs.after2[last_run])
     one_group = first_run == last_run
     return ~dot_digit_after & (one_group | ~(inside | (runs.lengths[first_run] == 10)))
 
