@@ -96,7 +96,6 @@ PII_PATTERNS = (_EMAIL, _IBAN_PASS, _PLUS86_MOBILE, _DIGIT_PASS, _INSIDE_CARD, _
 
 # ---- checks -------------------------------------------------------------------------------------------
 _LUHN_DOUBLED = bytes.maketrans(b"0123456789", bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
-_LUHN_DOUBLED_ARRAY = np.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], np.uint8)
 
 
 def _luhn_valid(digits: str | bytes, separators: bytes = b"") -> bool:
@@ -120,6 +119,31 @@ def _stretch(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np
     return view[positions], offsets, offsets + lengths
 
 
+def _table(mapping: dict[int, int]) -> bytes:
+    """A bytes.translate table: each byte in `mapping` to its value, every other byte to 0."""
+    table = bytearray(256)
+    for byte, value in mapping.items():
+        table[byte] = value
+    return bytes(table)
+
+
+_IS_DIGIT = _table({48 + d: 1 for d in range(10)})
+_DIGIT_VALUE = _table({48 + d: d for d in range(10)})
+_DIGIT_DOUBLED = _table({48 + d: v for d, v in enumerate([0, 2, 4, 6, 8, 1, 3, 5, 7, 9])})
+
+
+def _read(codes: np.ndarray, table: bytes) -> np.ndarray:
+    """Each byte through a translate table (one C pass, no index array)."""
+    return np.frombuffer(codes.tobytes().translate(table), np.uint8)
+
+
+def _prefix_sums(values: np.ndarray) -> np.ndarray:
+    """0, then the running totals of `values` (int32 while they cannot overflow)."""
+    sums = np.zeros(len(values) + 1, np.int32 if len(values) < 2**31 // 256 else np.int64)
+    np.cumsum(values, dtype=sums.dtype, out=sums[1:])
+    return sums
+
+
 def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Luhn checks of many card-shaped spans (digits, spaces, dashes; each ends with a digit) at once:
     counted from the right, every second digit is doubled (less 9 above 9), and the sum must end in 0.
@@ -128,18 +152,19 @@ def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) ->
     if not starts.size:
         return np.zeros(0, bool)
     codes, starts, ends = _stretch(view, starts, ends)
-    digit = (codes - 48).astype(np.uint8) < 10
-    values = np.where(digit, codes - 48, 0).astype(np.uint8)
-    doubled = _LUHN_DOUBLED_ARRAY[values]
-    odd_count = (np.cumsum(digit, dtype=np.int32) & 1).astype(bool)  # an odd count through here: even index
-    last_even = np.concatenate(([0], np.cumsum(np.where(odd_count, values, doubled), dtype=np.int64)))
-    last_odd = np.concatenate(([0], np.cumsum(np.where(odd_count, doubled, values), dtype=np.int64)))
-    total = np.where(odd_count[ends - 1], last_even[ends] - last_even[starts], last_odd[ends] - last_odd[starts])
+    values, doubled = _read(codes, _DIGIT_VALUE), _read(codes, _DIGIT_DOUBLED)
+    even_index = np.bitwise_xor.accumulate(_read(codes, _IS_DIGIT)).view(bool)  # an odd count of digits so far
+    last_even = _prefix_sums(np.where(even_index, values, doubled))
+    last_odd = _prefix_sums(np.where(even_index, doubled, values))
+    total = np.where(even_index[ends - 1], last_even[ends] - last_even[starts], last_odd[ends] - last_odd[starts])
     return total % 10 == 0
 
 
 _POW10_MOD97 = np.array([pow(10, k, 97) for k in range(96)], np.int32)  # 10**96 % 97 == 1 (Fermat)
 _POW10_INVERSE_MOD97 = np.array([pow(10, -k, 97) for k in range(96)], np.int32)
+_IBAN_VALUE = _table({**{48 + d: d for d in range(10)}, **{65 + i: 10 + i for i in range(26)}})  # A=10 .. Z=35
+_IBAN_WIDTH = _table({**{48 + d: 1 for d in range(10)}, **{65 + i: 2 for i in range(26)}})  # its decimal digits
+_IS_ALNUM = _table({**{48 + d: 1 for d in range(10)}, **{65 + i: 1 for i in range(26)}})
 
 
 def _iban_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -151,15 +176,13 @@ def _iban_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) ->
     if not starts.size:
         return np.zeros(0, bool)
     codes, starts, ends = _stretch(view, starts, ends)
-    letter = (codes - 65).astype(np.uint8) < 26
-    digit = (codes - 48).astype(np.uint8) < 10
-    value = np.where(letter, codes - 55, np.where(digit, codes - 48, 0)).astype(np.int32)
-    width = letter.astype(np.int32) * 2 + digit
-    through = np.cumsum(width, dtype=np.int64) % 96
-    alnum = np.concatenate(([0], np.cumsum(letter | digit, dtype=np.int64)))
-    terms = np.concatenate(([0], np.cumsum(value * _POW10_INVERSE_MOD97[through] % 97, dtype=np.int64)))
+    value = _read(codes, _IBAN_VALUE)
+    through = _prefix_sums(_read(codes, _IBAN_WIDTH))[1:] % 96  # decimal digits through each character
+    alnum = _prefix_sums(_read(codes, _IS_ALNUM))
+    terms = _prefix_sums(value * _POW10_INVERSE_MOD97[through] % 97)
     body = (terms[ends] - terms[starts + 4]) % 97 * _POW10_MOD97[through[ends - 1]] % 97
-    first_four = ((value[starts] * 100 + value[starts + 1]) * 100 + value[starts + 2] * 10 + value[starts + 3]) % 97
+    first = [value[starts + k].astype(np.int32) for k in range(4)]
+    first_four = ((first[0] * 100 + first[1]) * 100 + first[2] * 10 + first[3]) % 97
     remainder = (body * _POW10_MOD97[6] + first_four) % 97  # the first four are six decimal digits
     length = alnum[ends] - alnum[starts]
     return (length >= 15) & (length <= 34) & (remainder == 1)
