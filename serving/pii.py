@@ -14,7 +14,9 @@ adversarial shapes against 100 ms):
   holds), and the regex runs only in windows around those positions: text where nothing can match costs
   a few vectorized operations per character, not an attempt of each pattern at each digit.
 - IPv4 addresses that no other kind can reach, Luhn checks of card-shaped spans in which nothing else can
-  start, mod-97 checks of IBANs and digit counts of phone-shaped spans run vectorized, all at once.
+  start, mod-97 checks of IBANs (both from prefix sums) and digit counts of phone-shaped spans run
+  vectorized, all at once; where spans are dense, no step makes a Python object per span (emails come
+  from one `split` of the whole text, leftmost-first walks step through array buffers).
 - Patterns and checks: serving/pii_patterns.py (every repeat bounded, so each attempt is too); the byte
   view, the digit runs and the spans read off them: serving/pii_runs.py.
 """
