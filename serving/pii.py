@@ -18,7 +18,8 @@ adversarial shapes against 100 ms):
   vectorized, all at once; where spans are dense, no step makes a Python object per span (emails come
   from one `split` of the whole text, leftmost-first walks step through array buffers).
 - Patterns and checks: serving/pii_patterns.py (every repeat bounded, so each attempt is too); the byte
-  view, the digit runs and the spans read off them: serving/pii_runs.py.
+  view, the digit runs and the spans read off them: serving/pii_runs.py; the regexes alone (short texts,
+  and the reference the tests compare with): serving/pii_regex.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,28 @@ import re
 
 import numpy as np
 
+from serving.pii_patterns import (  # noqa: F401 (PII_PLACEHOLDERS, PII_PATTERNS: re-exported)
+    PII_PLACEHOLDERS,
+    PII_PATTERNS,
+    _DATE,
+    _DIGIT_PASS,
+    _DIGIT_REACH,
+    _EMAIL_SPLIT,
+    _IBAN_PASS,
+    _IBAN_REACH,
+    _PHONE_PASS,
+    _PHONE_REACH,
+    _PLUS86_MOBILE,
+    _iban_valid_spans,
+    _luhn_valid_spans,
+)
+from serving.pii_regex import (  # noqa: F401 (_mask_by_regex_alone: the tests' reference)
+    _KIND_LABEL,
+    _LABEL,
+    _PLACEHOLDER_LIST,
+    _mask_by_regex_alone,
+    _mask_card_shaped,
+)
 from serving.pii_runs import (
     _card_chains,
     _DigitRuns,
@@ -41,26 +64,6 @@ from serving.pii_runs import (
     _phone_ends,
     _view,
 )
-from serving.pii_patterns import (  # noqa: F401 (PII_PATTERNS: re-exported)
-    PII_PLACEHOLDERS,
-    PII_PATTERNS,
-    _CARD_DIGITS,
-    _DATE,
-    _DIGIT_PASS,
-    _DIGIT_REACH,
-    _EMAIL,
-    _EMAIL_SPLIT,
-    _IBAN_PASS,
-    _IBAN_REACH,
-    _INSIDE_CARD,
-    _INSIDE_CARD_REACH,
-    _PHONE_PASS,
-    _PHONE_REACH,
-    _PLUS86_MOBILE,
-    _iban_valid_spans,
-    _luhn_valid,
-    _luhn_valid_spans,
-)
 
 # A window's scan reads this far past its last possible start: more than any match (the "rest of a run"
 # consumers aside, which mask nothing) and its lookahead, so it sees what a scan of the whole text sees.
@@ -69,11 +72,6 @@ _MERGE_GAP = 64  # windows closer than this are scanned as one
 
 
 # ---- the masking --------------------------------------------------------------------------------------
-_LABELS = ("email", "cn_id", "card", "phone", "ip", "iban")
-_LABEL = {name: i for i, name in enumerate(_LABELS)}
-_PLACEHOLDER_LIST = [PII_PLACEHOLDERS[name] for name in _LABELS]
-_KIND_LABEL = {"cn_id": _LABEL["cn_id"], "mobile": _LABEL["phone"], "mobile_": _LABEL["phone"],
-               "phone10": _LABEL["phone"], "ip": _LABEL["ip"], "ip_": _LABEL["ip"]}
 _NO_KIND, _CARD_SHAPED = -1, -2
 
 
@@ -292,29 +290,6 @@ def _digit_pass_windows(masking: _Masking, runs: _DigitRuns, windows, starts: li
     labels += [label[kept], np.array(extra_labels, np.int64)]
 
 
-def _mask_card_shaped(data: bytes, start: int, end: int, starts: list, ends: list, labels: list) -> int:
-    """Masks a card-shaped span data[start:end] that other kinds may start in (appending to the span
-    lists) and returns where it stops (past `end` when a kind inside it runs on). Those kinds are looked
-    for in the whole text, so lookarounds see the real neighbours."""
-    inner = [found for found in _INSIDE_CARD.finditer(data, start, min(end + _INSIDE_CARD_REACH, len(data)))
-             if not found.lastgroup.startswith("rest") and found.start() < end]
-    if all(found.lastgroup == "phone10" for found in inner):  # nothing masked before cards
-        if _luhn_valid(data[start:end], b" -"):
-            starts.append(start), ends.append(end), labels.append(_LABEL["card"])
-            return end
-    elif _is_card(before := data[start:inner[0].start()].rstrip(b" -")):  # a card, then an ID card ...
-        starts.append(start), ends.append(start + len(before)), labels.append(_LABEL["card"])
-    kept = end
-    for found in inner:
-        starts.append(found.start()), ends.append(found.end()), labels.append(_KIND_LABEL[found.lastgroup])
-        kept = found.end()
-    return max(kept, end)
-
-
-def _is_card(text: bytes) -> bool:
-    return bool(_CARD_DIGITS.fullmatch(text)) and _luhn_valid(text, b" -")
-
-
 def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
     """Phone numbers: 7-15 digits, and not a date (2024-05-01)."""
     if not runs.lengths.size:
@@ -344,57 +319,6 @@ def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
 
 
 _SHORT = 8192  # characters: below this, numpy's fixed cost exceeds what finding candidates saves
-
-
-def _mask_by_regex_alone(text: str) -> str:
-    """mask_pii of an ASCII text with each pass's regex scanning the whole text and the checks done one
-    span at a time: what the windows and the vectorized reading compute, directly (short texts, and the
-    reference the tests compare mask_pii with)."""
-    data = bytearray(text.encode("ascii"))
-    spans: list[tuple[int, int, int]] = []
-
-    def mask(found: list[tuple[int, int, int]]) -> None:
-        for start, end, label in found:
-            data[start:end] = b"[" + b"#" * (end - start - 2) + b"]"
-        spans.extend(found)
-
-    mask([(*m.span(), _LABEL["email"]) for m in _EMAIL.finditer(data)])
-    mask([(*m.span(), _LABEL["iban"]) for m in _IBAN_PASS.finditer(data)
-          if m.lastgroup == "iban" and _iban_valid(bytes(m.group()))])
-    mask([(*m.span(), _LABEL["phone"]) for m in _PLUS86_MOBILE.finditer(data)])
-    found_starts, found_ends, found_labels, position = [], [], [], 0
-    while position < len(data):
-        for match in _DIGIT_PASS.finditer(data, position):
-            kind, (start, end) = match.lastgroup, match.span()
-            if kind.startswith("rest"):
-                continue
-            if kind in _KIND_LABEL:
-                found_starts.append(start), found_ends.append(end), found_labels.append(_KIND_LABEL[kind])
-                continue
-            stop = _mask_card_shaped(bytes(data), start, end, found_starts, found_ends, found_labels)
-            if stop > end:  # a kind inside the span runs on past it: scan again from there
-                position = stop
-                break
-        else:
-            break
-    mask(list(zip(found_starts, found_ends, found_labels)))
-    phones = []
-    for match in _PHONE_PASS.finditer(data):
-        if match.lastgroup == "phone":
-            digits = len(match.group().translate(None, b" .-()+"))
-            if 7 <= digits <= 15 and not (digits <= 8 and _DATE.fullmatch(match.group())):
-                phones.append((*match.span(), _LABEL["phone"]))
-    mask(phones)
-    pieces, kept = [], 0
-    for start, end, label in sorted(spans):
-        pieces += (text[kept:start], _PLACEHOLDER_LIST[label])
-        kept = end
-    return "".join(pieces) + text[kept:]
-
-
-def _iban_valid(text: bytes) -> bool:
-    compact = text.replace(b" ", b"").decode("ascii")
-    return 15 <= len(compact) <= 34 and int("".join(str(int(c, 36)) for c in compact[4:] + compact[:4])) % 97 == 1
 
 
 def mask_pii(text: str) -> str:
