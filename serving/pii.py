@@ -268,8 +268,9 @@ def _digit_pass_windows(masking: _Masking, runs: _DigitRuns, windows, starts: li
     label = _DIGIT_PASS_LABELS[group]
     card = label == _CARD_SHAPED
     only_a_card = card.copy()
-    only_a_card[card] = _only_cards(runs, np.searchsorted(runs.starts, start[card]),
-                                    np.searchsorted(runs.ends, end[card]))
+    if card.any():  # (_only_cards reads every run)
+        only_a_card[card] = _only_cards(runs, np.searchsorted(runs.starts, start[card]),
+                                        np.searchsorted(runs.ends, end[card]))
     kept = label >= 0
     kept[only_a_card] = _luhn_valid_spans(masking.view, start[only_a_card], end[only_a_card])
     label[only_a_card] = _LABEL["card"]

@@ -110,9 +110,11 @@ class _DigitStarts:
                       | ((before != ord("-")) & space_or_dash_after & (digits_from_here >= 13))
                       | (self.mobile & ((lengths >= 10) | space_or_dash_after)))
         self.ip = (lengths <= 3) & (after == ord(".")) & (before != ord("."))
-        other_through = np.cumsum(self.other)
-        other_earlier_in_chain = other_through - self.other - (other_through - self.other)[self.chain_starts][self.chain] > 0
-        self.alone = self.ip & ~self.other & ~other_earlier_in_chain
+        self.alone = self.ip & ~self.other
+        if self.alone.any():
+            other_through = np.cumsum(self.other)
+            other_earlier_in_chain = other_through - self.other - (other_through - self.other)[self.chain_starts][self.chain] > 0
+            self.alone &= ~other_earlier_in_chain
 
 
 def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:
