@@ -127,11 +127,10 @@ def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:
         return first
     # Each candidate's four runs, as rows: octets, and the separators between them and after the last.
     quad = first[:, None] + np.arange(4)
-    lengths, lead = runs.lengths[quad], runs.first[quad]
-    digit = [lead.astype(np.int64) - 48, runs.second[quad].astype(np.int64) - 48, runs.third[quad].astype(np.int64) - 48]
-    value = np.where(lengths == 1, digit[0], np.where(lengths == 2, 10 * digit[0] + digit[1],
-                                                         100 * digit[0] + 10 * digit[1] + digit[2]))
-    octet = (lengths <= 3) & (value <= 255) & ((lengths == 1) | (lead != ord("0")))
+    lengths, lead, second, third = runs.lengths[quad], runs.first[quad], runs.second[quad], runs.third[quad]
+    # 0-255 without a leading zero, read off the digits' bytes: 0-9, 10-99, 100-199, 200-249, 250-255.
+    octet = (lengths == 1) | ((lengths == 2) & (lead != ord("0"))) | ((lengths == 3) & (
+        (lead == ord("1")) | ((lead == ord("2")) & ((second < ord("5")) | ((second == ord("5")) & (third <= ord("5")))))))
     inner = quad[:, :3]
     dot_joined = (runs.starts[inner + 1] == runs.ends[inner] + 1) & (runs.after[inner] == ord("."))
     last = quad[:, 3]

@@ -456,6 +456,20 @@ def test_masking_long_text_equals_the_regexes_alone():
         assert _mask_by_candidates(text) == _mask_by_regex_alone(text), text
 
 
+def test_ipv4_octets_read_off_the_runs_equal_the_regexes_alone():
+    """IPv4 addresses in dense text are read off the digit runs (octet bounds from the digits' bytes):
+    every octet edge (0, 9-10, 99-100, 199-200, 249-250, 255-256, leading zeros) as the regex reads it."""
+    import itertools
+
+    from serving.pii import _mask_by_candidates, _mask_by_regex_alone
+
+    octets = ["0", "9", "10", "01", "99", "100", "199", "200", "249", "250", "255", "256", "260", "300", "099", "1000"]
+    text = " ".join(f"{a}.{b}.1.{d}" for a, b, d in itertools.product(octets, octets, octets)) + " 1.2.3.4.5 "
+    masked = _mask_by_candidates(text)
+    assert masked == _mask_by_regex_alone(text)
+    assert masked.count("[IP]") == 10 ** 3  # 10 of the 16 are octets
+
+
 @pytest.mark.parametrize("filler", ["", "x 1-" * 30])
 def test_vectorized_checks_agree_with_the_scalar_ones(filler):
     """Luhn and mod-97 run over all candidate spans at once (prefix sums over the stretch they lie in,
