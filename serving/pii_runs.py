@@ -165,6 +165,9 @@ def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> 
     phone or IPv4 start, and not entered from a dot, where an address may end), leftmost first as the
     regex takes them: from a group, the most digits up to 19 (at least 13) that end a group not followed
     by a dash. Returns the mask of those chains, and each span's first and last run."""
+    if not scanned.any():
+        nothing = np.zeros(0, np.int64)
+        return np.zeros(len(kinds.chain_starts), bool), nothing, nothing
     lengths = runs.lengths
     card_only = ~kinds.mobile & ~kinds.ip & ~_in_lengths(lengths, (10, 15, 17, 18)) & (lengths <= 19)
     other_start = np.bincount(kinds.chain, weights=scanned & ~card_only, minlength=len(kinds.chain_starts)) > 0
