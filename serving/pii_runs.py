@@ -91,15 +91,16 @@ class _DigitStarts:
     could run into it, "1 2 ... 3 4.5.6.7")."""
 
     def __init__(self, runs: _DigitRuns):
-        lengths, before, after = runs.lengths, runs.before, runs.after
+        before, after = runs.before, runs.after
+        lengths = np.minimum(runs.lengths, 255).astype(np.uint8)  # for comparisons with lengths up to 19
         space_or_dash_after = _in(after, b" -")
         joined = (runs.starts[1:] == runs.ends[:-1] + 1) & space_or_dash_after[:-1]  # to the next group
         new_chain = np.concatenate(([True], ~joined))
         self.chain_starts = np.flatnonzero(new_chain)
         self.chain = np.cumsum(new_chain) - 1
         self.chain_last = np.concatenate((self.chain_starts[1:] - 1, [len(lengths) - 1]))
-        self.digits_through = np.cumsum(lengths)
-        digits_from_here = self.digits_through[self.chain_last][self.chain] - self.digits_through + lengths
+        self.digits_through = np.cumsum(runs.lengths)
+        digits_from_here = self.digits_through[self.chain_last][self.chain] - self.digits_through + runs.lengths
         letter_before = ((before | 0x20) - 97).astype(np.uint8) < 26
         self.mobile = (runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7) & (lengths >= 3) | (
             (runs.first == ord("8")) & (runs.second == ord("6")) & (
