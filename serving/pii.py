@@ -1,7 +1,7 @@
 """PII masking for serving's prompts, outputs and logs: emails, IBANs, Chinese ID-card and mobile numbers,
 IPv4 addresses, bank cards and phone numbers are replaced by placeholders like [EMAIL].
 
-How it stays fast on any input (issue 11 item 4; `python -m benchmarks.pii_masking` times 1 MB of 28
+How it stays fast on any input (issue 11 item 4; `python -m benchmarks.pii_masking` times 1 MB of 29
 adversarial shapes against 100 ms):
 - The patterns read a byte view of the text, one byte per character (`_view`): ASCII as is, every Unicode
   decimal digit (full-width ０-９, Arabic-Indic, Devanagari, ...) as its ASCII digit, full-width forms and
