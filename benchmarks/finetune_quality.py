@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the whole pipeline")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per fine-tune / export command")
     p.add_argument("--out", default=str(RESULTS_PATH))
+    p.add_argument("--update", action="store_true",
+                   help="keep the scores of tasks/methods in an existing --out file that this run does not redo "
+                        "(run the tasks as separate invocations, each landing in the same file)")
     args = p.parse_args(argv)
     if args.quick:
         args.cls_train, args.cls_test, args.ner_train, args.ner_test = 64, 32, 48, 24
@@ -332,6 +335,7 @@ def finetune_and_evaluate(args, task: str, method: str, model: dict, train_file:
     result = evaluate.evaluate(eval_args, log=lambda *_: None)
     summary = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
     return {"metrics": result["metrics"], "train_seconds": round(train_s, 1), "steps": config["optim"]["max_steps"],
+            "epochs": args.epochs, "lr": config["optim"]["lr"], "load_after": uptime(),
             "trainable_fraction": summary.get("trainable_fraction"), "best_checkpoint": summary.get("best_checkpoint"),
             "val": summary.get("final_eval"), "config": str(config_path)}
 
@@ -347,6 +351,12 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = args.tasks.split(",")
     methods = [m for m in args.methods.split(",") if m] if not args.baselines_only else []
     result: dict = {"args": vars(args), "load_before": uptime()}
+    scores: dict = {}
+    if args.update and Path(args.out).is_file():  # keep what earlier invocations measured; redone keys are replaced
+        previous = json.loads(Path(args.out).read_text())
+        scores.update(previous.get("scores", {}))
+        result["earlier_invocations"] = previous.get("earlier_invocations", []) + [
+            {k: previous.get(k) for k in ("args", "load_before", "load_after")}]
 
     cls_train, cls_test = load_reviews(args.cls_train, args.cls_test, args.max_chars, args.seed)
     ner_train, ner_test = load_ner(args.ner_train, args.ner_test, args.max_chars, args.seed)
@@ -362,7 +372,6 @@ def main(argv: list[str] | None = None) -> dict:
     result["model"] = model
     print(f"[bench] model: {model['name']}" + (f" ({model['why']})" if model.get("why") else ""), flush=True)
 
-    scores: dict = {}
     if "cls" in tasks:
         started = time.time()
         scores["cls_baseline"] = {**classification_baseline(cls_train, cls_test, args.seed), "seconds": round(time.time() - started, 1)}
@@ -395,7 +404,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write_result(result: dict, scores: dict, methods: list[str], out: str) -> None:
-    """The summary (the better fine-tuning method per task) and the JSON file, as far as the runs got."""
+    """The summary (the better fine-tuning method per task) and the JSON file, as far as the runs got.
+
+    With --update, the scores of earlier invocations (kept in `scores`) count as well."""
+    methods = sorted(set(methods) | {k.split("_", 1)[1] for k in scores if not k.endswith("_baseline")})
 
     def best(task: str, metric: str) -> tuple[float | None, str | None]:
         found = [(s["metrics"][metric], m) for m in methods if "metrics" in (s := scores.get(f"{task}_{m}", {}))]
