@@ -41,6 +41,11 @@ def test_data_splits_are_disjoint_balanced_and_baselines_score_them():
     result = finetune_quality.ner_baseline(ner_train, ner_test, seed=0)
     assert result["entities"]["gold"] == sum(len(entity_spans(t)) for _, t in ner_test) > 0
     assert 0.0 <= result["f1"] <= 1.0
+    left = finetune_quality.ner_baseline(ner_train, ner_test, seed=0, features=finetune_quality.left_char_features)
+    assert left["entities"]["gold"] == result["entities"]["gold"] and 0.0 <= left["f1"] <= 1.0
+    # Left context only: nothing at or after the next character reaches the features.
+    assert not any("后" in f for f in finetune_quality.left_char_features(list("前中后"), 1))
+    assert any("后" in f for f in finetune_quality.char_features(list("前中后"), 1))
 
 
 def test_finetune_quality_baselines_only_end_to_end(tmp_path):
