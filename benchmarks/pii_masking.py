@@ -20,10 +20,11 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_MS = 100.0
 # The shapes of tests/test_serving_contract.py (ADVERSARIAL_UNITS), dense PII-shaped ones (every
-# group a candidate that needs a check: 13-digit numbers for Luhn, dotted quads, emails), and prose.
+# group a candidate that needs a check: 13-digit numbers for Luhn, dotted quads, emails, dates among
+# phone shapes), and prose.
 UNITS = ["a", "1", "a@", "1 ", "a.", "1.", "+1 ", "A1", "(1", "@a.", "x@a.b", "1-", "GB82 ", "1.1.", "12 ", "12-",
          "1234 ", "1a", "A", "x@", "+86 1", "GB8212341234 ", "\u0661", "\uff11", "4111111111111 ", "1.1.1.1 ",
-         "a@b.co ", "Call 415-555-0132 or mail jane.doe@example.com about card 4111 1111 1111 1111. "]
+         "a@b.co ", "2024-05-01, ", "Call 415-555-0132 or mail jane.doe@example.com about card 4111 1111 1111 1111. "]
 
 
 def main() -> None:

@@ -54,6 +54,8 @@ class NodePorts:
     dashboard_agent_listen: int
     dashboard_agent_grpc: int
     runtime_env_agent: int
+    haproxy_stats: int  # Serve's HAProxy (serving/ingress.py NODE_ENV) binds these two on every interface
+    haproxy_metrics: int
     min_worker: int
     max_worker: int
 
@@ -117,6 +119,8 @@ def node_ports(base_port: int, index: int) -> NodePorts:
         dashboard_agent_listen=start + 3,
         dashboard_agent_grpc=start + 4,
         runtime_env_agent=start + 5,
+        haproxy_stats=start + 6,
+        haproxy_metrics=start + 7,
         min_worker=start + 10,
         max_worker=start + PORTS_PER_NODE - 1,
     )
@@ -258,7 +262,7 @@ class LocalCluster:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=self._node_env(),
+            env=self._node_env(node),
             start_new_session=True,
         )
         log.close()
@@ -401,8 +405,9 @@ class LocalCluster:
         path.chmod(0o600)
         return path
 
-    def _node_env(self) -> dict[str, str]:
+    def _node_env(self, node: NodeRecord) -> dict[str, str]:
         state = self._require_state()
+        ports = node_ports(state.base_port, node.index)
         env = dict(os.environ)
         # The token file is the one source of truth for this cluster: a stray RAY_AUTH_TOKEN from the
         # caller's shell would otherwise win over it.
@@ -420,6 +425,10 @@ class LocalCluster:
             RAY_health_check_period_ms="1000",
             RAY_health_check_timeout_ms="1000",
             RAY_health_check_failure_threshold="3",
+            # Serve's HAProxy, where a node serves with it (serving/ingress.py), on this node's own ports: its
+            # defaults (8404, 9101) would collide between nodes, and with any other Ray on the machine.
+            RAY_SERVE_HAPROXY_STATS_PORT=str(ports.haproxy_stats),
+            RAY_SERVE_HAPROXY_METRICS_PORT=str(ports.haproxy_metrics),
         )
         env.update(self.extra_env)
         return env

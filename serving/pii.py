@@ -1,7 +1,7 @@
 """PII masking for serving's prompts, outputs and logs: emails, IBANs, Chinese ID-card and mobile numbers,
 IPv4 addresses, bank cards and phone numbers are replaced by placeholders like [EMAIL].
 
-How it stays fast on any input (issue 11 item 4; `python -m benchmarks.pii_masking` times 1 MB of 28
+How it stays fast on any input (issue 11 item 4; `python -m benchmarks.pii_masking` times 1 MB of 29
 adversarial shapes against 100 ms):
 - The patterns read a byte view of the text, one byte per character (`_view`): ASCII as is, every Unicode
   decimal digit (full-width ０-９, Arabic-Indic, Devanagari, ...) as its ASCII digit, full-width forms and
@@ -14,9 +14,12 @@ adversarial shapes against 100 ms):
   holds), and the regex runs only in windows around those positions: text where nothing can match costs
   a few vectorized operations per character, not an attempt of each pattern at each digit.
 - IPv4 addresses that no other kind can reach, Luhn checks of card-shaped spans in which nothing else can
-  start, mod-97 checks of IBANs and digit counts of phone-shaped spans run vectorized, all at once.
+  start, mod-97 checks of IBANs (both from prefix sums) and digit counts of phone-shaped spans run
+  vectorized, all at once; where spans are dense, no step makes a Python object per span (emails come
+  from one `split` of the whole text, leftmost-first walks step through array buffers).
 - Patterns and checks: serving/pii_patterns.py (every repeat bounded, so each attempt is too); the byte
-  view, the digit runs and the spans read off them: serving/pii_runs.py.
+  view, the digit runs and the spans read off them: serving/pii_runs.py; the regexes alone (short texts,
+  and the reference the tests compare with): serving/pii_regex.py.
 """
 
 from __future__ import annotations
@@ -27,6 +30,27 @@ import re
 
 import numpy as np
 
+from serving.pii_patterns import (  # noqa: F401 (PII_PLACEHOLDERS, PII_PATTERNS: re-exported)
+    PII_PLACEHOLDERS,
+    PII_PATTERNS,
+    _DIGIT_PASS,
+    _DIGIT_REACH,
+    _EMAIL_SPLIT,
+    _IBAN_PASS,
+    _IBAN_REACH,
+    _PHONE_PASS,
+    _PHONE_REACH,
+    _PLUS86_MOBILE,
+    _iban_valid_spans,
+    _luhn_valid_spans,
+)
+from serving.pii_regex import (  # noqa: F401 (_mask_by_regex_alone: the tests' reference)
+    _KIND_LABEL,
+    _LABEL,
+    _PLACEHOLDER_LIST,
+    _mask_by_regex_alone,
+    _mask_card_shaped,
+)
 from serving.pii_runs import (
     _card_chains,
     _DigitRuns,
@@ -39,26 +63,6 @@ from serving.pii_runs import (
     _phone_ends,
     _view,
 )
-from serving.pii_patterns import (  # noqa: F401 (PII_PATTERNS: re-exported)
-    PII_PLACEHOLDERS,
-    PII_PATTERNS,
-    _CARD_DIGITS,
-    _DATE,
-    _DIGIT_PASS,
-    _DIGIT_REACH,
-    _EMAIL,
-    _IBAN_PASS,
-    _IBAN_REACH,
-    _INSIDE_CARD,
-    _INSIDE_CARD_REACH,
-    _PHONE_PASS,
-    _PHONE_REACH,
-    _PLUS86_MOBILE,
-    _iban_valid_spans,
-    _luhn_valid,
-    _span_positions,
-    _luhn_valid_spans,
-)
 
 # A window's scan reads this far past its last possible start: more than any match (the "rest of a run"
 # consumers aside, which mask nothing) and its lookahead, so it sees what a scan of the whole text sees.
@@ -67,11 +71,6 @@ _MERGE_GAP = 64  # windows closer than this are scanned as one
 
 
 # ---- the masking --------------------------------------------------------------------------------------
-_LABELS = ("email", "cn_id", "card", "phone", "ip", "iban")
-_LABEL = {name: i for i, name in enumerate(_LABELS)}
-_PLACEHOLDER_LIST = [PII_PLACEHOLDERS[name] for name in _LABELS]
-_KIND_LABEL = {"cn_id": _LABEL["cn_id"], "mobile": _LABEL["phone"], "mobile_": _LABEL["phone"],
-               "phone10": _LABEL["phone"], "ip": _LABEL["ip"], "ip_": _LABEL["ip"]}
 _NO_KIND, _CARD_SHAPED = -1, -2
 
 
@@ -111,10 +110,8 @@ class _Masking:
         if starts.size < 256:
             for start, end in zip(starts.tolist(), ends.tolist()):
                 view[start:end] = ord("#")
-        else:  # spans do not overlap: a position is covered when more spans start than end up to it
-            covered = np.cumsum(np.bincount(starts, minlength=len(view) + 1)
-                                - np.bincount(ends, minlength=len(view) + 1))[:-1] > 0
-            view[covered] = ord("#")
+        else:
+            view[_covered(starts, ends, len(view))] = ord("#")
         view[starts] = ord("[")
         view[ends - 1] = ord("]")
         self.view, self.data = view, view.tobytes()
@@ -129,7 +126,7 @@ class _Masking:
             if codes.min() > len(_PLACEHOLDER_LIST):  # no character that reads as a label below
                 # Masked characters dropped, each span's first one replaced by its label's byte.
                 marked = codes.copy()
-                marked[_span_positions(starts, ends)[0]] = 0
+                marked[_covered(starts, ends, len(codes))] = 0
                 marked[starts] = labels + 1
                 masked = marked.tobytes().translate(None, b"\x00")
                 for label, placeholder in enumerate(_PLACEHOLDER_LIST):
@@ -142,6 +139,15 @@ class _Masking:
         pieces[0::2] = operator.itemgetter(*kept)(self.text)
         pieces[1::2] = map(_PLACEHOLDER_LIST.__getitem__, labels.tolist())
         return "".join(pieces)
+
+
+def _covered(starts: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+    """Which of `length` positions the spans cover: spans do not overlap, so a position is covered when
+    more spans start than end up to it."""
+    steps = np.zeros(length + 1, np.int8)
+    steps[starts] = 1
+    steps[ends] -= 1  # an end may be another span's start
+    return np.cumsum(steps[:-1], dtype=np.int8).astype(bool)
 
 
 def _windows(starts: np.ndarray, reach: int, length: int) -> list[tuple[int, int]]:
@@ -176,8 +182,10 @@ def _scan(pattern: re.Pattern[bytes], data: bytes, windows: list[tuple[int, int]
 
 def _mask_emails(masking: _Masking) -> None:
     if b"@" in masking.data and b"." in masking.data:  # every domain holds a dot
-        starts, ends, _, _ = _scan(_EMAIL, masking.data, [(0, len(masking.data))], grouped=False)
-        masking.mask(starts, ends, _LABEL["email"])
+        # Dense emails cost a Match object each with finditer; split makes only the pieces, in C.
+        pieces = _EMAIL_SPLIT.split(masking.data)  # between emails, an email, between, ..., between
+        bounds = np.cumsum(np.fromiter(map(len, pieces), np.int64, len(pieces)))
+        masking.mask(bounds[0:-1:2], bounds[1::2], _LABEL["email"])
 
 
 def _mask_ibans(masking: _Masking) -> None:
@@ -229,7 +237,7 @@ def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> bool:
     scanned[ip_runs + 3] = False  # a last octet followed by a space could start a card; the address holds it
     fast_chain, first_runs, last_runs = _card_chains(runs, kinds, scanned)
     card_starts, card_ends = runs.starts[first_runs], runs.ends[last_runs]
-    only_cards = _only_cards(masking.view, runs, card_starts, card_ends)
+    only_cards = _only_cards(runs, first_runs, last_runs)
     if not only_cards.all():  # such a chain is scanned by the regex instead
         fast_chain[kinds.chain[first_runs[~only_cards]]] = False
         read_off = fast_chain[kinds.chain[first_runs]]
@@ -243,7 +251,9 @@ def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> bool:
     ip_starts, ip_ends = runs.starts[ip_runs], runs.ends[ip_runs + 3]
     # A window around another start may reach an address or a chain read off above: those are kept once.
     start_run = np.minimum(np.searchsorted(runs.starts, starts), len(runs.starts) - 1)
-    found_twice = np.isin(starts, ip_starts) | fast_chain[kinds.chain[start_run]]
+    ip_run = np.zeros(len(runs.starts), bool)
+    ip_run[ip_runs] = True
+    found_twice = (ip_run[start_run] & (runs.starts[start_run] == starts)) | fast_chain[kinds.chain[start_run]]
     starts = np.concatenate((starts[~found_twice], ip_starts, card_starts))
     masking.mask(starts, np.concatenate((ends[~found_twice], ip_ends, card_ends)),
                  np.concatenate((labels[~found_twice], np.full(len(ip_starts), _LABEL["ip"]),
@@ -257,7 +267,9 @@ def _digit_pass_windows(masking: _Masking, runs: _DigitRuns, windows, starts: li
     label = _DIGIT_PASS_LABELS[group]
     card = label == _CARD_SHAPED
     only_a_card = card.copy()
-    only_a_card[card] = _only_cards(masking.view, runs, start[card], end[card])
+    if card.any():  # (_only_cards reads every run)
+        only_a_card[card] = _only_cards(runs, np.searchsorted(runs.starts, start[card]),
+                                        np.searchsorted(runs.ends, end[card]))
     kept = label >= 0
     kept[only_a_card] = _luhn_valid_spans(masking.view, start[only_a_card], end[only_a_card])
     label[only_a_card] = _LABEL["card"]
@@ -276,29 +288,6 @@ def _digit_pass_windows(masking: _Masking, runs: _DigitRuns, windows, starts: li
     starts += [start[kept], np.array(extra_starts, np.int64)]
     ends += [end[kept], np.array(extra_ends, np.int64)]
     labels += [label[kept], np.array(extra_labels, np.int64)]
-
-
-def _mask_card_shaped(data: bytes, start: int, end: int, starts: list, ends: list, labels: list) -> int:
-    """Masks a card-shaped span data[start:end] that other kinds may start in (appending to the span
-    lists) and returns where it stops (past `end` when a kind inside it runs on). Those kinds are looked
-    for in the whole text, so lookarounds see the real neighbours."""
-    inner = [found for found in _INSIDE_CARD.finditer(data, start, min(end + _INSIDE_CARD_REACH, len(data)))
-             if not found.lastgroup.startswith("rest") and found.start() < end]
-    if all(found.lastgroup == "phone10" for found in inner):  # nothing masked before cards
-        if _luhn_valid(data[start:end], b" -"):
-            starts.append(start), ends.append(end), labels.append(_LABEL["card"])
-            return end
-    elif _is_card(before := data[start:inner[0].start()].rstrip(b" -")):  # a card, then an ID card ...
-        starts.append(start), ends.append(start + len(before)), labels.append(_LABEL["card"])
-    kept = end
-    for found in inner:
-        starts.append(found.start()), ends.append(found.end()), labels.append(_KIND_LABEL[found.lastgroup])
-        kept = found.end()
-    return max(kept, end)
-
-
-def _is_card(text: bytes) -> bool:
-    return bool(_CARD_DIGITS.fullmatch(text)) and _luhn_valid(text, b" -")
 
 
 def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
@@ -322,65 +311,22 @@ def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
     ends = runs.ends[last_runs]
     through = np.cumsum(runs.lengths)
     digits = through[last_runs] - through[first_runs] + runs.lengths[first_runs]
-    phone = (digits >= 7) & (digits <= 15)
-    maybe_date = phone & (digits <= 8) & _in(masking.view[np.minimum(starts + 4, len(masking.view) - 1)], b"-./")
-    for i in np.flatnonzero(maybe_date).tolist():
-        phone[i] = not _DATE.fullmatch(masking.data, int(starts[i]), int(ends[i]))
+    phone = (digits >= 7) & (digits <= 15) & ~_dates(runs, starts, first_runs, last_runs)
     masking.mask(starts[phone], ends[phone], _LABEL["phone"], last_pass=True)
 
 
+def _dates(runs: _DigitRuns, starts: np.ndarray, first_runs: np.ndarray, last_runs: np.ndarray) -> np.ndarray:
+    """Which phone-shaped spans _DATE matches in full (2024-05-01, 2024.5.1), read off their runs: three
+    groups of 4, 1-2 and 1-2 digits from the span's start, joined by one "-", "." or "/", the same twice."""
+    second, third = np.minimum(first_runs + 1, len(runs.starts) - 1), np.minimum(first_runs + 2, len(runs.starts) - 1)
+    separator = runs.after[first_runs]
+    return ((last_runs - first_runs == 2) & (runs.starts[first_runs] == starts) & (runs.lengths[first_runs] == 4)
+            & (runs.lengths[second] <= 2) & (runs.lengths[third] <= 2) & _in(separator, b"-./")
+            & (runs.after[second] == separator) & (runs.starts[second] == runs.ends[first_runs] + 1)
+            & (runs.starts[third] == runs.ends[second] + 1))
+
+
 _SHORT = 8192  # characters: below this, numpy's fixed cost exceeds what finding candidates saves
-
-
-def _mask_by_regex_alone(text: str) -> str:
-    """mask_pii of an ASCII text with each pass's regex scanning the whole text and the checks done one
-    span at a time: what the windows and the vectorized reading compute, directly (short texts, and the
-    reference the tests compare mask_pii with)."""
-    data = bytearray(text.encode("ascii"))
-    spans: list[tuple[int, int, int]] = []
-
-    def mask(found: list[tuple[int, int, int]]) -> None:
-        for start, end, label in found:
-            data[start:end] = b"[" + b"#" * (end - start - 2) + b"]"
-        spans.extend(found)
-
-    mask([(*m.span(), _LABEL["email"]) for m in _EMAIL.finditer(data)])
-    mask([(*m.span(), _LABEL["iban"]) for m in _IBAN_PASS.finditer(data)
-          if m.lastgroup == "iban" and _iban_valid(bytes(m.group()))])
-    mask([(*m.span(), _LABEL["phone"]) for m in _PLUS86_MOBILE.finditer(data)])
-    found_starts, found_ends, found_labels, position = [], [], [], 0
-    while position < len(data):
-        for match in _DIGIT_PASS.finditer(data, position):
-            kind, (start, end) = match.lastgroup, match.span()
-            if kind.startswith("rest"):
-                continue
-            if kind in _KIND_LABEL:
-                found_starts.append(start), found_ends.append(end), found_labels.append(_KIND_LABEL[kind])
-                continue
-            stop = _mask_card_shaped(bytes(data), start, end, found_starts, found_ends, found_labels)
-            if stop > end:  # a kind inside the span runs on past it: scan again from there
-                position = stop
-                break
-        else:
-            break
-    mask(list(zip(found_starts, found_ends, found_labels)))
-    phones = []
-    for match in _PHONE_PASS.finditer(data):
-        if match.lastgroup == "phone":
-            digits = len(match.group().translate(None, b" .-()+"))
-            if 7 <= digits <= 15 and not (digits <= 8 and _DATE.fullmatch(match.group())):
-                phones.append((*match.span(), _LABEL["phone"]))
-    mask(phones)
-    pieces, kept = [], 0
-    for start, end, label in sorted(spans):
-        pieces += (text[kept:start], _PLACEHOLDER_LIST[label])
-        kept = end
-    return "".join(pieces) + text[kept:]
-
-
-def _iban_valid(text: bytes) -> bool:
-    compact = text.replace(b" ", b"").decode("ascii")
-    return 15 <= len(compact) <= 34 and int("".join(str(int(c, 36)) for c in compact[4:] + compact[:4])) % 97 == 1
 
 
 def mask_pii(text: str) -> str:

@@ -28,6 +28,7 @@ _EMAIL_LOCAL = r"A-Za-z0-9._%+\-"
 _EMAIL_DOMAIN = r"@[A-Za-z0-9-]{1,63}+(?:\.[A-Za-z0-9-]{1,63}+){0,8}\.[A-Za-z]{2,24}+(?![A-Za-z0-9-])"
 _EMAIL = _compile(rf"[{_EMAIL_LOCAL}](?<![{_EMAIL_LOCAL}][{_EMAIL_LOCAL}])[{_EMAIL_LOCAL}]{{0,63}}+{_EMAIL_DOMAIN}"
                   rf"(?:[._%+][{_EMAIL_LOCAL}]{{0,63}}+{_EMAIL_DOMAIN}){{0,100000}}+")
+_EMAIL_SPLIT = re.compile(b"(%s)" % _EMAIL.pattern)  # split() gives the text between emails and each email
 
 # IBAN: country, check digits, 11-30 alphanumerics, optionally in groups of 4; kept only if mod-97
 # valid. A run of letters in which no IBAN starts is consumed at once.
@@ -95,7 +96,6 @@ PII_PATTERNS = (_EMAIL, _IBAN_PASS, _PLUS86_MOBILE, _DIGIT_PASS, _INSIDE_CARD, _
 
 # ---- checks -------------------------------------------------------------------------------------------
 _LUHN_DOUBLED = bytes.maketrans(b"0123456789", bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
-_LUHN_DOUBLED_ARRAY = np.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], np.int32)
 
 
 def _luhn_valid(digits: str | bytes, separators: bytes = b"") -> bool:
@@ -105,47 +105,84 @@ def _luhn_valid(digits: str | bytes, separators: bytes = b"") -> bool:
     return (sum(kept) - 48 * len(kept) + sum(doubled.translate(_LUHN_DOUBLED))) % 10 == 0
 
 
-def _span_positions(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every position inside the spans, and the index of its span."""
+def _stretch(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The characters the checks read, and the spans' places in them: the stretch of the view from the
+    first span's start to the last one's end, or, where the spans cover less than a third of it, the
+    spans alone, back to back."""
+    low, high = int(starts.min()), int(ends.max())
     lengths = ends - starts
-    span = np.repeat(np.arange(len(starts)), lengths)
-    return np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths), span
+    total = int(lengths.sum())
+    if 3 * total >= high - low:
+        return view[low:high], starts - low, ends - low
+    offsets = np.cumsum(lengths) - lengths
+    positions = np.arange(total) + np.repeat(starts - offsets, lengths)
+    return view[positions], offsets, offsets + lengths
+
+
+def _table(mapping: dict[int, int]) -> bytes:
+    """A bytes.translate table: each byte in `mapping` to its value, every other byte to 0."""
+    table = bytearray(256)
+    for byte, value in mapping.items():
+        table[byte] = value
+    return bytes(table)
+
+
+_IS_DIGIT = _table({48 + d: 1 for d in range(10)})
+_DIGIT_VALUE = _table({48 + d: d for d in range(10)})
+_DIGIT_DOUBLED = _table({48 + d: v for d, v in enumerate([0, 2, 4, 6, 8, 1, 3, 5, 7, 9])})
+
+
+def _read(codes: np.ndarray, table: bytes) -> np.ndarray:
+    """Each byte through a translate table (one C pass, no index array)."""
+    return np.frombuffer(codes.tobytes().translate(table), np.uint8)
+
+
+def _prefix_sums(values: np.ndarray) -> np.ndarray:
+    """0, then the running totals of `values` (int32 while they cannot overflow)."""
+    sums = np.zeros(len(values) + 1, np.int32 if len(values) < 2**31 // 256 else np.int64)
+    np.cumsum(values, dtype=sums.dtype, out=sums[1:])
+    return sums
 
 
 def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Luhn checks of many card-shaped spans (digits, spaces, dashes) at once: counted from the right,
-    every second digit is doubled (less 9 above 9), and the sum must end in 0."""
-    positions, span = _span_positions(starts, ends)
-    values = view[positions].astype(np.int64) - 48
-    digit = values >= 0
-    values, span = values[digit], span[digit]
-    length = np.bincount(span, minlength=len(starts))
-    from_right = (np.cumsum(length) - 1)[span] - np.arange(len(values))  # 0 for each span's last digit
-    summed = np.where(from_right % 2 == 1, _LUHN_DOUBLED_ARRAY[values], values)
-    return np.bincount(span, weights=summed, minlength=len(starts)) % 10 == 0
+    """Luhn checks of many card-shaped spans (digits, spaces, dashes; each ends with a digit) at once:
+    counted from the right, every second digit is doubled (less 9 above 9), and the sum must end in 0.
+    Read off two prefix sums over the stretch of the view the spans lie in, one for spans whose last
+    digit has an even index among the digits there, one for odd: no per-character work per span."""
+    if not starts.size:
+        return np.zeros(0, bool)
+    codes, starts, ends = _stretch(view, starts, ends)
+    values, doubled = _read(codes, _DIGIT_VALUE), _read(codes, _DIGIT_DOUBLED)
+    even_index = np.bitwise_xor.accumulate(_read(codes, _IS_DIGIT)).view(bool)  # an odd count of digits so far
+    last_even = _prefix_sums(np.where(even_index, values, doubled))
+    last_odd = _prefix_sums(np.where(even_index, doubled, values))
+    total = np.where(even_index[ends - 1], last_even[ends] - last_even[starts], last_odd[ends] - last_odd[starts])
+    return total % 10 == 0
 
 
-_POW10_MOD97 = np.array([pow(10, k, 97) for k in range(80)], np.int64)
+_POW10_MOD97 = np.array([pow(10, k, 97) for k in range(96)], np.int32)  # 10**96 % 97 == 1 (Fermat)
+_POW10_INVERSE_MOD97 = np.array([pow(10, -k, 97) for k in range(96)], np.int32)
+_IBAN_VALUE = _table({**{48 + d: d for d in range(10)}, **{65 + i: 10 + i for i in range(26)}})  # A=10 .. Z=35
+_IBAN_WIDTH = _table({**{48 + d: 1 for d in range(10)}, **{65 + i: 2 for i in range(26)}})  # its decimal digits
+_IS_ALNUM = _table({**{48 + d: 1 for d in range(10)}, **{65 + i: 1 for i in range(26)}})
 
 
 def _iban_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """mod-97 checks of many IBAN-shaped spans (uppercase letters, digits, spaces) at once: without its
-    spaces and with its first four characters moved to the end, letters read as 10-35, the span is a
-    number that leaves 1. Each character adds its value times 10**(digits after it) mod 97."""
-    positions, span = _span_positions(starts, ends)
-    chars = view[positions]
-    kept = chars != ord(" ")
-    chars, span = chars[kept].astype(np.int64), span[kept]
-    length = np.bincount(span, minlength=len(starts))
-    first = np.cumsum(length) - length
-    rank = np.arange(len(chars)) - first[span]
-    moved = np.where(rank >= 4, rank - 4, rank + length[span] - 4)  # position after the move
-    order = np.lexsort((moved, span))
-    chars, span = chars[order], span[order]
-    letter = chars >= ord("A")
-    value = np.where(letter, chars - 55, chars - 48)
-    width = np.where(letter, 2, 1)
-    through = np.cumsum(width)  # decimal digits up to and including each character, over all spans
-    digits_after = through[(first + length - 1)[span]] - through
-    remainder = np.bincount(span, weights=value * _POW10_MOD97[digits_after] % 97, minlength=len(starts)) % 97
+    """mod-97 checks of many IBAN-shaped spans (two uppercase letters and two digits, then uppercase
+    letters, digits and spaces) at once: without its spaces and with its first four characters moved to
+    the end, letters read as 10-35, the span is a number that leaves 1. Over the stretch of the view the
+    spans lie in, character j adds value_j * 10**-W_j (W_j: decimal digits through j), so a span's body
+    [s + 4, e) is 10**W_(e-1) times a difference of prefix sums, all mod 97."""
+    if not starts.size:
+        return np.zeros(0, bool)
+    codes, starts, ends = _stretch(view, starts, ends)
+    value = _read(codes, _IBAN_VALUE)
+    through = _prefix_sums(_read(codes, _IBAN_WIDTH))[1:] % 96  # decimal digits through each character
+    alnum = _prefix_sums(_read(codes, _IS_ALNUM))
+    terms = _prefix_sums(value * _POW10_INVERSE_MOD97[through] % 97)
+    body = (terms[ends] - terms[starts + 4]) % 97 * _POW10_MOD97[through[ends - 1]] % 97
+    first = [value[starts + k].astype(np.int32) for k in range(4)]
+    first_four = ((first[0] * 100 + first[1]) * 100 + first[2] * 10 + first[3]) % 97
+    remainder = (body * _POW10_MOD97[6] + first_four) % 97  # the first four are six decimal digits
+    length = alnum[ends] - alnum[starts]
     return (length >= 15) & (length <= 34) & (remainder == 1)

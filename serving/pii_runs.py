@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+from array import array
 
 import numpy as np
 
@@ -90,15 +91,16 @@ class _DigitStarts:
     could run into it, "1 2 ... 3 4.5.6.7")."""
 
     def __init__(self, runs: _DigitRuns):
-        lengths, before, after = runs.lengths, runs.before, runs.after
+        before, after = runs.before, runs.after
+        lengths = np.minimum(runs.lengths, 255).astype(np.uint8)  # for comparisons with lengths up to 19
         space_or_dash_after = _in(after, b" -")
         joined = (runs.starts[1:] == runs.ends[:-1] + 1) & space_or_dash_after[:-1]  # to the next group
         new_chain = np.concatenate(([True], ~joined))
         self.chain_starts = np.flatnonzero(new_chain)
         self.chain = np.cumsum(new_chain) - 1
         self.chain_last = np.concatenate((self.chain_starts[1:] - 1, [len(lengths) - 1]))
-        self.digits_through = np.cumsum(lengths)
-        digits_from_here = self.digits_through[self.chain_last][self.chain] - self.digits_through + lengths
+        self.digits_through = np.cumsum(runs.lengths)
+        digits_from_here = self.digits_through[self.chain_last][self.chain] - self.digits_through + runs.lengths
         letter_before = ((before | 0x20) - 97).astype(np.uint8) < 26
         self.mobile = (runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7) & (lengths >= 3) | (
             (runs.first == ord("8")) & (runs.second == ord("6")) & (
@@ -109,9 +111,11 @@ class _DigitStarts:
                       | ((before != ord("-")) & space_or_dash_after & (digits_from_here >= 13))
                       | (self.mobile & ((lengths >= 10) | space_or_dash_after)))
         self.ip = (lengths <= 3) & (after == ord(".")) & (before != ord("."))
-        other_through = np.cumsum(self.other)
-        other_earlier_in_chain = other_through - self.other - (other_through - self.other)[self.chain_starts][self.chain] > 0
-        self.alone = self.ip & ~self.other & ~other_earlier_in_chain
+        self.alone = self.ip & ~self.other
+        if self.alone.any():
+            other_through = np.cumsum(self.other)
+            other_earlier_in_chain = other_through - self.other - (other_through - self.other)[self.chain_starts][self.chain] > 0
+            self.alone &= ~other_earlier_in_chain
 
 
 def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:
@@ -122,15 +126,17 @@ def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:
     first = first[first + 3 < len(runs.lengths)]
     if not first.size:
         return first
-    lengths = runs.lengths
-    digit = [(byte.astype(np.int64) - 48) for byte in (runs.first, runs.second, runs.third)]
-    value = np.where(lengths == 1, digit[0], np.where(lengths == 2, 10 * digit[0] + digit[1],
-                                                         100 * digit[0] + 10 * digit[1] + digit[2]))
-    octet = (lengths <= 3) & (value <= 255) & ((lengths == 1) | (runs.first != ord("0")))
-    dot_joined = np.concatenate(((runs.starts[1:] == runs.ends[:-1] + 1) & (runs.after[:-1] == ord(".")), [False]))
-    ends_address = octet & ~((runs.after == ord(".")) & _is_digit(runs.after2))
-    address = (octet[first] & dot_joined[first] & octet[first + 1] & dot_joined[first + 1] & octet[first + 2]
-               & dot_joined[first + 2] & ends_address[first + 3])
+    # Each candidate's four runs, as rows: octets, and the separators between them and after the last.
+    quad = first[:, None] + np.arange(4)
+    lengths, lead, second, third = runs.lengths[quad], runs.first[quad], runs.second[quad], runs.third[quad]
+    # 0-255 without a leading zero, read off the digits' bytes: 0-9, 10-99, 100-199, 200-249, 250-255.
+    octet = (lengths == 1) | ((lengths == 2) & (lead != ord("0"))) | ((lengths == 3) & (
+        (lead == ord("1")) | ((lead == ord("2")) & ((second < ord("5")) | ((second == ord("5")) & (third <= ord("5")))))))
+    inner = quad[:, :3]
+    dot_joined = (runs.starts[inner + 1] == runs.ends[inner] + 1) & (runs.after[inner] == ord("."))
+    last = quad[:, 3]
+    ends_address = ~((runs.after[last] == ord(".")) & _is_digit(runs.after2[last]))
+    address = octet.all(axis=1) & dot_joined.all(axis=1) & ends_address
     return first[address]
 
 
@@ -142,11 +148,27 @@ def _rank(subset: np.ndarray, length: int) -> np.ndarray:
     return np.cumsum(counts)
 
 
+def _visited(following: np.ndarray) -> np.ndarray:
+    """The indices visited from 0 when each index i moves on to following[i] (> i), until past the end:
+    how the regex moves on, leftmost first, from each span it takes or start it passes over. One step of
+    Python each, on array.array buffers (no list of every index, no list of the visited ones)."""
+    steps = array("q", following.astype(np.int64, copy=False).tobytes())
+    visited = array("q")
+    visit, end, position = visited.append, len(steps), 0
+    while position < end:
+        visit(position)
+        position = steps[position]
+    return np.frombuffer(visited, np.int64) if visited else np.zeros(0, np.int64)
+
+
 def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Card-shaped spans read off the chains in which only cards can start (no mobile, ID card, 10-digit
     phone or IPv4 start, and not entered from a dot, where an address may end), leftmost first as the
     regex takes them: from a group, the most digits up to 19 (at least 13) that end a group not followed
     by a dash. Returns the mask of those chains, and each span's first and last run."""
+    if not scanned.any():
+        nothing = np.zeros(0, np.int64)
+        return np.zeros(len(kinds.chain_starts), bool), nothing, nothing
     lengths = runs.lengths
     card_only = ~kinds.mobile & ~kinds.ip & ~_in_lengths(lengths, (10, 15, 17, 18)) & (lengths <= 19)
     other_start = np.bincount(kinds.chain, weights=scanned & ~card_only, minlength=len(kinds.chain_starts)) > 0
@@ -157,32 +179,28 @@ def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> 
         return fast_chain, fast, fast
     through = kinds.digits_through
     before = through[fast] - lengths[fast]  # digits before the span's first group
-    longest = np.minimum(np.searchsorted(through, before + 19, "right") - 1, kinds.chain_last[kinds.chain[fast]])
+    # The last run ending within 19 digits: the run that holds digit number before + 19, or the one
+    # before it where that run holds more (a lookup in each digit's run, cheaper than searchsorted).
+    run_of_digit = np.repeat(np.arange(len(lengths)), lengths)
+    holding = run_of_digit[np.minimum(before + 18, len(run_of_digit) - 1)]
+    longest = np.minimum(holding - (through[holding] > before + 19), kinds.chain_last[kinds.chain[fast]])
     last_end = np.maximum.accumulate(np.where(runs.after != ord("-"), np.arange(len(lengths)), -1))[longest]
     card = (last_end >= fast) & (through[np.maximum(last_end, 0)] - before >= 13) & (runs.before[fast] != ord("-"))
     # Leftmost first: from a span's last group, the next start is the first candidate after it.
-    after_span = _rank(fast, len(lengths))[np.where(card, last_end, fast) + 1]
-    after_span_list, card_list = after_span.tolist(), card.tolist()
-    taken, position = [], 0
-    while position < len(fast):
-        if card_list[position]:
-            taken.append(position)
-        position = after_span_list[position]
-    taken = np.array(taken, np.int64)
+    visited = _visited(_rank(fast, len(lengths))[np.where(card, last_end, fast) + 1])
+    taken = visited[card[visited]]
     return fast_chain, fast[taken], last_end[taken]
 
 
-def _only_cards(view: np.ndarray, runs: _DigitRuns, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def _only_cards(runs: _DigitRuns, first_run: np.ndarray, last_run: np.ndarray) -> np.ndarray:
     """For card-shaped spans: no kind masked before cards can start inside (a group of 10+ digits, or one
     that starts like a mobile, 1[3-9] or 86), at the start (a first group of exactly 10 digits: a bare
     10-digit phone) or at the end (a dot and a digit follow: an IPv4 address)."""
-    first_run, last_run = np.searchsorted(runs.starts, starts), np.searchsorted(runs.ends, ends)
     may_start = ((runs.lengths >= 10) | ((runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7))
                  | ((runs.first == ord("8")) & (runs.second == ord("6"))))
     may_start_through = np.concatenate(([0], np.cumsum(may_start)))
     inside = may_start_through[last_run + 1] - may_start_through[first_run + 1] > 0
-    dot_digit_after = (view[np.minimum(ends, len(view) - 1)] == ord(".")) & (ends + 1 < len(view))
-    dot_digit_after &= _is_digit(view[np.minimum(ends + 1, len(view) - 1)])
+    dot_digit_after = (runs.after[last_run] == ord(".")) & _is_digit(runs.after2[last_run])
     one_group = first_run == last_run
     return ~dot_digit_after & (one_group | ~(inside | (runs.lengths[first_run] == 10)))
 
@@ -222,10 +240,5 @@ def _phone_chains(view: np.ndarray, runs: _DigitRuns, can_end: np.ndarray) -> tu
     groups = np.where(three & ends_at[3:n + 3], 3, np.where(two & ends_at[2:n + 2], 2, np.where(one & ends_at[1:n + 1], 1, 0)))
     fast = np.flatnonzero(starts_phone & (groups > 0) & fast_chain[chain])
     last = fast + groups[fast]
-    after_span = _rank(fast, n)[last + 1].tolist()
-    taken, position = [], 0
-    while position < len(fast):
-        taken.append(position)
-        position = after_span[position]
-    taken = np.array(taken, np.int64)
+    taken = _visited(_rank(fast, n)[last + 1])  # leftmost first: the next start after a span's last group
     return chain, fast_chain, fast[taken], last[taken]

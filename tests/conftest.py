@@ -28,13 +28,21 @@ SHARED_RAY_FIXTURE = "local_ray"
 _shared_ray = {"gcs_address": None}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _start_shared_ray() -> None:
     """4 logical CPUs (two 1-CPU Train workers, or a Serve replica beside them, plus Ray Data's read tasks),
     the dashboard on (Train V2 queries its controller through it), every worker carrying RAY_ADDRESS
     (tune.search.start_local_ray: Tune's stopped trials free their placement groups on a shared host)."""
     import ray
 
-    from serving_fixtures import API_KEYS
+    from serving_fixtures import API_KEYS, serving_node_env
     from tune.search import start_local_ray
 
     env_vars = {"TOKENIZERS_PARALLELISM": "false",
@@ -42,9 +50,13 @@ def _start_shared_ray() -> None:
                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
     with pytest.MonkeyPatch.context() as env:
         # Read from Ray's environment when a module deploys Serve on this Ray (tests/test_finetune_serve.py):
-        # the replica's API keys, and the proxy's OpenAI-shaped errors (serving/errors.py).
+        # the replica's API keys, and the serving node's request path and error hook (serving_node_env).
         env.setenv("RAYLM_API_KEYS", ",".join(API_KEYS))
-        env.setenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.errors:proxy_middlewares")
+        for key, value in serving_node_env(_free_port(), _free_port()).items():  # HAProxy's ports, when on that path
+            if value is None:
+                env.delenv(key, raising=False)
+            else:
+                env.setenv(key, value)
         # Metrics reach the node's export port every second instead of every 10 s (tests/test_k8s_alerts.py
         # scrapes the training gauges there).
         env.setenv("RAY_metrics_report_interval_ms", "1000")

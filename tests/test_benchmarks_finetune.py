@@ -41,6 +41,11 @@ def test_data_splits_are_disjoint_balanced_and_baselines_score_them():
     result = finetune_quality.ner_baseline(ner_train, ner_test, seed=0)
     assert result["entities"]["gold"] == sum(len(entity_spans(t)) for _, t in ner_test) > 0
     assert 0.0 <= result["f1"] <= 1.0
+    left = finetune_quality.ner_baseline(ner_train, ner_test, seed=0, features=finetune_quality.left_char_features)
+    assert left["entities"]["gold"] == result["entities"]["gold"] and 0.0 <= left["f1"] <= 1.0
+    # Left context only: nothing at or after the next character reaches the features.
+    assert not any("后" in f for f in finetune_quality.left_char_features(list("前中后"), 1))
+    assert any("后" in f for f in finetune_quality.char_features(list("前中后"), 1))
 
 
 def test_finetune_quality_baselines_only_end_to_end(tmp_path):
@@ -75,3 +80,20 @@ def test_lora_efficiency_on_a_tiny_llama(tmp_path):
     assert 0 < result["adapter_frac"] < 1 and result["bytes"]["full_checkpoint"] > 0
     assert len(result["step_s"]["lora"]) == len(result["step_s"]["full"]) == 2
     assert result["step_ratio"] > 0
+
+
+def test_finetune_quality_update_keeps_the_other_tasks_scores(tmp_path):
+    """Tasks run as separate invocations land in one file: --update keeps what the earlier one measured."""
+    out, work = tmp_path / "fq.json", str(tmp_path / "work")
+    common = ["--quick", "--baselines-only", "--workdir", work, "--out", str(out)]
+    finetune_quality.main(common + ["--tasks", "cls"])
+    first = json.loads(out.read_text())
+    assert first["summary"]["cls_baseline"] is not None and first["summary"]["ner_baseline"] is None
+    finetune_quality.main(common + ["--tasks", "ner", "--update"])
+    both = json.loads(out.read_text())
+    assert both["summary"]["cls_baseline"] == first["summary"]["cls_baseline"]
+    assert both["summary"]["ner_baseline"] == both["scores"]["ner_baseline"]["f1"] is not None
+    assert [run["args"]["tasks"] for run in both["earlier_invocations"]] == ["cls"]
+    assert both["earlier_invocations"][0]["load_before"] == first["load_before"]
+    finetune_quality.main(common + ["--tasks", "ner"])  # without --update the file holds this run only
+    assert json.loads(out.read_text())["summary"]["cls_baseline"] is None

@@ -115,6 +115,19 @@ def test_shipped_config_validates_with_serve_schema_and_builder_args(config_path
         assert bool(deployment.ray_actor_options.num_gpus) == ("gpu" in config_path.name)
 
 
+@pytest.mark.parametrize("config_path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_tells_the_node_environment_that_ships(config_path):
+    """The `export` lines in a config's header are exactly serving.ingress.NODE_ENV (what the serving tests and
+    the RayService start Ray with)."""
+    import shlex
+
+    from serving.ingress import NODE_ENV
+
+    exported = [pair.split("=", 1) for line in config_path.read_text().splitlines() if line.startswith("#   export ")
+                for pair in shlex.split(line.removeprefix("#   export ").split("  # ")[0])]
+    assert dict(exported) == NODE_ENV and len(exported) == len(NODE_ENV)
+
+
 def test_builder_validates_export_before_deploying(causal_export, tmp_path):
     from ray.serve.deployment import Application
 
@@ -456,23 +469,58 @@ def test_masking_long_text_equals_the_regexes_alone():
         assert _mask_by_candidates(text) == _mask_by_regex_alone(text), text
 
 
-def test_vectorized_checks_agree_with_the_scalar_ones():
-    """Luhn and mod-97 run over all candidate spans at once; they agree with the one-span checks."""
+def test_dates_among_phone_shapes_read_off_the_runs_equal_the_regexes_alone():
+    """Dates are told from phone numbers off the digit runs (no regex call per span): dense dates, mixed
+    separators, a "+" or "(" before, a space inside, give what the regexes alone give."""
+    from serving.pii import _mask_by_candidates, _mask_by_regex_alone
+
+    for text in ["2024-05-01, " * 2000, "2024.5.1; 12-05-2024 2024/05/1 2024-05.01, 2024-5-1-3 " * 400,
+                 "+1 2024-05-01, (2024)-05-01 ; 2024 -05-01 " * 300]:
+        assert _mask_by_candidates(text) == _mask_by_regex_alone(text), text[:40]
+    assert _mask_by_candidates("2024-05-01, 2024-05.01; " * 400).count("[PHONE]") == 400
+
+
+def test_ipv4_octets_read_off_the_runs_equal_the_regexes_alone():
+    """IPv4 addresses in dense text are read off the digit runs (octet bounds from the digits' bytes):
+    every octet edge (0, 9-10, 99-100, 199-200, 249-250, 255-256, leading zeros) as the regex reads it."""
+    import itertools
+
+    from serving.pii import _mask_by_candidates, _mask_by_regex_alone
+
+    octets = ["0", "9", "10", "01", "99", "100", "199", "200", "249", "250", "255", "256", "260", "300", "099", "1000"]
+    text = " ".join(f"{a}.{b}.1.{d}" for a, b, d in itertools.product(octets, octets, octets)) + " 1.2.3.4.5 "
+    masked = _mask_by_candidates(text)
+    assert masked == _mask_by_regex_alone(text)
+    assert masked.count("[IP]") == 10 ** 3  # 10 of the 16 are octets
+
+
+@pytest.mark.parametrize("filler", ["", "x 1-" * 30])
+def test_vectorized_checks_agree_with_the_scalar_ones(filler):
+    """Luhn and mod-97 run over all candidate spans at once (prefix sums over the stretch they lie in,
+    or over the spans alone where they are sparse: `filler`); they agree with the one-span checks,
+    whatever digits and letters lie between the spans."""
     import random
 
     import numpy as np
 
     from serving.pii_patterns import _iban_valid_spans, _luhn_valid, _luhn_valid_spans
 
+    def laid_out(spans: list[str], gaps: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        text, starts = "", []
+        for span in spans:
+            text += rng.choice(gaps) + filler
+            starts.append(len(text))
+            text += span
+        starts = np.array(starts)
+        return np.frombuffer(text.encode(), np.uint8), starts, starts + np.array([len(span) for span in spans])
+
     rng = random.Random(0)
     cards = []
     for _ in range(400):
         digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(13, 19)))
         cards.append("".join(d + (rng.choice(["", " ", "-"]) if i < len(digits) - 1 else "") for i, d in enumerate(digits)))
-    text = "|".join(cards)
-    starts = np.array([text.index(card) for card in cards])
-    ends = starts + np.array([len(card) for card in cards])
-    got = _luhn_valid_spans(np.frombuffer(text.encode(), np.uint8), starts, ends)
+    gaps = ["|", "|7|", "|12 x|", "|A9|", "|8 8|"]  # digits between spans shift no span's count
+    got = _luhn_valid_spans(*laid_out(cards, gaps))
     assert got.tolist() == [_luhn_valid(card, b" -") for card in cards]
     assert 10 < got.sum() < 390
 
@@ -487,10 +535,7 @@ def test_vectorized_checks_agree_with_the_scalar_ones():
         if rng.random() < 0.5:
             iban = f"GB{rng.randint(0, 99):02d}{body}"  # mostly invalid
         ibans.append(" ".join(iban[i:i + 4] for i in range(0, len(iban), 4)) if rng.random() < 0.5 else iban)
-    text = "|".join(ibans)
-    starts = np.array([text.index(iban) for iban in ibans])
-    ends = starts + np.array([len(iban) for iban in ibans])
-    got = _iban_valid_spans(np.frombuffer(text.encode(), np.uint8), starts, ends)
+    got = _iban_valid_spans(*laid_out(ibans, gaps + ["|Z 7|", "|GB82 "]))
     assert got.tolist() == [mod97(iban) for iban in ibans]
     assert 50 < got.sum() < 350
 
@@ -510,6 +555,17 @@ def test_pii_kinds_inside_card_shaped_numbers_and_glued_emails():
     # Emails glued together are one placeholder; an over-long local part is no email.
     assert mask_pii("a@b.co+c@d.co, x.y@z.org") == "[EMAIL], [EMAIL]"
     assert mask_pii("a" * 65 + "@example.com") == "a" * 65 + "@example.com"
+
+
+def test_dense_emails_masked_from_candidates_equal_the_regexes_alone():
+    """Long texts find emails with one split of the whole text (no Match object per email): emails at
+    the very start and end, back to back, glued, and none at all give what the regexes alone give."""
+    from serving.pii import _mask_by_candidates, _mask_by_regex_alone
+
+    for text in ["a@b.co" * 3000, "x@a.b" * 3000, "a@b.co " * 2000 + "tail", "@a." * 4000, "no emails here. " * 900,
+                 "j.d@example.com, 415-555-0132; " * 500 + "k@e.org", "a@b.co+c@d.co" * 1500]:
+        assert _mask_by_candidates(text) == _mask_by_regex_alone(text), text[:40]
+    assert _mask_by_candidates("a@b.co " * 2000).count("[EMAIL]") == 2000
 
 
 def test_pii_filter_masks_exception_text_in_logs():

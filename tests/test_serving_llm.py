@@ -205,7 +205,6 @@ def test_two_adapters_differ_and_a_new_adapter_is_served_without_restart(server,
     assert legal not in {base, support, finance}
 
 
-@pytest.mark.unverified
 @pytest.mark.skipif(os.environ.get("RAYLM_TEST_REQUEST_PATH") != "haproxy",
                     reason="the HAProxy request path (serving.ingress.HAPROXY_NODE_ENV): RAYLM_TEST_REQUEST_PATH=haproxy")
 def test_requests_go_through_haproxy_to_the_replica_listening_on_localhost_only(server):

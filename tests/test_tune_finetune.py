@@ -96,6 +96,7 @@ def check_lora_sweep(sweep_dir: Path, adapters: Path, tiny_llama: Path) -> None:
         lora_a = [k for k in weights.keys() if "lora_A" in k]
         assert lora_a and all(weights.get_slice(k).get_shape()[0] == best["method.lora.r"] for k in lora_a)
     assert adapter.manifest.base_model == read_export(tiny_llama).manifest.model_name
+    assert adapter.manifest.model_name == "best-lora"  # the served name, not the winning trial's run name
     assert adapter.manifest.task == "causal-lm"
     assert adapter_problems(adapter, read_export(tiny_llama)) == []
 

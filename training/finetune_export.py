@@ -143,14 +143,18 @@ def reload_and_compare(export_dir: Path, model, checkpoint: Path, cfg: FinetuneC
 
 
 def export_adapter(checkpoint: Path, out_dir: Path, cfg: FinetuneConfig, facts: dict, state: dict, *,
-                   replace: bool = False) -> dict:
-    """Adapter-only export: peft files + raylm.json (AdapterManifest) + the tokenizer."""
+                   replace: bool = False, model_name: str | None = None) -> dict:
+    """Adapter-only export: peft files + raylm.json (AdapterManifest) + the tokenizer.
+
+    `model_name` (default: the run's name) is the name the manifest gives the adapter; publishing passes
+    the adapter's served name, so a swept trial's run name does not leak into it.
+    """
     if cfg.method.type == "full":
         raise ValueError("a full fine-tune has no adapter; export it without --adapter")
     manifest = AdapterManifest(
         adapter=True, format=EXPORT_FORMAT, format_version=EXPORT_FORMAT_VERSION, task=TASK_EXPORT_NAMES[cfg.task],
         base_model=base_model_name(cfg, facts["base_path"]), peft_type=PEFT_TYPES[cfg.method.type],
-        base_shape=facts["base_shape"], labels=facts["labels"], model_name=cfg.run.name,
+        base_shape=facts["base_shape"], labels=facts["labels"], model_name=model_name or cfg.run.name,
         max_seq_len=cfg.data.max_len, **_provenance(checkpoint, state),
         **({"ner_tag_subtoken": facts.get("ner_tag_subtoken", "first")} if cfg.task == "ner" else {}),
     )
@@ -196,6 +200,6 @@ def publish_adapter(run_or_checkpoint: Path, adapters_dir: Path, name: str | Non
     if not adapters_dir.is_dir():
         raise FileNotFoundError(f"--publish-to {adapters_dir}: not a directory (the served adapters directory)")
     name = name or cfg.run.name
-    result = export_adapter(checkpoint, adapters_dir / name, cfg, facts, state, replace=replace)
+    result = export_adapter(checkpoint, adapters_dir / name, cfg, facts, state, replace=replace, model_name=name)
     result["path"] = str(adapters_dir / name)
     return result
