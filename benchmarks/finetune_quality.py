@@ -32,6 +32,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -307,14 +308,31 @@ def finetune_config(args, task: str, method: str, model: dict, train_file: Path,
 
 
 def run_logged(cmd: list[str], log_path: Path, timeout: float) -> None:
-    """Run a command with its output in log_path; raise with the log's tail when it fails."""
+    """Run a command with its output in log_path; raise with the log's tail when it fails.
+
+    Past `timeout` the command gets SIGINT first (our drivers stop their Ray on it, like Ctrl-C), and
+    SIGKILL only if it is still running a minute later; then subprocess.TimeoutExpired is raised.
+    """
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                              # A crowded machine starts Ray's dashboard in minutes, not in Ray's default 60 s.
-                              env={"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600", **os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    if proc.returncode != 0:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                # A crowded machine starts Ray's dashboard in minutes, not in Ray's default 60 s.
+                                env={"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600", **os.environ,
+                                     "PYTHONPATH": str(REPO_ROOT)},
+                                # A benchmark started from a background shell inherits SIGINT ignored.
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+    if returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}); log {log_path}:\n{tail}")
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({returncode}); log {log_path}:\n{tail}")
 
 
 def finetune_and_evaluate(args, task: str, method: str, model: dict, train_file: Path, test_file: Path,

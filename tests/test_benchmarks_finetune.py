@@ -97,3 +97,21 @@ def test_finetune_quality_update_keeps_the_other_tasks_scores(tmp_path):
     assert both["earlier_invocations"][0]["load_before"] == first["load_before"]
     finetune_quality.main(common + ["--tasks", "ner"])  # without --update the file holds this run only
     assert json.loads(out.read_text())["summary"]["cls_baseline"] is None
+
+
+def test_a_command_past_its_timeout_gets_sigint_first(tmp_path):
+    """The benchmark's drivers stop their Ray on SIGINT; a SIGKILL would leave its processes behind."""
+    marker = tmp_path / "interrupted"
+    child = (
+        "import signal, sys, time\n"
+        "def stop(*_):\n"
+        f"    open({str(marker)!r}, 'w').write('sigint')\n"
+        "    sys.exit(130)\n"
+        "signal.signal(signal.SIGINT, stop)\n"
+        "print('started', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        finetune_quality.run_logged([sys.executable, "-c", child], tmp_path / "child.log", timeout=10)
+    assert marker.read_text() == "sigint"
+    assert "started" in (tmp_path / "child.log").read_text()
