@@ -188,13 +188,8 @@ def char_features(chars: list[str], i: int) -> dict[str, float]:
 
 def left_char_features(chars: list[str], i: int) -> dict[str, float]:
     """char_features restricted to the character and the two before it: what a causal model has seen when it
-    tags a character at its last sub-token."""
-    pad = ["<s>", "<s>"] + chars
-    j = i + 2
-    feats = {f"c{k}={pad[j + k]}": 1.0 for k in range(-2, 1)}
-    feats.update({f"b{k}={pad[j + k]}{pad[j + k + 1]}": 1.0 for k in range(-2, 0)})
-    feats[f"t-2={pad[j - 2]}{pad[j - 1]}{pad[j]}"] = 1.0
-    return feats
+    tags a character at its last sub-token (the sentence cut after it, less the n-grams that reach the cut)."""
+    return {name: value for name, value in char_features(chars[:i + 1], i).items() if "</s>" not in name}
 
 
 def ner_baseline(train, test, seed: int, features=char_features) -> dict:

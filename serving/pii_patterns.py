@@ -95,14 +95,11 @@ PII_PATTERNS = (_EMAIL, _IBAN_PASS, _PLUS86_MOBILE, _DIGIT_PASS, _INSIDE_CARD, _
 
 
 # ---- checks -------------------------------------------------------------------------------------------
-_LUHN_DOUBLED = bytes.maketrans(b"0123456789", bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
-
-
 def _luhn_valid(digits: str | bytes, separators: bytes = b"") -> bool:
     """Luhn check of a string of ASCII digits and `separators`."""
     data = (digits.encode("ascii") if isinstance(digits, str) else digits).translate(None, separators)
     kept, doubled = data[-1::-2], data[-2::-2]
-    return (sum(kept) - 48 * len(kept) + sum(doubled.translate(_LUHN_DOUBLED))) % 10 == 0
+    return (sum(kept) - 48 * len(kept) + sum(doubled.translate(_DIGIT_DOUBLED))) % 10 == 0
 
 
 def _stretch(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -28,20 +28,13 @@ SHARED_RAY_FIXTURE = "local_ray"
 _shared_ray = {"gcs_address": None}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_shared_ray() -> None:
     """4 logical CPUs (two 1-CPU Train workers, or a Serve replica beside them, plus Ray Data's read tasks),
     the dashboard on (Train V2 queries its controller through it), every worker carrying RAY_ADDRESS
     (tune.search.start_local_ray: Tune's stopped trials free their placement groups on a shared host)."""
     import ray
 
+    from local_ports import free_port
     from serving_fixtures import API_KEYS, serving_node_env
     from tune.search import start_local_ray
 
@@ -52,7 +45,7 @@ def _start_shared_ray() -> None:
         # Read from Ray's environment when a module deploys Serve on this Ray (tests/test_finetune_serve.py):
         # the replica's API keys, and the serving node's request path and error hook (serving_node_env).
         env.setenv("RAYLM_API_KEYS", ",".join(API_KEYS))
-        for key, value in serving_node_env(_free_port(), _free_port()).items():  # HAProxy's ports, when on that path
+        for key, value in serving_node_env(free_port(), free_port()).items():  # HAProxy's ports, when on that path
             if value is None:
                 env.delenv(key, raising=False)
             else:

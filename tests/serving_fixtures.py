@@ -2,8 +2,8 @@
 
 Every helper drives the real system: a local Ray, the `serve run` CLI on a real config file,
 HTTP on 127.0.0.1. Ports: Serve HTTP 18000-18099, metrics export 18100-18199, HAProxy stats 18300-18399
-and HAProxy metrics 18400-18499 (metrics port + 200 / + 300; for `causal_lm_app_beside_training`, HTTP port
-+ 300 / + 400).
+and HAProxy metrics 18400-18499 (metrics port + 200 / + 300; the session's shared Ray of tests/conftest.py,
+which `causal_lm_app_beside_training` deploys on, takes free ones).
 """
 
 from __future__ import annotations
@@ -244,102 +244,6 @@ def replica_pids(app: str, deployment: str) -> dict[str, int]:
              if a["namespace"] == "serve" and a["name"].startswith(prefix)]
     handles = {name: ray.get_actor(name, namespace="serve") for name in names}
     return {name: ray.get(h.__ray_call__.remote(lambda _self: os.getpid()), timeout=30) for name, h in handles.items()}
-
-
-def haproxy_replayed_requests(stats_port: int, app: str) -> int:
-    """Requests to `app` that HAProxy sent again after a failed attempt (retries + redispatches of its backend,
-    which Ray names http-<app>), read from HAProxy's stats page (RAY_SERVE_HAPROXY_STATS_PORT, CSV). A reload
-    (Serve's replica set changed) starts them at 0."""
-    import csv
-    import io
-
-    import httpx
-
-    text = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
-    rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
-    return sum(int(row["wretr"] or 0) + int(row["wredis"] or 0) for row in rows
-               if row["svname"] == "BACKEND" and row["pxname"] == f"http-{app}")
-
-
-def kill_a_replica_under_load(base: str, app: str, model: str, after_kill=lambda: None) -> tuple[list, list, object]:
-    """SIGKILL one of the two replicas of `app` (route prefix /<app>) while 16 OpenAI-client requests (default
-    retries) and 8 clients of plain HTTP requests (no retries) are in flight. Returns the OpenAI completions, the
-    plain responses, and what `after_kill()` returned (called right after the kill), once Serve has replaced the
-    dead replica (asserted)."""
-    import concurrent.futures as futures
-    import signal
-    import threading
-
-    import httpx
-    import openai
-
-    pids = replica_pids(app, "CausalLMServer")
-    assert len(pids) == 2
-    client = openai.OpenAI(base_url=f"{base}/{app}/v1", api_key=API_KEYS[0], timeout=120)
-    assert client.max_retries == 2  # the client's default
-
-    def with_client(i):
-        return client.completions.create(model=model, prompt=f"Story number {i}:", max_tokens=240, temperature=0)
-
-    killed = threading.Event()
-
-    def plain_until_killed(i):
-        """Plain requests back to back until one that was in flight at the kill has answered: a greedy
-        tiny model may stop at EOS early, so one request per client could end before the kill."""
-        body = {"model": model, "prompt": f"Tale {i}:", "max_tokens": 240, "temperature": 0}
-        answers, deadline = [], time.monotonic() + 300
-        while time.monotonic() < deadline:
-            answers.append(httpx.post(f"{base}/{app}/v1/completions", json=body, headers=auth(), timeout=120))
-            if killed.is_set():
-                break
-        return answers
-
-    # Two canary streams, sent after the others: requests spread over both replicas, so once both canaries
-    # have a token, the batches (with the plain requests sent before) are decoding. Waiting for one canary
-    # only let a loaded machine kill a replica before any plain request reached it.
-    canaries_decoding = threading.Semaphore(0)
-
-    def canary():
-        """A stream sent with the others: its first token means its replica's batch is decoding."""
-        body = {"model": model, "prompt": "Canary:", "max_tokens": 240, "temperature": 0, "stream": True}
-        signalled = False
-        try:
-            with httpx.stream("POST", f"{base}/{app}/v1/completions", json=body, headers=auth(), timeout=120) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: ") and not signalled:
-                        signalled = True
-                        canaries_decoding.release()
-        except httpx.HTTPError:
-            pass  # it may have been on the killed replica: its stream just ends
-        finally:
-            if not signalled:
-                canaries_decoding.release()
-
-    with futures.ThreadPoolExecutor(26) as pool:
-        openai_calls = [pool.submit(with_client, i) for i in range(16)]
-        plain_calls = [pool.submit(plain_until_killed, i) for i in range(8)]
-        canaries = [pool.submit(canary) for _ in range(2)]
-        assert canaries_decoding.acquire(timeout=180) and canaries_decoding.acquire(timeout=180)
-        os.kill(next(iter(pids.values())), signal.SIGKILL)
-        killed.set()
-        observed = after_kill()
-        [f.result() for f in canaries]
-        completions = [f.result() for f in openai_calls]
-        responses = [r for f in plain_calls for r in f.result()]
-    # Serve replaces the dead replica.
-    deadline = time.monotonic() + 60
-    while running_replicas(app, "CausalLMServer") < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert running_replicas(app, "CausalLMServer") == 2
-    return completions, responses, observed
-
-
-def assert_replica_lost_answer(response) -> None:
-    """What a client gets for a request whose replica died before answering (serving/errors.py): a retryable
-    503 in OpenAI's shape with Retry-After."""
-    assert response.status_code == 503, response.text
-    assert response.headers["retry-after"] == "1"
-    assert response.json()["error"]["code"] == "replica_unavailable"
 
 
 @contextlib.contextmanager

@@ -6,25 +6,18 @@ Submissions to a real cluster (auth, log tailing, exit codes) are in test_cluste
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from local_ports import free_port
 
 from cluster.submit import build_request, parse_args
 from cluster.workdir import upload_cap_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ["--", "python", "-m", "training.pretrain", "--config", "configs/pretrain/tiny_cpu.yaml"]
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening on it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def submit(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -4,16 +4,21 @@ in-flight requests. Real Serve on the shipped request path (serving.ingress.NODE
 RAYLM_TEST_REQUEST_PATH=haproxy; tiny causal-LM export."""
 
 import concurrent.futures as futures
+import csv
+import io
 import json
+import os
+import signal
 import threading
 import time
 
 import httpx
+import openai
 import pytest
 from ray import serve
 from serving_fixtures import (
-    HAPROXY_STATS_OFFSET, assert_replica_lost_answer, auth, haproxy_replayed_requests, kill_a_replica_under_load,
-    running_replicas, shared_exports, start_ray, stop_ray, uses_haproxy, wait_apps_running,
+    API_KEYS, HAPROXY_STATS_OFFSET, auth, replica_pids, running_replicas, shared_exports, start_ray, stop_ray,
+    uses_haproxy, wait_apps_running,
 )
 
 from serving.app import CausalLMServer
@@ -102,6 +107,90 @@ def test_overload_is_refused_quickly_never_hangs(apps):
     # Serve writes these (the replica itself on HAProxy's path); serving/errors.py puts them in OpenAI's shape.
     assert all(r.json()["error"]["type"] == "rate_limit_error" for r in responses if r.status_code == 429)
     assert elapsed < 50
+
+
+def haproxy_replayed_requests(stats_port: int, app: str) -> int:
+    """Requests to `app` that HAProxy sent again after a failed attempt (retries + redispatches of its backend,
+    which Ray names http-<app>), read from HAProxy's stats page (RAY_SERVE_HAPROXY_STATS_PORT, CSV). A reload
+    (Serve's replica set changed) starts them at 0."""
+    text = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
+    rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
+    return sum(int(row["wretr"] or 0) + int(row["wredis"] or 0) for row in rows
+               if row["svname"] == "BACKEND" and row["pxname"] == f"http-{app}")
+
+
+def kill_a_replica_under_load(base: str, app: str, model: str, after_kill=lambda: None) -> tuple[list, list, object]:
+    """SIGKILL one of the two replicas of `app` (route prefix /<app>) while 16 OpenAI-client requests (default
+    retries) and 8 clients of plain HTTP requests (no retries) are in flight. Returns the OpenAI completions, the
+    plain responses, and what `after_kill()` returned (called right after the kill), once Serve has replaced the
+    dead replica (asserted)."""
+    pids = replica_pids(app, "CausalLMServer")
+    assert len(pids) == 2
+    client = openai.OpenAI(base_url=f"{base}/{app}/v1", api_key=API_KEYS[0], timeout=120)
+    assert client.max_retries == 2  # the client's default
+
+    def with_client(i):
+        return client.completions.create(model=model, prompt=f"Story number {i}:", max_tokens=240, temperature=0)
+
+    killed = threading.Event()
+
+    def plain_until_killed(i):
+        """Plain requests back to back until one that was in flight at the kill has answered: a greedy
+        tiny model may stop at EOS early, so one request per client could end before the kill."""
+        body = {"model": model, "prompt": f"Tale {i}:", "max_tokens": 240, "temperature": 0}
+        answers, deadline = [], time.monotonic() + 300
+        while time.monotonic() < deadline:
+            answers.append(httpx.post(f"{base}/{app}/v1/completions", json=body, headers=auth(), timeout=120))
+            if killed.is_set():
+                break
+        return answers
+
+    # Two canary streams, sent after the others: requests spread over both replicas, so once both canaries
+    # have a token, the batches (with the plain requests sent before) are decoding. Waiting for one canary
+    # only let a loaded machine kill a replica before any plain request reached it.
+    canaries_decoding = threading.Semaphore(0)
+
+    def canary():
+        """A stream sent with the others: its first token means its replica's batch is decoding."""
+        body = {"model": model, "prompt": "Canary:", "max_tokens": 240, "temperature": 0, "stream": True}
+        signalled = False
+        try:
+            with httpx.stream("POST", f"{base}/{app}/v1/completions", json=body, headers=auth(), timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and not signalled:
+                        signalled = True
+                        canaries_decoding.release()
+        except httpx.HTTPError:
+            pass  # it may have been on the killed replica: its stream just ends
+        finally:
+            if not signalled:
+                canaries_decoding.release()
+
+    with futures.ThreadPoolExecutor(26) as pool:
+        openai_calls = [pool.submit(with_client, i) for i in range(16)]
+        plain_calls = [pool.submit(plain_until_killed, i) for i in range(8)]
+        canaries = [pool.submit(canary) for _ in range(2)]
+        assert canaries_decoding.acquire(timeout=180) and canaries_decoding.acquire(timeout=180)
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
+        killed.set()
+        observed = after_kill()
+        [f.result() for f in canaries]
+        completions = [f.result() for f in openai_calls]
+        responses = [r for f in plain_calls for r in f.result()]
+    # Serve replaces the dead replica.
+    deadline = time.monotonic() + 60
+    while running_replicas(app, "CausalLMServer") < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert running_replicas(app, "CausalLMServer") == 2
+    return completions, responses, observed
+
+
+def assert_replica_lost_answer(response) -> None:
+    """What a client gets for a request whose replica died before answering (serving/errors.py): a retryable
+    503 in OpenAI's shape with Retry-After."""
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "replica_unavailable"
 
 
 def test_a_replica_killed_under_load_fails_no_request(apps):
