@@ -127,15 +127,16 @@ def ask(openai_client, model: str, review: str, max_tokens: int) -> tuple[str, f
 
 
 def ask_all(openai_client, model: str, held_out: list[dict], max_tokens: int, concurrency: int) -> dict:
-    """Every held-out review, `concurrency` at a time: answers, accuracy, latencies, requests/s."""
+    """Every held-out review, `concurrency` at a time: answers, accuracy, answers naming no label, latencies, requests/s."""
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         replies = list(pool.map(lambda row: ask(openai_client, model, row["review"], max_tokens), held_out))
     wall = time.perf_counter() - started
     answers = [answer for answer, _ in replies]
-    correct = sum(label_of(answer) == row["label"] for answer, row in zip(answers, held_out))
+    given = [label_of(answer) for answer in answers]
+    correct = sum(label == row["label"] for label, row in zip(given, held_out))
     return {"model": model, "answers": answers, "latencies_s": [lat for _, lat in replies],
-            "accuracy": correct / len(held_out), "requests": len(held_out), "wall_s": wall,
+            "accuracy": correct / len(held_out), "no_label": given.count(None), "requests": len(held_out), "wall_s": wall,
             "requests_per_s": len(held_out) / wall}
 
 

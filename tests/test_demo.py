@@ -78,6 +78,7 @@ def run_demo(workdir: Path, base_export: Path) -> tuple[dict, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(*[line for line in result.stdout.splitlines() if line.startswith(("stage times", "sentiment, "))], sep="\n")
     endpoint_dir = sorted((workdir / "endpoints").iterdir())[-1]
     return json.loads((endpoint_dir / "summary.json").read_text(encoding="utf-8")), result.stdout
 
@@ -124,6 +125,7 @@ def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp
         # 4: answers from both models; the endpoint still answers the adapter after the demo returned
         assert set(figures["serving"]) == {"base", "fine-tuned"}
         assert all(run["requests"] == 4 and run["requests_per_s"] > 0 for run in figures["serving"].values())
+        assert "sentiment, before fine-tuning (tiny-llama)" in out and "sentiment, after fine-tuning" in out
         curl = summary["commands"][0]
         url = curl.split()[2].rsplit("/chat/completions", 1)[0]
         client = openai.OpenAI(base_url=url, api_key=key_file.read_text().strip())
@@ -148,13 +150,21 @@ def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp
         stop(summary)
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 @pytest.mark.slow
 @pytest.mark.unverified
 def test_ctrl_c_during_pretraining_stops_every_process_of_the_demos_node(tmp_path):
     import signal
+    import threading
     import time
 
-    from cluster.local import _session_members
+    from cluster.local import LocalCluster, _session_members
 
     argv = [sys.executable, "-m", "demo.main", "--config", str(DEMO_CONFIG)]
     for item in tiny_overrides(tmp_path / "demo", tmp_path / "unused"):
@@ -162,33 +172,44 @@ def test_ctrl_c_during_pretraining_stops_every_process_of_the_demos_node(tmp_pat
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     # A terminal's Ctrl-C reaches a process whose SIGINT is at its default; a test run started in the background
     # by a non-interactive shell inherits SIGINT ignored, and so would the demo (it would never see the signal).
+    # Its own session: the signal below is the only one it gets, and only it gets it.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    lines = []
-    node_dir = None
-    try:
-        for line in proc.stdout:  # wait until the pretraining run starts its Ray Train workers on the node
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
             lines.append(line)
-            if line.startswith("[demo] Ray node up at"):
-                node_dir = Path(line.split("its directory ", 1)[1].split(" ", 1)[0])
-            if line.startswith("[raylm] Ray's full logs"):  # printed as trainer.fit() begins
-                break
-        assert node_dir is not None and "=== [1/5]" in "".join(lines), "".join(lines)
-        state = json.loads((node_dir / "cluster.json").read_text())
-        session = state["nodes"]["head"]["pid"]
-        assert _session_members(session), "the demo's node is not running"
-        time.sleep(2)  # inside fit(): Ray Train's controller is starting the workers
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    node_dir = session = None
+    try:
+        deadline = time.monotonic() + 300
+        workers: list[int] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            up = [line for line in list(lines) if line.startswith("[demo] Ray node up at")]
+            if up and node_dir is None:
+                node_dir = Path(up[0].split("its directory ", 1)[1].split(" ", 1)[0])
+                session = json.loads((node_dir / "cluster.json").read_text())["nodes"]["head"]["pid"]
+            if session is not None:  # pretraining is inside fit() once its Train workers run on the node
+                workers = [pid for pid in _session_members(session) if "RayTrainWorker" in _cmdline(pid)]
+                if workers:
+                    break
+            time.sleep(0.5)
+        assert workers and "=== [1/5]" in "".join(lines), "".join(lines)
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 130, "".join(lines) + out
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+        out = "".join(lines)
+        assert proc.returncode == 130, out
         assert "[raylm] interrupted: checkpoints kept in" in out  # the pretraining run saw the Ctrl-C ...
         assert "interrupted: stopping the demo's Ray node" in out  # ... and the demo stopped its node
-        assert _session_members(session) == []
+        assert _session_members(session) == []  # every process of the node, the Train workers included
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     finally:  # a failed check leaves neither the demo nor its node running
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if node_dir is not None and (node_dir / "cluster.json").is_file():
-            from cluster.local import LocalCluster
-
             LocalCluster(directory=node_dir, base_port=int(node_dir.name.rsplit("-", 1)[1])).down()
