@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from demo.config import Plan
-from demo.sentiment_data import label_of, prompt
+from demo.sentiment_data import label_of, messages
 
 
 @dataclass
@@ -121,7 +121,7 @@ def client(endpoint: Endpoint):
 def ask(openai_client, model: str, review: str, max_tokens: int) -> tuple[str, float]:
     """One chat request (greedy); returns the answer and its latency in seconds."""
     started = time.perf_counter()
-    reply = openai_client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt(review)}],
+    reply = openai_client.chat.completions.create(model=model, messages=messages(review),
                                                   max_tokens=max_tokens, temperature=0)
     return reply.choices[0].message.content or "", time.perf_counter() - started
 
@@ -145,7 +145,7 @@ def stream(openai_client, model: str, review: str, max_tokens: int, out=sys.stdo
     started = time.perf_counter()
     first = None
     pieces = []
-    chunks = openai_client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt(review)}],
+    chunks = openai_client.chat.completions.create(model=model, messages=messages(review),
                                                    max_tokens=max_tokens, temperature=0, stream=True)
     for chunk in chunks:
         delta = chunk.choices[0].delta.content if chunk.choices else None

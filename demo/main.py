@@ -183,10 +183,10 @@ def accuracy_lines(served: dict) -> list[str]:
 
 
 def try_commands(endpoint, review: str, stop: str) -> list[str]:
-    from demo.sentiment_data import prompt
+    from demo.sentiment_data import messages
 
     body = json.dumps({"model": endpoint.tuned_model, "max_tokens": 8,
-                       "messages": [{"role": "user", "content": prompt(review)}]}, ensure_ascii=False)
+                       "messages": messages(review)}, ensure_ascii=False)
     return [f"curl -s {endpoint.url}/chat/completions -H \"Authorization: Bearer $(cat {endpoint.api_key_file})\" "
             f"-H 'Content-Type: application/json' -d '{body}'",
             stop]

@@ -18,6 +18,7 @@ import yaml
 
 from demo import main as demo_main
 from demo.config import load_demo
+from demo.sentiment_data import build_task_data, label_of, messages
 from training.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +50,22 @@ def test_a_sweep_that_is_not_a_lora_sft_fine_tune_is_refused():
         load_demo(DEMO_CONFIG, ["sweep.config=../tune/tiny_asha_cpu.yaml"])
 
 
+def test_task_data_is_balanced_keeps_held_out_reviews_out_of_training_and_reads_labels_from_answers(tmp_path):
+    counts = build_task_data(tmp_path, train_examples=40, held_out=10, min_chars=6, max_chars=30, seed=3)
+    assert counts["train_rows"] == 40 and counts["held_out_rows"] == 10
+    train = [json.loads(line) for line in (tmp_path / "sentiment_train.jsonl").read_text().splitlines()]
+    held = [json.loads(line) for line in (tmp_path / "sentiment_held_out.jsonl").read_text().splitlines()]
+    answers = [row["messages"][-1]["content"] for row in train]
+    assert answers.count("positive") == answers.count("negative") == 20
+    assert sorted(row["label"] for row in held) == ["negative"] * 5 + ["positive"] * 5
+    # Training rows ask exactly what the demo's requests ask (the messages of one review plus the answer).
+    reviews = [row["messages"][1]["content"].split("\n", 1)[0].removeprefix("Review: ") for row in train]
+    assert all(row["messages"][:-1] == messages(review) for row, review in zip(train, reviews))
+    assert not {row["review"] for row in held} & set(reviews)
+    assert [label_of(a) for a in ("positive", "Negative.", "The review is positive", "positive or negative", "好")] == \
+        ["positive", "negative", "positive", None, None]
+
+
 def tiny_overrides(workdir: Path, base_export: Path) -> list[str]:
     """The shipped demo at test sizes: every stage runs, each for seconds."""
     sets = {
@@ -60,9 +77,10 @@ def tiny_overrides(workdir: Path, base_export: Path) -> list[str]:
                          "run.checkpoint_every_steps": 2, "run.eval_batches": 2, "run.log_every_steps": 2},
         "base_model": {"source": "raylm_export", "path": str(base_export), "name": "tiny-llama"},
         "task_data": {"train_examples": 48, "held_out": 4, "min_chars": 4, "max_chars": 12},
-        "sweep.set": {"space": {"optim.lr": "grid([1.0e-2, 1.0e-4])"},
+        # Both trials at once, one Train worker each: the sweep's cost is mostly each worker's start (imports).
+        "sweep.set": {"space": {"optim.lr": "grid([1.0e-2, 1.0e-4])"}, "max_concurrent_trials": 2,
                       "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}},
-        "sweep.set_base": {"optim.max_steps": 4, "data.max_len": 160, "run.eval_every_steps": 2,
+        "sweep.set_base": {"optim.max_steps": 4, "data.max_len": 160, "scaling.num_workers": 1, "run.eval_every_steps": 2,
                            "run.checkpoint_every_steps": 2, "run.eval_batches": 2, "run.log_every_steps": 2},
         "serve.max_replicas": 1,
         "requests": {"show": 2, "concurrency": 2, "max_tokens": 4, "stream_max_tokens": 4},
@@ -130,7 +148,7 @@ def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp
         url = curl.split()[2].rsplit("/chat/completions", 1)[0]
         client = openai.OpenAI(base_url=url, api_key=key_file.read_text().strip())
         reply = client.chat.completions.create(model="tiny-llama:sentiment", max_tokens=4, temperature=0,
-                                               messages=[{"role": "user", "content": "评论：很好\n这条评论是正面还是负面？"}])
+                                               messages=messages("很好"))
         assert reply.choices[0].message.content and reply.usage.completion_tokens >= 1
         with pytest.raises(openai.PermissionDeniedError):  # a wrong key is a 403 (docs/serving.md; none is a 401)
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
