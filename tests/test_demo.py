@@ -80,12 +80,18 @@ def tiny_overrides(workdir: Path, base_export: Path) -> list[str]:
         # Both trials at once, one Train worker each: the sweep's cost is mostly each worker's start (imports).
         "sweep.set": {"space": {"optim.lr": "grid([1.0e-2, 1.0e-4])"}, "max_concurrent_trials": 2,
                       "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}},
-        "sweep.set_base": {"optim.max_steps": 4, "data.max_len": 160, "scaling.num_workers": 1, "run.eval_every_steps": 2,
-                           "run.checkpoint_every_steps": 2, "run.eval_batches": 2, "run.log_every_steps": 2},
+        "sweep.set_base": {"optim.max_steps": 4, "optim.warmup_steps": 1, "data.max_len": 160, "scaling.num_workers": 1,
+                           "run.eval_every_steps": 2, "run.checkpoint_every_steps": 2, "run.eval_batches": 2,
+                           "run.log_every_steps": 2},
         "serve.max_replicas": 1,
         "requests": {"show": 2, "concurrency": 2, "max_tokens": 4, "stream_max_tokens": 4},
     }
     return [f"{key}={json.dumps(value)}" for key, value in sets.items()]
+
+
+def test_the_tiny_sizes_of_the_end_to_end_tests_validate(tmp_path):
+    plan = load_demo(DEMO_CONFIG, tiny_overrides(tmp_path / "demo", tmp_path / "tiny-llama"))
+    assert plan.cfg.task_data.train_examples == 48 and plan.workdir == (tmp_path / "demo").resolve()
 
 
 def run_demo(workdir: Path, base_export: Path) -> tuple[dict, str]:
