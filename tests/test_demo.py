@@ -182,7 +182,6 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.unverified
 def test_ctrl_c_during_pretraining_stops_every_process_of_the_demos_node(tmp_path):
     import signal
     import threading
