@@ -117,7 +117,6 @@ def stop(summary: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.unverified
 def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp_path):
     import openai
 
