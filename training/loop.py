@@ -113,11 +113,13 @@ def step_micro_batches(shard, wctx: "WorkerContext", per_rank: int, start_step: 
 def init_worker(cfg) -> WorkerContext:
     """Device and process group for this rank (DeepSpeed reuses Ray Train's)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
-    import deepspeed
     import ray
     import ray.train
     import torch
 
+    from training.engine import import_deepspeed
+
+    deepspeed = import_deepspeed()  # the first import of deepspeed in this worker
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     print(f"raylm-worker rank={rank} node_id={ray.get_runtime_context().get_node_id()}", flush=True)
