@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-lora", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-len", type=int, default=96, help="tokens per example for the fine-tuned model")
+    p.add_argument("--ner-input", choices=("auto", "single", "doubled"), default="auto",
+                   help="data.ner_input of the NER fine-tune (auto: doubled on a causal base; a doubled input needs "
+                        "twice --max-len for the same tokens per sentence)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="runs/bench-finetune-quality")
     p.add_argument("--baselines-only", action="store_true", help="data and baselines only (no fine-tuning)")
@@ -283,7 +286,7 @@ def finetune_config(args, task: str, method: str, model: dict, train_file: Path,
     steps = max(4, int(args.epochs * n_train * 0.9 / (args.batch_size * workers)))
     data: dict = {"train_files": [str(train_file)], "val_fraction": 0.1, "max_len": args.max_len}
     if task == "ner":
-        data.update(ner_format="conll", tag_scheme="bio")
+        data.update(ner_format="conll", tag_scheme="bio", ner_input=args.ner_input)
     config = {
         "kind": "finetune",
         "task": "classification" if task == "cls" else "ner",
