@@ -363,7 +363,9 @@ def finetune_and_evaluate(args, task: str, method: str, model: dict, train_file:
                                      "--max-len", str(args.max_len), "--out", str(workdir / f"{task}-{method}.eval.json")])
     result = evaluate.evaluate(eval_args, log=lambda *_: None)
     summary = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
-    return {"metrics": result["metrics"], "train_seconds": round(train_s, 1), "steps": config["optim"]["max_steps"],
+    exported = json.loads((export_dir / "raylm.json").read_text())
+    how = {"max_len": args.max_len, "ner_input": exported.get("ner_input", "single")} if task == "ner" else {}
+    return {"metrics": result["metrics"], **how, "train_seconds": round(train_s, 1), "steps": config["optim"]["max_steps"],
             "epochs": args.epochs, "lr": config["optim"]["lr"], "load_after": uptime(),
             "trainable_fraction": summary.get("trainable_fraction"), "best_checkpoint": summary.get("best_checkpoint"),
             "val": summary.get("final_eval"), "config": str(config_path)}
@@ -384,6 +386,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.update and Path(args.out).is_file():  # keep what earlier invocations measured; redone keys are replaced
         previous = json.loads(Path(args.out).read_text())
         scores.update(previous.get("scores", {}))
+        if "ner" in tasks:  # a NER figure of another input format stays, under its own key
+            for method in methods:
+                earlier = scores.get(f"ner_{method}", {})
+                if "metrics" in earlier and earlier.get("ner_input", "single") != args.ner_input != "auto":
+                    scores[f"ner_{method}_{earlier.get('ner_input', 'single')}_input"] = scores.pop(f"ner_{method}")
         result["earlier_invocations"] = previous.get("earlier_invocations", []) + [
             {k: previous.get(k) for k in ("args", "load_before", "load_after")}]
 

@@ -361,3 +361,14 @@ def test_ner_evaluation_reads_a_doubled_export_on_the_second_copy(tmp_path):
     manifest.update(ner_input="single", ner_separator_token_id=None)
     (export / "raylm.json").write_text(json.dumps(manifest))
     assert run(["--export", str(export), "--data", str(conll)], tmp_path)["metrics"]["f1"] < 1.0
+
+
+def test_a_doubled_manifest_without_its_separator_is_refused_by_serving_reader(tmp_path):
+    from serving.export_format import ExportFormatError, read_export
+
+    export, manifest = causal_ner_export(tmp_path, ner_input="doubled")
+    assert read_export(export).manifest.ner_separator_token_id == manifest["ner_separator_token_id"]
+    manifest["ner_separator_token_id"] = None
+    (export / "raylm.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportFormatError, match="ner_input: 'doubled' .* needs ner_separator_token_id"):
+        read_export(export)
