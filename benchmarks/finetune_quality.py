@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-full", type=float, default=5e-5)
     p.add_argument("--lr-lora", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="split each worker's --batch-size rows per step into this many forward passes (same step, "
+                        "less activation memory: a doubled NER input holds twice the tokens)")
     p.add_argument("--max-len", type=int, default=96, help="tokens per example for the fine-tuned model")
     p.add_argument("--ner-input", choices=("auto", "single", "doubled"), default="auto",
                    help="data.ner_input of the NER fine-tune (auto: doubled on a causal base; a doubled input needs "
@@ -84,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep the scores of tasks/methods in an existing --out file that this run does not redo "
                         "(run the tasks as separate invocations, each landing in the same file)")
     args = p.parse_args(argv)
+    if args.grad_accum < 1 or args.batch_size % args.grad_accum:
+        p.error(f"--grad-accum {args.grad_accum} must be >= 1 and divide --batch-size {args.batch_size}")
     if args.quick:
         args.cls_train, args.cls_test, args.ner_train, args.ner_test = 64, 32, 48, 24
     return args
@@ -294,7 +299,8 @@ def finetune_config(args, task: str, method: str, model: dict, train_file: Path,
         "method": {"type": method, **({"lora": {"r": 8, "alpha": 16, "dropout": 0.05}} if method == "lora" else {})},
         "data": data,
         "optim": {"lr": args.lr_lora if method == "lora" else args.lr_full, "warmup_steps": max(1, steps // 10),
-                  "max_steps": steps, "micro_batch_size": args.batch_size, "weight_decay": 0.0},
+                  "max_steps": steps, "micro_batch_size": args.batch_size // args.grad_accum,
+                  "grad_accum_steps": args.grad_accum, "weight_decay": 0.0},
         "deepspeed": {"zero_stage": 2, "bucket_elements": 2_000_000},
         "scaling": {"num_workers": workers, "resources_per_worker": {"CPU": 1}},
         "run": {"name": f"{task}-{method}", "storage_path": str(run_root), "eval_every_steps": max(1, steps // 2),
