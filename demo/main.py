@@ -168,16 +168,25 @@ def print_answers(rows: list[dict], served: dict) -> None:
         base = " ".join(served["base"]["answers"][i].split())[:26]
         tuned = " ".join(served["fine-tuned"]["answers"][i].split())[:20]
         print(f"{row['review'][:30]:<34} {row['label']:<5} {base:<28} {tuned}")
+    for line in accuracy_lines(served):
+        print(line)
+
+
+def accuracy_lines(served: dict) -> list[str]:
+    """Before/after in words a person can judge: held-out accuracy of the base model and of the adapter."""
+    lines = []
     for label, run in served.items():
-        print(f"{label}: {run['accuracy']:.0%} of {run['requests']} held-out reviews right, "
-              f"{run['requests_per_s']:.1f} requests/s")
+        when = "before fine-tuning" if label == "base" else "after fine-tuning"
+        lines.append(f"sentiment, {when} ({run['model']}): {run['accuracy']:.0%} of {run['requests']} held-out "
+                     f"reviews right ({run['no_label']} answers name no label), {run['requests_per_s']:.1f} requests/s")
+    return lines
 
 
 def try_commands(endpoint, review: str, stop: str) -> list[str]:
-    from demo.sentiment_data import prompt
+    from demo.sentiment_data import messages
 
     body = json.dumps({"model": endpoint.tuned_model, "max_tokens": 8,
-                       "messages": [{"role": "user", "content": prompt(review)}]}, ensure_ascii=False)
+                       "messages": messages(review)}, ensure_ascii=False)
     return [f"curl -s {endpoint.url}/chat/completions -H \"Authorization: Bearer $(cat {endpoint.api_key_file})\" "
             f"-H 'Content-Type: application/json' -d '{body}'",
             stop]

@@ -59,7 +59,7 @@ def figures(pretrain: dict, sweep: dict, served: dict) -> dict:
                   "stopped_early": sum(t["status"] == "stopped early" for t in sweep["trials"]),
                   "best": best.get(f"best_{metric}"), "best_trial": best.get("trial"),
                   "worst": worst.get(f"best_{metric}"), "worst_trial": worst.get("trial")},
-        "serving": {name: {"accuracy": run["accuracy"], "requests": run["requests"],
+        "serving": {name: {"accuracy": run["accuracy"], "no_label": run["no_label"], "requests": run["requests"],
                            "requests_per_s": run["requests_per_s"],
                            "median_latency_ms": statistics.median(run["latencies_s"]) * 1000}
                     for name, run in served.items()},
@@ -75,7 +75,8 @@ def print_summary(out, stage_figures: dict, artifacts: dict, try_commands: list[
     print(f"  2 sweep: {s['trials']} trials ({s['stopped_early']} stopped early by ASHA); {s['metric']} best "
           f"{s['best']:.4f} ({s['best_trial']}) vs worst {s['worst']:.4f} ({s['worst_trial']})", file=out)
     for name, run in stage_figures["serving"].items():
-        print(f"  4 {name}: held-out accuracy {run['accuracy']:.0%} over {run['requests']} reviews, "
+        print(f"  4 {name}: held-out accuracy {run['accuracy']:.0%} over {run['requests']} reviews "
+              f"({run['no_label']} answers without a label; half are positive, so guessing scores 50%), "
               f"{run['requests_per_s']:.1f} requests/s, median latency {run['median_latency_ms']:.0f} ms", file=out)
     print("\nArtifacts", file=out)
     for what, where in artifacts.items():

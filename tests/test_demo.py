@@ -18,6 +18,7 @@ import yaml
 
 from demo import main as demo_main
 from demo.config import load_demo
+from demo.sentiment_data import build_task_data, label_of, messages
 from training.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +50,22 @@ def test_a_sweep_that_is_not_a_lora_sft_fine_tune_is_refused():
         load_demo(DEMO_CONFIG, ["sweep.config=../tune/tiny_asha_cpu.yaml"])
 
 
+def test_task_data_is_balanced_keeps_held_out_reviews_out_of_training_and_reads_labels_from_answers(tmp_path):
+    counts = build_task_data(tmp_path, train_examples=40, held_out=10, min_chars=6, max_chars=30, seed=3)
+    assert counts["train_rows"] == 40 and counts["held_out_rows"] == 10
+    train = [json.loads(line) for line in (tmp_path / "sentiment_train.jsonl").read_text().splitlines()]
+    held = [json.loads(line) for line in (tmp_path / "sentiment_held_out.jsonl").read_text().splitlines()]
+    answers = [row["messages"][-1]["content"] for row in train]
+    assert answers.count("positive") == answers.count("negative") == 20
+    assert sorted(row["label"] for row in held) == ["negative"] * 5 + ["positive"] * 5
+    # Training rows ask exactly what the demo's requests ask (the messages of one review plus the answer).
+    reviews = [row["messages"][1]["content"].split("\n", 1)[0].removeprefix("Review: ") for row in train]
+    assert all(row["messages"][:-1] == messages(review) for row, review in zip(train, reviews))
+    assert not {row["review"] for row in held} & set(reviews)
+    assert [label_of(a) for a in ("positive", "Negative.", "The review is positive", "positive or negative", "好")] == \
+        ["positive", "negative", "positive", None, None]
+
+
 def tiny_overrides(workdir: Path, base_export: Path) -> list[str]:
     """The shipped demo at test sizes: every stage runs, each for seconds."""
     sets = {
@@ -60,14 +77,21 @@ def tiny_overrides(workdir: Path, base_export: Path) -> list[str]:
                          "run.checkpoint_every_steps": 2, "run.eval_batches": 2, "run.log_every_steps": 2},
         "base_model": {"source": "raylm_export", "path": str(base_export), "name": "tiny-llama"},
         "task_data": {"train_examples": 48, "held_out": 4, "min_chars": 4, "max_chars": 12},
-        "sweep.set": {"space": {"optim.lr": "grid([1.0e-2, 1.0e-4])"},
+        # Both trials at once, one Train worker each: the sweep's cost is mostly each worker's start (imports).
+        "sweep.set": {"space": {"optim.lr": "grid([1.0e-2, 1.0e-4])"}, "max_concurrent_trials": 2,
                       "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}},
-        "sweep.set_base": {"optim.max_steps": 4, "data.max_len": 160, "run.eval_every_steps": 2,
-                           "run.checkpoint_every_steps": 2, "run.eval_batches": 2, "run.log_every_steps": 2},
+        "sweep.set_base": {"optim.max_steps": 4, "optim.warmup_steps": 1, "data.max_len": 160, "scaling.num_workers": 1,
+                           "run.eval_every_steps": 2, "run.checkpoint_every_steps": 2, "run.eval_batches": 2,
+                           "run.log_every_steps": 2},
         "serve.max_replicas": 1,
         "requests": {"show": 2, "concurrency": 2, "max_tokens": 4, "stream_max_tokens": 4},
     }
     return [f"{key}={json.dumps(value)}" for key, value in sets.items()]
+
+
+def test_the_tiny_sizes_of_the_end_to_end_tests_validate(tmp_path):
+    plan = load_demo(DEMO_CONFIG, tiny_overrides(tmp_path / "demo", tmp_path / "tiny-llama"))
+    assert plan.cfg.task_data.train_examples == 48 and plan.workdir == (tmp_path / "demo").resolve()
 
 
 def run_demo(workdir: Path, base_export: Path) -> tuple[dict, str]:
@@ -78,6 +102,7 @@ def run_demo(workdir: Path, base_export: Path) -> tuple[dict, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(*[line for line in result.stdout.splitlines() if line.startswith(("stage times", "sentiment, "))], sep="\n")
     endpoint_dir = sorted((workdir / "endpoints").iterdir())[-1]
     return json.loads((endpoint_dir / "summary.json").read_text(encoding="utf-8")), result.stdout
 
@@ -92,7 +117,6 @@ def stop(summary: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.unverified
 def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp_path):
     import openai
 
@@ -124,11 +148,12 @@ def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp
         # 4: answers from both models; the endpoint still answers the adapter after the demo returned
         assert set(figures["serving"]) == {"base", "fine-tuned"}
         assert all(run["requests"] == 4 and run["requests_per_s"] > 0 for run in figures["serving"].values())
+        assert "sentiment, before fine-tuning (tiny-llama)" in out and "sentiment, after fine-tuning" in out
         curl = summary["commands"][0]
         url = curl.split()[2].rsplit("/chat/completions", 1)[0]
         client = openai.OpenAI(base_url=url, api_key=key_file.read_text().strip())
         reply = client.chat.completions.create(model="tiny-llama:sentiment", max_tokens=4, temperature=0,
-                                               messages=[{"role": "user", "content": "评论：很好\n这条评论是正面还是负面？"}])
+                                               messages=messages("很好"))
         assert reply.choices[0].message.content and reply.usage.completion_tokens >= 1
         with pytest.raises(openai.PermissionDeniedError):  # a wrong key is a 403 (docs/serving.md; none is a 401)
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
@@ -148,13 +173,20 @@ def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp
         stop(summary)
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 @pytest.mark.slow
-@pytest.mark.unverified
 def test_ctrl_c_during_pretraining_stops_every_process_of_the_demos_node(tmp_path):
     import signal
+    import threading
     import time
 
-    from cluster.local import _session_members
+    from cluster.local import LocalCluster, _session_members
 
     argv = [sys.executable, "-m", "demo.main", "--config", str(DEMO_CONFIG)]
     for item in tiny_overrides(tmp_path / "demo", tmp_path / "unused"):
@@ -162,33 +194,44 @@ def test_ctrl_c_during_pretraining_stops_every_process_of_the_demos_node(tmp_pat
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     # A terminal's Ctrl-C reaches a process whose SIGINT is at its default; a test run started in the background
     # by a non-interactive shell inherits SIGINT ignored, and so would the demo (it would never see the signal).
+    # Its own session: the signal below is the only one it gets, and only it gets it.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    lines = []
-    node_dir = None
-    try:
-        for line in proc.stdout:  # wait until the pretraining run starts its Ray Train workers on the node
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
             lines.append(line)
-            if line.startswith("[demo] Ray node up at"):
-                node_dir = Path(line.split("its directory ", 1)[1].split(" ", 1)[0])
-            if line.startswith("[raylm] Ray's full logs"):  # printed as trainer.fit() begins
-                break
-        assert node_dir is not None and "=== [1/5]" in "".join(lines), "".join(lines)
-        state = json.loads((node_dir / "cluster.json").read_text())
-        session = state["nodes"]["head"]["pid"]
-        assert _session_members(session), "the demo's node is not running"
-        time.sleep(2)  # inside fit(): Ray Train's controller is starting the workers
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    node_dir = session = None
+    try:
+        deadline = time.monotonic() + 300
+        workers: list[int] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            up = [line for line in list(lines) if line.startswith("[demo] Ray node up at")]
+            if up and node_dir is None:
+                node_dir = Path(up[0].split("its directory ", 1)[1].split(" ", 1)[0])
+                session = json.loads((node_dir / "cluster.json").read_text())["nodes"]["head"]["pid"]
+            if session is not None:  # pretraining is inside fit() once its Train workers run on the node
+                workers = [pid for pid in _session_members(session) if "RayTrainWorker" in _cmdline(pid)]
+                if workers:
+                    break
+            time.sleep(0.5)
+        assert workers and "=== [1/5]" in "".join(lines), "".join(lines)
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 130, "".join(lines) + out
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+        out = "".join(lines)
+        assert proc.returncode == 130, out
         assert "[raylm] interrupted: checkpoints kept in" in out  # the pretraining run saw the Ctrl-C ...
         assert "interrupted: stopping the demo's Ray node" in out  # ... and the demo stopped its node
-        assert _session_members(session) == []
+        assert _session_members(session) == []  # every process of the node, the Train workers included
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     finally:  # a failed check leaves neither the demo nor its node running
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if node_dir is not None and (node_dir / "cluster.json").is_file():
-            from cluster.local import LocalCluster
-
             LocalCluster(directory=node_dir, base_port=int(node_dir.name.rsplit("-", 1)[1])).down()
