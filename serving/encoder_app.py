@@ -38,7 +38,8 @@ class EncoderServer(ModelServer):
             self.export, quantize_int8=self.args.quantize_int8, device=self.args.device, dtype=self.args.dtype,
             trust_remote_code=self.args.trust_remote_code,
         )
-        self.max_prompt_tokens = self.args.max_prompt_tokens or self.engine.max_seq_len
+        # A doubled NER export reads a text twice in max_seq_len: its texts may take half of it.
+        self.max_prompt_tokens = self.args.max_prompt_tokens or self.engine.max_text_tokens
         for batched in (self._classify_batch, self._ner_batch):
             batched.set_max_batch_size(self.args.max_batch_size)
             batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from serving.export_format import ModelExport
+from serving.export_format import ModelExport, doubled_input, ner_copy_max_len
 from serving.generation import quantize_linear_int8
 
 
@@ -57,6 +57,9 @@ class EncoderEngine:
         if quantize_int8:
             self.model = quantize_linear_int8(self.model)
         self.max_seq_len = export.manifest.max_seq_len
+        # A doubled NER input holds the text twice: each copy gets what lets both fit (as in training).
+        self.ner_input = export.manifest.ner_input if export.task == "token-classification" else "single"
+        self.max_text_tokens = ner_copy_max_len(self.max_seq_len, self.ner_input)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` with special tokens, never truncated; safe to call from any thread."""
@@ -73,6 +76,19 @@ class EncoderEngine:
             return_offsets_mapping=offsets,
         )
 
+    def _encode_doubled(self, texts: list[str]) -> tuple[dict, list[list[tuple[int, int]]], list[int]]:
+        """Model inputs 'text <sep> text' (doubled_input, right-padded as in training), the character offsets
+        of each text's tokens, and where each text's second copy starts."""
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_text_tokens, return_offsets_mapping=True)
+        separator = self.export.manifest.ner_separator_token_id
+        rows = [doubled_input(ids, separator) for ids in encoded["input_ids"]]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else separator
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        starts = [len(ids) + 1 for ids in encoded["input_ids"]]
+        return {"input_ids": input_ids, "attention_mask": mask}, encoded["offset_mapping"], starts
+
     def classify(self, texts: list[str]) -> list[dict[str, float]]:
         """Label probabilities per text, in label order."""
         encoded = self._encode(texts)
@@ -82,19 +98,27 @@ class EncoderEngine:
         return [dict(zip(self.labels, row)) for row in probs]
 
     def ner(self, texts: list[str]) -> list[list[Entity]]:
-        """Entities per text, with character offsets into that text."""
-        encoded = self._encode(texts, offsets=True)
-        offsets = encoded.pop("offset_mapping").tolist()
+        """Entities per text, with character offsets into that text.
+
+        A 'doubled' export reads each text as 'text <sep> text' and takes the predictions of the second copy,
+        whose token j has the offsets of the text's token j."""
+        if self.ner_input == "doubled":
+            encoded, offsets, starts = self._encode_doubled(texts)
+        else:
+            encoded = self._encode(texts, offsets=True)
+            offsets = encoded.pop("offset_mapping").tolist()
+            starts = [0] * len(texts)
         with torch.inference_mode():
             logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits.float()
         probs = torch.softmax(logits, dim=-1)
         scores, tag_ids = probs.max(dim=-1)
         results = []
         for i, text in enumerate(texts):
+            at = slice(starts[i], starts[i] + len(offsets[i]))
             tokens = [
                 (self.labels[tag], start, end, score)
                 for tag, (start, end), score, attended in zip(
-                    tag_ids[i].tolist(), offsets[i], scores[i].tolist(), encoded["attention_mask"][i].tolist()
+                    tag_ids[i, at].tolist(), offsets[i], scores[i, at].tolist(), encoded["attention_mask"][i, at].tolist()
                 )
                 if attended and end > start  # special and padding tokens have empty offsets
             ]

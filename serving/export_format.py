@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 EXPORT_FORMAT = "raylm-export"
 SUPPORTED_FORMAT_VERSIONS = (1,)
 Task = Literal["causal-lm", "sequence-classification", "token-classification"]
+# How a token-classification model reads a text: once, or "text <sep> text" with predictions read on the
+# second copy (every token of which a causal model sees after the whole first copy: right context).
+NerInput = Literal["single", "doubled"]
 
 MODEL_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer_config.json",)
@@ -62,6 +65,12 @@ class ExportManifest(BaseModel):
         "first", description="token-classification: the sub-token of a word whose prediction is the word's tag. "
         "'first' for bidirectional encoders; 'last' for causal decoders, which have seen a word whole only at its "
         "last sub-token (older exports: 'first', as they were trained).")
+    ner_input: NerInput = Field(
+        "single", description="token-classification: 'single' (the text once) or 'doubled' (the text's token ids, "
+        "ner_separator_token_id, the same ids again; predictions are read on the second copy, whose tokens a causal "
+        "decoder sees after the whole text: right context). Older exports: 'single'. Built by doubled_input.")
+    ner_separator_token_id: int | None = Field(
+        None, ge=0, description="ner_input 'doubled': the token id between the two copies (the base's eos).")
 
     @model_validator(mode="after")
     def _check(self) -> "ExportManifest":
@@ -72,11 +81,25 @@ class ExportManifest(BaseModel):
             )
         if self.task != "causal-lm" and not self.labels:
             raise ValueError(f"labels: required (non-empty) for task '{self.task}'")
+        if self.ner_input == "doubled" and (self.task != "token-classification" or self.ner_separator_token_id is None):
+            raise ValueError("ner_input: 'doubled' is for token-classification exports and needs ner_separator_token_id")
         if self.task == "token-classification":
             bad = [t for t in self.labels if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2)]
             if bad:
                 raise ValueError(f"labels: NER labels must be BIO tags ('O', 'B-X', 'I-X'); got {bad}")
         return self
+
+
+def ner_copy_max_len(max_len: int, ner_input: str) -> int:
+    """Tokens one copy of the text may take within max_len: all of them, or for 'doubled' as many as let both
+    copies and the separator fit (longer texts are truncated to it by training and refused by serving)."""
+    return (max_len - 1) // 2 if ner_input == "doubled" else max_len
+
+
+def doubled_input(ids: list[int], separator_token_id: int) -> list[int]:
+    """The 'doubled' NER input of a text's token ids (with the tokenizer's special tokens, if it adds any):
+    ids, the separator, ids again. Token j of the text is read at position len(ids) + 1 + j."""
+    return [*ids, separator_token_id, *ids]
 
 
 class AdapterManifest(BaseModel):

@@ -189,8 +189,9 @@ def tiny_causal_token_classifier(tokenizer, labels, seed=0):
     return LlamaForTokenClassification(config)
 
 
-def causal_ner_export(tmp_path, seed=3):
-    """A tiny causal token-classification export whose raylm.json says ner_tag_subtoken=last (as training writes)."""
+def causal_ner_export(tmp_path, seed=3, ner_input="single"):
+    """A tiny causal token-classification export whose raylm.json says ner_tag_subtoken=last (as training writes),
+    reading its input once or doubled ('text <eos> text')."""
     from serving.tiny_exports import _manifest, build_bpe_tokenizer
 
     tok = build_bpe_tokenizer()
@@ -198,6 +199,8 @@ def causal_ner_export(tmp_path, seed=3):
     tiny_causal_token_classifier(tok, CAUSAL_NER_LABELS, seed=seed).save_pretrained(export, safe_serialization=True)
     tok.save_pretrained(export)
     manifest = {**_manifest("token-classification", "tiny-llama-ner", 64, CAUSAL_NER_LABELS), "ner_tag_subtoken": "last"}
+    if ner_input == "doubled":
+        manifest.update(ner_input="doubled", ner_separator_token_id=tok.eos_token_id)
     (export / "raylm.json").write_text(json.dumps(manifest))
     return export, manifest
 
@@ -292,12 +295,14 @@ def test_ner_evaluation_reads_a_causal_export_where_its_manifest_says(tmp_path):
     assert run(["--export", str(export), "--data", str(conll)], tmp_path)["metrics"]["f1"] < 1.0
 
 
+@pytest.mark.parametrize("ner_input", ["single", "doubled"])
 @pytest.mark.parametrize("text,joiner", [("湛江市惠珍联合医院院长梁惠珍", ""), ("邱县不沿海，北京上海天津", ""),
                                          ("John Smithsonian visited Beijing city", " ")])
-def test_serving_reads_a_causal_export_as_training_labels_it(tmp_path, text, joiner):
+def test_serving_reads_a_causal_export_as_training_labels_it(tmp_path, text, joiner, ner_input):
     """Serving's entities (character spans of raw text) from a causal NER export equal the entity spans
     training.evaluate reads from the same model at each word's last sub-token (words: CJK characters, or
-    space-separated words), so what is served is what was trained and scored."""
+    space-separated words), so what is served is what was trained and scored; a doubled export is read on
+    the second copy of 'text <eos> text' by both, and its offsets map back into the text."""
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     from serving.encoders import EncoderEngine
@@ -305,11 +310,12 @@ def test_serving_reads_a_causal_export_as_training_labels_it(tmp_path, text, joi
     from training.finetune_data import encode_ner, word_tags_from_subtokens
     from training.task_metrics import entity_spans
 
-    export, _ = causal_ner_export(tmp_path, seed=5)
+    export, _ = causal_ner_export(tmp_path, seed=5, ner_input=ner_input)
     tok, model = AutoTokenizer.from_pretrained(export), AutoModelForTokenClassification.from_pretrained(export).eval()
     words = text.split(" ") if joiner else list(text)
+    separator = tok.eos_token_id if ner_input == "doubled" else None
     ids, _, word_ids = encode_ner(tok, words, ["O"] * len(words), {"O": 0}, max_len=64, word_joiner=joiner,
-                                  tag_subtoken="last")
+                                  tag_subtoken="last", separator_token_id=separator)
     with torch.no_grad():
         pred = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
     tags = word_tags_from_subtokens(pred, word_ids, CAUSAL_NER_LABELS, num_words=len(words), tag_subtoken="last")
@@ -317,6 +323,52 @@ def test_serving_reads_a_causal_export_as_training_labels_it(tmp_path, text, joi
     want = {(kind, starts[a], starts[b - 1] + len(words[b - 1])) for kind, a, b in entity_spans(tags)}
     assert want  # a random model still tags something
 
-    served = EncoderEngine(read_export(export)).ner([text])[0]
+    engine = EncoderEngine(read_export(export))
+    served = engine.ner([text])[0]
     assert {(e.entity, e.start, e.end) for e in served} == want
     assert all(e.text == text[e.start:e.end] for e in served)
+    # In a padded batch beside a longer text, the same answer (padding never shifts the second copy).
+    assert engine.ner(["北京上海天津湖北湛江市惠珍联合医院院长梁惠珍邱县不沿海", text])[1] == served
+    if ner_input == "doubled":
+        assert engine.max_text_tokens == (64 - 1) // 2  # both copies and the separator fit max_seq_len
+
+
+def test_ner_evaluation_reads_a_doubled_export_on_the_second_copy(tmp_path):
+    """An export whose raylm.json says ner_input=doubled is scored on the second copy of 'text <eos> text': gold
+    equal to the model's own doubled predictions scores 1.0; the same model read single does not."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from training.finetune_data import encode_ner, word_tags_from_subtokens
+
+    export, manifest = causal_ner_export(tmp_path, seed=7, ner_input="doubled")
+    tok, model = AutoTokenizer.from_pretrained(export), AutoModelForTokenClassification.from_pretrained(export).eval()
+    sentences = [list("湛江市惠珍联合医院"), list("邱县不沿海不通铁路"), list("北京上海天津湖北")]
+    own = {}
+    for ner_input, separator in (("doubled", tok.eos_token_id), ("single", None)):
+        own[ner_input] = []
+        for words in sentences:
+            ids, _, word_ids = encode_ner(tok, words, ["O"] * len(words), {"O": 0}, max_len=64, tag_subtoken="last",
+                                          separator_token_id=separator)
+            with torch.no_grad():
+                pred = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
+            own[ner_input].append(word_tags_from_subtokens(pred, word_ids, CAUSAL_NER_LABELS, num_words=len(words),
+                                                           tag_subtoken="last"))
+    assert own["doubled"] != own["single"] and sum(ner_counts(t, t)[2] for t in own["doubled"]) > 0
+    conll = tmp_path / "val.conll"
+    conll.write_text("".join("".join(f"{w} {t}\n" for w, t in zip(ws, ts)) + "\n"
+                             for ws, ts in zip(sentences, own["doubled"])), encoding="utf-8")
+    assert run(["--export", str(export), "--data", str(conll)], tmp_path)["metrics"]["f1"] == 1.0
+    manifest.update(ner_input="single", ner_separator_token_id=None)
+    (export / "raylm.json").write_text(json.dumps(manifest))
+    assert run(["--export", str(export), "--data", str(conll)], tmp_path)["metrics"]["f1"] < 1.0
+
+
+def test_a_doubled_manifest_without_its_separator_is_refused_by_serving_reader(tmp_path):
+    from serving.export_format import ExportFormatError, read_export
+
+    export, manifest = causal_ner_export(tmp_path, ner_input="doubled")
+    assert read_export(export).manifest.ner_separator_token_id == manifest["ner_separator_token_id"]
+    manifest["ner_separator_token_id"] = None
+    (export / "raylm.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportFormatError, match="ner_input: 'doubled' .* needs ner_separator_token_id"):
+        read_export(export)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from serving.export_format import ner_copy_max_len
 from serving.tiny_exports import build_bpe_tokenizer, build_wordpiece_tokenizer
 from training.finetune_data import (
     FALLBACK_CHATML,
@@ -30,6 +31,7 @@ from training.finetune_data import (
     to_bio,
     word_tags_from_subtokens,
 )
+from training.finetune_encode import ner_separator, resolve_ner_input
 from training.task_metrics import entity_spans
 
 CHAT = [
@@ -214,6 +216,51 @@ def test_ner_truncation_keeps_the_final_special_token_and_missing_words_read_as_
     assert word_tags_from_subtokens(sub_labels, word_ids, labels, num_words=3)[2] == "O"
     with pytest.raises(DataError, match="not in the label set"):
         encode_ner(wordpiece, ["x"], ["B-LOC"], {l: i for i, l in enumerate(labels)}, max_len=8)
+
+
+@pytest.mark.parametrize("which,joiner", [("bpe", None), ("bpe", ""), ("wordpiece", None)])
+def test_ner_doubled_input_is_text_sep_text_with_labels_on_the_second_copy_only(which, joiner, bpe, wordpiece):
+    """ner_input doubled: the single encoding, the separator, the same encoding again; labels and word ids are the
+    single encoding's, moved onto the second copy, so word tags read back are unchanged."""
+    tok = {"bpe": bpe, "wordpiece": wordpiece}[which]
+    tag_subtoken = "last" if which == "bpe" else "first"
+    labels = ner_label_list(t for _, tags in SENTENCES for t in tags)
+    label2id = {l: i for i, l in enumerate(labels)}
+    sep = ner_separator(tok)
+    assert sep == (tok.eos_token_id if which == "bpe" else tok.sep_token_id)  # WordPiece has no eos: its [SEP]
+    for words, tags in SENTENCES:
+        single = encode_ner(tok, words, tags, label2id, max_len=128, word_joiner=joiner, tag_subtoken=tag_subtoken)
+        ids, sub_labels, word_ids = encode_ner(tok, words, tags, label2id, max_len=128, word_joiner=joiner,
+                                               tag_subtoken=tag_subtoken, separator_token_id=sep)
+        n = len(single[0])
+        assert ids == single[0] + [sep] + single[0]
+        assert sub_labels == [IGNORE_INDEX] * (n + 1) + single[1] and word_ids == [-1] * (n + 1) + single[2]
+        back = word_tags_from_subtokens(sub_labels, word_ids, labels, num_words=len(words), tag_subtoken=tag_subtoken)
+        assert back == tags
+
+
+def test_ner_doubled_input_truncates_each_copy_so_both_fit_and_counts_it(bpe):
+    labels = ner_label_list(["B-LOC"])
+    label2id = {l: i for i, l in enumerate(labels)}
+    words, tags = list("北京上海天津湖北"), ["B-LOC", "I-LOC"] * 4
+    full = encode_ner(bpe, words, tags, label2id, max_len=128, tag_subtoken="last")
+    max_len = len(full[0])  # room for one whole copy, not for two
+    assert ner_copy_max_len(max_len, "doubled") == (max_len - 1) // 2 and ner_copy_max_len(max_len, "single") == max_len
+    stats = TaskDataStats()
+    ids, sub_labels, word_ids = encode_ner(bpe, words, tags, label2id, max_len=max_len, tag_subtoken="last",
+                                           separator_token_id=bpe.eos_token_id, stats=stats)
+    copy = (max_len - 1) // 2
+    assert len(ids) == 2 * copy + 1 <= max_len and stats.truncated == 1
+    assert ids == full[0][:copy] + [bpe.eos_token_id] + full[0][:copy]
+    cut = encode_ner(bpe, words, tags, label2id, max_len=copy, tag_subtoken="last")  # one copy truncated alone
+    assert sub_labels[copy + 1:] == cut[1] and word_ids[copy + 1:] == cut[2]
+    read = word_tags_from_subtokens(sub_labels, word_ids, labels, num_words=len(words), tag_subtoken="last")
+    assert read[: max(cut[2]) + 1] == tags[: max(cut[2]) + 1] and set(read[max(cut[2]) + 1:]) == {"O"}
+
+
+def test_ner_input_auto_doubles_causal_bases_only():
+    assert resolve_ner_input("auto", "last") == "doubled" and resolve_ner_input("auto", "first") == "single"
+    assert resolve_ner_input("single", "last") == "single" and resolve_ner_input("doubled", "first") == "doubled"
 
 
 def test_encode_classification_truncates_and_counts(wordpiece):

@@ -124,11 +124,46 @@ def test_task_and_method_train_evaluate_and_export(local_ray, bases, root, task,
         assert exported.manifest.labels and exported.manifest.labels == results_labels(run_dir)
     if task == "ner":
         assert exported.manifest.ner_tag_subtoken == ("last" if method == "lora" else "first")
+        # data.ner_input auto: the causal base reads 'text <eos> text', the encoder its text once.
+        assert exported.manifest.ner_input == ("doubled" if method == "lora" else "single")
+        if method == "lora":
+            assert_served_ner_equals_in_process(exported)
     if method == "lora":
         assert merged["merge_max_abs_diff"] <= TOL  # merged weights give the peft model's logits
         export_checkpoint(run_dir, root / f"adapter-{run_dir.name}", adapter=True)
         adapter = read_adapter(root / f"adapter-{run_dir.name}")
         assert adapter.manifest.peft_type == "LORA" and adapter.manifest.base_shape["hidden_size"] == 64
+
+
+def assert_served_ner_equals_in_process(exported) -> None:
+    """Serving's engine (what the /v1/ner replica runs) on raw texts gives the entity spans of the exported model
+    run in-process on training's doubled encoding of the same characters, read on the second copy."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from serving.encoders import EncoderEngine
+    from training.finetune_data import TaskDataStats, encode_ner, read_ner_records, word_tags_from_subtokens
+    from training.task_metrics import entity_spans
+
+    manifest = exported.manifest
+    assert manifest.ner_separator_token_id is not None
+    tok = AutoTokenizer.from_pretrained(exported.path)
+    model = AutoModelForTokenClassification.from_pretrained(exported.path, use_safetensors=True).eval()
+    records = read_ner_records([DATA / "peoples_daily.conll"], stats=TaskDataStats())
+    texts = ["".join(words) for ((words, _tags), _where), _ in zip(records, range(24))]
+    want = []
+    for text in texts:
+        chars = list(text)  # serving's words of Chinese text: one per character
+        ids, _, word_ids = encode_ner(tok, chars, ["O"] * len(chars), {"O": 0}, max_len=manifest.max_seq_len,
+                                      word_joiner="", tag_subtoken="last",
+                                      separator_token_id=manifest.ner_separator_token_id)
+        assert ids[len(ids) // 2] == manifest.ner_separator_token_id
+        with torch.no_grad():
+            pred = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
+        tags = word_tags_from_subtokens(pred, word_ids, manifest.labels, num_words=len(chars), tag_subtoken="last")
+        want.append({(kind, a, b) for kind, a, b in entity_spans(tags)})
+    assert any(want)  # the model tags entities: the comparison can tell readings apart
+    served = EncoderEngine(exported).ner(texts)  # one padded batch, as the replica batches requests
+    assert [{(e.entity, e.start, e.end) for e in entities} for entities in served] == want
 
 
 def results_labels(run_dir: Path) -> list[str]:

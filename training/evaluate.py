@@ -117,7 +117,9 @@ def load_export(export_dir: str, base_dir: str | None = None, device: str = "cpu
     model.eval()
     manifest = export.manifest
     if adapter is not None and getattr(adapter.manifest, "ner_tag_subtoken", None):  # how the adapter was trained
-        manifest = manifest.model_copy(update={"ner_tag_subtoken": adapter.manifest.ner_tag_subtoken})
+        trained = {key: getattr(adapter.manifest, key) for key in ("ner_tag_subtoken", "ner_input", "ner_separator_token_id")
+                   if hasattr(adapter.manifest, key)}
+        manifest = manifest.model_copy(update=trained)
     return model, tokenizer, manifest
 
 
@@ -319,7 +321,9 @@ def evaluate(args: argparse.Namespace, log=print) -> dict:
         if unknown_types:
             stats.notes.append(f"entity types {unknown_types} are not in the export's labels: counted as missed")
         encoded = [encode_ner(tokenizer, words, ["O"] * len(words), placeholder, max_len=max_len,
-                              word_joiner=args.word_joiner, tag_subtoken=manifest.ner_tag_subtoken, stats=stats)
+                              word_joiner=args.word_joiner, tag_subtoken=manifest.ner_tag_subtoken,
+                              separator_token_id=manifest.ner_separator_token_id if manifest.ner_input == "doubled" else None,
+                              stats=stats)
                    for words, _ in records]
         preds = tag_subtokens(model, [(ids, word_ids) for ids, _, word_ids in encoded], args.batch_size, pad_id)
         totals = [0, 0, 0]

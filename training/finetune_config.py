@@ -90,6 +90,12 @@ class FinetuneDataSection(_Section):
     tokens_field: str = Field("tokens", min_length=1, description="ner (jsonl): list of words.")
     tags_field: str = Field("tags", min_length=1, description="ner (jsonl): list of tags, one per word.")
     tag_scheme: Literal["auto", "bio", "iob1", "bioes"] = Field("auto", description="ner: converted to BIO.")
+    ner_input: Literal["auto", "single", "doubled"] = Field(
+        "auto", description="ner: how the model reads a sentence. single: once. doubled: 'text <eos> text', loss and "
+        "predictions on the second copy only, whose tokens a causal decoder sees after the whole sentence (right "
+        "context, which B-/I- boundaries need); each copy then gets at most (max_len - 1) // 2 tokens (longer "
+        "sentences are truncated and counted). auto: doubled for causal decoders, single for bidirectional encoders "
+        "(they see both sides already). Recorded in the export's raylm.json; serving builds the same input.")
     prepared_dir: str | None = Field(None, description="Default: <run.storage_path>/<run.name>/data.")
 
 
@@ -160,6 +166,8 @@ class FinetuneConfig(RunConfigBase):
         if self.method.type in ("prompt_tuning", "prefix_tuning") and self.task != "sft":
             problems.append(f"method.type: {self.method.type} is supported for task sft only (task is {self.task}); "
                             "use lora or full")
+        if self.data.ner_input != "auto" and self.task != "ner":
+            problems.append(f"data.ner_input: only ner reads its input doubled or single (task is {self.task}); remove it")
         if self.data.packing and self.task != "sft":
             problems.append(f"data.packing: only sft examples can be packed (task is {self.task}); remove it")
         if self.data.packing and self.method.type in ("prompt_tuning", "prefix_tuning"):

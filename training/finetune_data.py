@@ -329,7 +329,7 @@ def read_classification_records(
 _ELSEWHERE = {
     "finetune_ner": ("read_ner_records", "to_bio", "ner_label_list"),
     "finetune_encode": ("encode_sft", "encode_classification", "encode_ner", "word_tags_from_subtokens", "pack_sft",
-                        "ner_tag_subtoken", "NER_TAG_SUBTOKENS"),
+                        "ner_tag_subtoken", "NER_TAG_SUBTOKENS", "resolve_ner_input", "ner_separator"),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Mapping, Sequence
 
+from serving.export_format import doubled_input, ner_copy_max_len
 from training.finetune_data import FALLBACK_CHATML, IGNORE_INDEX, DataError, TaskDataStats
 
 NER_TAG_SUBTOKENS = ("first", "last")  # which sub-token of a word carries its tag (see encode_ner)
@@ -134,9 +135,15 @@ def encode_ner(
     max_len: int,
     word_joiner: str | None = None,
     tag_subtoken: str = "first",
+    separator_token_id: int | None = None,
     stats: TaskDataStats | None = None,
 ) -> tuple[list[int], list[int], list[int]]:
     """(input_ids, labels, word_ids) for BIO-tagged words.
+
+    With separator_token_id (ner_input 'doubled'), the input is the sentence's encoding, the separator, and the
+    same encoding again (serving.export_format.doubled_input): labels and word ids sit on the second copy only
+    (IGNORE_INDEX / -1 on the first copy and the separator), so a causal model tags each token having seen the
+    whole sentence. Each copy is truncated to ner_copy_max_len(max_len, 'doubled') tokens, so both fit.
 
     tag_subtoken says which sub-token of a word carries the word's tag (ner_tag_subtoken picks it per base):
     - "first" (bidirectional encoders): every non-special sub-token is labelled, as serving reads every
@@ -148,6 +155,19 @@ def encode_ner(
     pre-split words; with a string (" " for English, "" for Chinese) the joined text is tokenized and tokens
     are mapped to words by character offset, which matches how serving tokenizes raw text with byte-level
     BPE tokenizers."""
+    if separator_token_id is None:
+        return _encode_ner_once(tokenizer, words, tags, label2id, max_len=max_len, word_joiner=word_joiner,
+                                tag_subtoken=tag_subtoken, stats=stats)
+    ids, labels, word_of = _encode_ner_once(tokenizer, words, tags, label2id,
+                                            max_len=ner_copy_max_len(max_len, "doubled"), word_joiner=word_joiner,
+                                            tag_subtoken=tag_subtoken, stats=stats)
+    first_copy = len(ids) + 1  # the first copy and the separator: context only
+    return (doubled_input(ids, separator_token_id), [IGNORE_INDEX] * first_copy + labels,
+            [-1] * first_copy + word_of)
+
+
+def _encode_ner_once(tokenizer, words, tags, label2id, *, max_len, word_joiner, tag_subtoken, stats):
+    """encode_ner of one copy of the sentence."""
     if tag_subtoken not in NER_TAG_SUBTOKENS:
         raise ValueError(f"tag_subtoken {tag_subtoken!r}: use one of {', '.join(NER_TAG_SUBTOKENS)}")
     missing = sorted({t for t in tags} - set(label2id) | {_continuation(t) for t in tags} - set(label2id))
@@ -231,6 +251,23 @@ def ner_tag_subtoken(model_type: str) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     return "first" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "last"
+
+
+def resolve_ner_input(setting: str, tag_subtoken: str) -> str:
+    """data.ner_input for a base: 'auto' is 'doubled' for causal decoders (words tagged at their last sub-token,
+    which see no right context otherwise) and 'single' for bidirectional encoders."""
+    if setting == "auto":
+        return "doubled" if tag_subtoken == "last" else "single"
+    return setting
+
+
+def ner_separator(tokenizer) -> int:
+    """The token between the two copies of a doubled NER input: the base's eos (else its sep) token."""
+    for token_id in (tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    raise DataError("data.ner_input: doubled needs an eos or sep token in the tokenizer to separate the two copies; "
+                    "set data.ner_input: single")
 
 
 def pack_sft(examples: Iterable[tuple[list[int], list[int]]], seq_len: int) -> list[tuple[list[int], list[int]]]:

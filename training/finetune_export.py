@@ -50,6 +50,11 @@ def _provenance(checkpoint: Path, state: dict) -> dict:
             "eval": state.get("last_eval", {}), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def _ner_input(facts: dict) -> dict:
+    """How the checkpoint's NER model reads a text (checkpoints from before data.ner_input: single)."""
+    return {"ner_input": facts.get("ner_input", "single"), "ner_separator_token_id": facts.get("ner_separator_token_id")}
+
+
 def load_peft_model(checkpoint: Path, cfg: FinetuneConfig, facts: dict):
     """The base (as trained on) with the checkpoint's adapter, in eval mode."""
     from peft import PeftModel
@@ -104,7 +109,7 @@ def export_merged(checkpoint: Path, out_dir: Path, cfg: FinetuneConfig, facts: d
         format=EXPORT_FORMAT, format_version=EXPORT_FORMAT_VERSION, task=TASK_EXPORT_NAMES[cfg.task],
         model_name=cfg.run.name, max_seq_len=cfg.data.max_len, labels=facts["labels"],
         base_model=facts["base_path"], method=cfg.method.type, merge_max_abs_diff=merge_diff,
-        ner_tag_subtoken=facts.get("ner_tag_subtoken", "first"), **_provenance(checkpoint, state),
+        ner_tag_subtoken=facts.get("ner_tag_subtoken", "first"), **_ner_input(facts), **_provenance(checkpoint, state),
     )
 
     def write(staged: Path) -> None:
@@ -156,7 +161,7 @@ def export_adapter(checkpoint: Path, out_dir: Path, cfg: FinetuneConfig, facts: 
         base_model=base_model_name(cfg, facts["base_path"]), peft_type=PEFT_TYPES[cfg.method.type],
         base_shape=facts["base_shape"], labels=facts["labels"], model_name=model_name or cfg.run.name,
         max_seq_len=cfg.data.max_len, **_provenance(checkpoint, state),
-        **({"ner_tag_subtoken": facts.get("ner_tag_subtoken", "first")} if cfg.task == "ner" else {}),
+        **({"ner_tag_subtoken": facts.get("ner_tag_subtoken", "first"), **_ner_input(facts)} if cfg.task == "ner" else {}),
     )
 
     def write(staged: Path) -> None:

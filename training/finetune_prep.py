@@ -21,11 +21,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from serving.export_format import ner_copy_max_len
 from training.config import resolve_data_path
 from training.data import _is_validation, expand_files
 from training.finetune_config import FinetuneConfig
 
-PREP_VERSION = 2  # 2: NER labels a causal base's words on their last sub-token
+PREP_VERSION = 3  # 2: NER labels a causal base's words on their last sub-token; 3: data.ner_input
 SCHEMAS = {
     "sft": pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))]),
     "classification": pa.schema([("input_ids", pa.list_(pa.int32())), ("label", pa.int64())]),
@@ -49,6 +50,8 @@ class PreparedFinetune:
     val_rows: int
     stats: dict
     ner_tag_subtoken: str = "first"  # ner: the sub-token of a word that carries its tag (encode_ner)
+    ner_input: str = "single"  # ner: 'single' or 'doubled' (text <sep> text, labels on the second copy)
+    ner_separator_token_id: int | None = None  # ner, doubled: the token between the copies
 
 
 def base_model_path(cfg: FinetuneConfig) -> Path:
@@ -152,7 +155,7 @@ def label_set(cfg: FinetuneConfig, train: list) -> list[str]:
 
 
 def encode_split(cfg: FinetuneConfig, tokenizer, records: list, labels: list[str], stats, split: str,
-                 ner_tag_subtoken: str = "first") -> dict:
+                 ner_tag_subtoken: str = "first", ner_separator_token_id: int | None = None) -> dict:
     """Columns of one split; validation rows with labels unseen in training are counted and left out."""
     from training import finetune_data as fd
 
@@ -186,7 +189,8 @@ def encode_split(cfg: FinetuneConfig, tokenizer, records: list, labels: list[str
                 stats.unknown_labels += 1
                 continue
             ids, lab, word_ids = fd.encode_ner(tokenizer, words, tags, label2id, max_len=max_len,
-                                              tag_subtoken=ner_tag_subtoken, stats=stats)
+                                              tag_subtoken=ner_tag_subtoken,
+                                              separator_token_id=ner_separator_token_id, stats=stats)
             columns["input_ids"].append(ids)
             columns["labels"].append(lab)
             columns["word_ids"].append(word_ids)
@@ -225,8 +229,11 @@ def prepare_finetune_data(cfg: FinetuneConfig, log=print) -> PreparedFinetune:
                          "classification needs at least 2 (check data.label_field)")
     # A causal base sees a word whole only at its last sub-token: NER tags go there (encode_ner).
     tag_subtoken = fd.ner_tag_subtoken(base_model_type(cfg)) if cfg.task == "ner" else "first"
-    train_columns = encode_split(cfg, tokenizer, train, labels, stats, "train", tag_subtoken)
-    val_columns = encode_split(cfg, tokenizer, val, labels, stats, "val", tag_subtoken)
+    # ... and sees no right context unless the sentence comes twice (data.ner_input).
+    ner_input = fd.resolve_ner_input(cfg.data.ner_input, tag_subtoken) if cfg.task == "ner" else "single"
+    separator = fd.ner_separator(tokenizer) if ner_input == "doubled" else None
+    train_columns = encode_split(cfg, tokenizer, train, labels, stats, "train", tag_subtoken, separator)
+    val_columns = encode_split(cfg, tokenizer, val, labels, stats, "val", tag_subtoken, separator)
     out.mkdir(parents=True, exist_ok=True)
     train_rows = _write_split(out / "train.parquet", cfg.task, train_columns, cfg.run.seed)
     val_rows = _write_split(out / "val.parquet", cfg.task, val_columns, None)
@@ -243,7 +250,7 @@ def prepare_finetune_data(cfg: FinetuneConfig, log=print) -> PreparedFinetune:
         task=cfg.task, train_path=str(out / "train.parquet"), val_path=str(out / "val.parquet"),
         tokenizer_dir=str(tokenizer_dir), labels=labels, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, train_rows=train_rows, val_rows=val_rows, stats=asdict(stats),
-        ner_tag_subtoken=tag_subtoken,
+        ner_tag_subtoken=tag_subtoken, ner_input=ner_input, ner_separator_token_id=separator,
     )
     # Written last: its presence means the directory is complete.
     manifest_path.write_text(json.dumps({"prepared": asdict(prepared), "labels": labels}, indent=2, ensure_ascii=False))
@@ -251,7 +258,10 @@ def prepare_finetune_data(cfg: FinetuneConfig, log=print) -> PreparedFinetune:
         f"{f', {len(labels)} labels' if labels else ''}; skipped {stats.skipped} (empty {stats.skipped_empty}, "
         f"malformed {stats.skipped_malformed}, too long {stats.skipped_too_long}), truncated {stats.truncated}, "
         f"validation rows with unknown labels {stats.unknown_labels}"
-        + (f"; tags on each word's {tag_subtoken} sub-token" if cfg.task == "ner" else ""))
+        + (f"; tags on each word's {tag_subtoken} sub-token" if cfg.task == "ner" else "")
+        + (f"; input doubled (text, token {separator}, text; labels on the second copy), each copy at most "
+           f"{ner_copy_max_len(cfg.data.max_len, ner_input)} tokens (data.max_len {cfg.data.max_len})"
+           if ner_input == "doubled" else ""))
     for note in stats.notes[:5]:
         log(f"[data]   {note}")
     return prepared

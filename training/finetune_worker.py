@@ -220,7 +220,9 @@ def finetune_task(cfg: FinetuneConfig, prepared: dict, wctx: WorkerContext) -> W
     base_config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     facts = {"task": cfg.task, "method": cfg.method.type, "labels": labels, "base_shape": base_shape(base_config),
              "base_source": cfg.model.source, "base_path": str(base_model_path(cfg)), "max_len": cfg.data.max_len,
-             "ner_tag_subtoken": prepared.get("ner_tag_subtoken", "first")}
+             "ner_tag_subtoken": prepared.get("ner_tag_subtoken", "first"),
+             "ner_input": prepared.get("ner_input", "single"),
+             "ner_separator_token_id": prepared.get("ner_separator_token_id")}
 
     per_rank = cfg.optim.micro_batch_size
     train_shard = ray.train.get_dataset_shard("train")
