@@ -234,16 +234,23 @@ def check_error_table(url: str, rows: list[tuple], headers: dict[str, str]) -> l
     return problems
 
 
-def replica_pids(app: str, deployment: str) -> dict[str, int]:
-    """Process id of each running replica of a deployment: Serve names its replica actors
-    `SERVE_REPLICA::<app>#<deployment>#<id>` in the "serve" namespace; each reports its own pid."""
+def replica_handles(app: str, deployment: str) -> dict[str, object]:
+    """Actor handle of each running replica of a deployment: Serve names its replica actors
+    `SERVE_REPLICA::<app>#<deployment>#<id>` in the "serve" namespace."""
     import ray
 
     prefix = f"SERVE_REPLICA::{app}#{deployment}#"
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["namespace"] == "serve" and a["name"].startswith(prefix)]
-    handles = {name: ray.get_actor(name, namespace="serve") for name in names}
-    return {name: ray.get(h.__ray_call__.remote(lambda _self: os.getpid()), timeout=30) for name, h in handles.items()}
+    return {name: ray.get_actor(name, namespace="serve") for name in names}
+
+
+def replica_pids(app: str, deployment: str) -> dict[str, int]:
+    """Process id of each running replica of a deployment; each reports its own pid."""
+    import ray
+
+    return {name: ray.get(h.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+            for name, h in replica_handles(app, deployment).items()}
 
 
 @contextlib.contextmanager
