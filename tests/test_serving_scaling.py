@@ -6,6 +6,7 @@ RAYLM_TEST_REQUEST_PATH=haproxy; tiny causal-LM export."""
 import concurrent.futures as futures
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -50,6 +51,17 @@ class HaproxyLog:
 
     def lines(self) -> list[str]:
         return list(self._lines)
+
+    def notable(self, backend: str) -> list[str]:
+        """Request lines of `backend` with retries (`.../<retries> <srv queue>/<backend queue>`, '+' when
+        redispatched) or a status other than 200."""
+        counters = re.compile(r" \d+ \S+ - - (\S{4}) \d+/\d+/\d+/\d+/(\+?\d+) ")
+        notable = []
+        for line in self.lines():
+            match = counters.search(line)
+            if f" {backend}/" in line and (" 200 " not in line or match is None or match.group(2) != "0"):
+                notable.append(line)
+        return notable
 
     def close(self):
         self._socket.close()
@@ -346,9 +358,11 @@ def test_a_replica_killed_under_load_fails_no_request(apps, haproxy_log, tmp_pat
     statuses = [response.status_code for _, response in responses]
     print(f"killed {record['replica']} holding plain {record['plain']}, openai {record['openai']}, canary "
           f"{record['canary']}; plain answers {sorted((s, statuses.count(s)) for s in set(statuses))}")
-    if problems and haproxy_log is not None:
-        problems += ["HAProxy's log of the app's requests that did not end in a 200:",
-                     *[line for line in haproxy_log.lines() if "http-killable" in line and " 200 " not in line]]
+    if haproxy_log is not None:  # what HAProxy did with the dead replica's requests: retried, or answered itself
+        notable = haproxy_log.notable("http-killable")
+        print("HAProxy's log, the app's requests that were retried or did not end in a 200:", *notable, sep="\n")
+        if problems:
+            problems += ["HAProxy's log, the app's requests that were retried or did not end in a 200:", *notable]
     assert not problems, "\n".join(problems + [f"killed: {record}"])
 
 
