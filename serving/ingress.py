@@ -13,7 +13,7 @@ proxy handing it to the replica over Ray. What it changes (docs/serving.md, Requ
   on the head as HAProxy's fallback.
 - A replica that dies mid-request: with `retry-on conn-failure empty-response` and `option
   http-buffer-request` HAProxy sends the request again to another replica (not a stream whose first bytes
-  had reached HAProxy, nor a body over HAProxy's 16 KB buffer), where the Python proxy answers the 503.
+  had reached HAProxy, nor a body over HAProxy's 16 KB buffer), which answers it.
 - A path that matches no application's route prefix gets HAProxy's own plain-text 404.
 - HAProxy binds its stats page (8404) and Prometheus exporter (9101) on all interfaces; two Ray
   instances on one host need their own pair: `haproxy_node_env(stats_port=..., metrics_port=...)`.
@@ -28,6 +28,7 @@ PYTHON_PROXY_NODE_ENV: dict[str, str] = {
     "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,
 }
 
+# HAProxy's retry policy on the HAProxy path: two config lines in one value (see HAPROXY_NODE_ENV).
 HAPROXY_RETRY_ON = "conn-failure empty-response\n    option http-buffer-request"
 
 # The faster request path (module docstring); opt-in until the serving tests pass with it.
