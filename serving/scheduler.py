@@ -70,6 +70,7 @@ class Scheduler:
         self._waiting: collections.deque[_Stream] = collections.deque()
         self._calls: collections.deque[tuple[Callable, tuple, concurrent.futures.Future]] = collections.deque()
         self._running: dict[int, _Stream] = {}
+        self._joining: list[_Stream] = []  # admitted, prefilled after this step's model calls
         self._wakeup = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="raylm-model", daemon=True)
@@ -126,6 +127,15 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def jobs_in_flight(self) -> list[tuple[GenerationJob, bool]]:
+        """Every request this replica holds and has not answered: (job, decoding), decoding False while it
+        waits to join the batch. A job leaves before its last event is handed to its request, so a job
+        listed here has not been answered yet (tests/test_serving_scaling.py kills a replica on that)."""
+        with self._wakeup:
+            waiting = [(s.job, False) for s in [*self._waiting, *self._joining] if not s.cancelled]
+            running = [(s.job, True) for s in list(self._running.values()) if not s.cancelled]
+        return waiting + running
+
     # ---- the model thread -----------------------------------------------------------------------
     def _loop(self) -> None:
         if self._init_thread is not None:
@@ -140,7 +150,7 @@ class Scheduler:
                 calls = list(self._calls)
                 self._calls.clear()
                 cancelled = [s for s in self._running.values() if s.cancelled]
-                admitted = self._admit(batch)
+                admitted = self._joining = self._admit(batch)
             for fn, args, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -195,11 +205,12 @@ class Scheduler:
         missing = self.engine.adapters_missing({s.job.adapter for s in admitted if s.job.adapter})
         for stream in admitted:
             (failed if stream.job.adapter in missing else ready).append(stream)
+        for stream in ready:
+            self._running[id(stream.job)] = stream
+        self._joining = []
         self._deliver([(s, KeyError(f"adapter {s.job.adapter!r} is not loaded")) for s in failed])
         if not ready:
             return
-        for stream in ready:
-            self._running[id(stream.job)] = stream
         events = batch.join([s.job for s in ready])
         self.step_log.append(StepRecord("prefill", tuple(id(s.job) for s in ready)))
         self._emit(events, "prefill", len(ready), waits)

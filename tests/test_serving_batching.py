@@ -114,18 +114,20 @@ def test_staggered_requests_join_mid_decode_and_equal_alone_and_hf_generate(engi
         driver.hold()
         task_second = asyncio.create_task(driver.collect(second))
         await asyncio.sleep(0.05)
+        in_flight = {(id(j), decoding) for j, decoding in scheduler.jobs_in_flight()}
         driver.release()
         await asyncio.sleep(0.01)
         driver.hold()
         task_third = asyncio.create_task(driver.collect(third))
         await asyncio.sleep(0.05)
         driver.release()
-        return await asyncio.gather(task_first, task_second, task_third)
+        return in_flight, await asyncio.gather(task_first, task_second, task_third)
 
     try:
-        results = asyncio.run(main())
+        in_flight, results = asyncio.run(main())
     finally:
         scheduler.stop()
+    assert in_flight == {(id(first), True), (id(second), False)}  # while parked: one decoding, one waiting to join
     jobs = (first, second, third)
     alone = [engine.generate([job(engine, p, j.params)])[0] for p, j in zip(prompts, jobs)]
     reference = [hf_greedy(hf_base, j.prompt_ids, j.params.max_tokens, engine.stop_token_ids) for j in jobs]
@@ -198,13 +200,17 @@ def test_a_full_batch_admits_waiting_requests_first_come_first_served(engine):
         for j in jobs:
             tasks.append(asyncio.create_task(driver.collect(j)))
             await asyncio.sleep(0.01)  # arrival order
+        held = scheduler.jobs_in_flight()  # the model thread is parked: every job waits, none decodes
         driver.release()
-        return await asyncio.gather(*tasks)
+        done = await asyncio.gather(*tasks)
+        return held, done
 
     try:
-        results = asyncio.run(main())
+        held, results = asyncio.run(main())
     finally:
         scheduler.stop()
+    assert sorted(id(j) for j, _ in held) == sorted(id(j) for j in jobs) and not any(decoding for _, decoding in held)
+    assert scheduler.jobs_in_flight() == []  # all answered
     prefill_order = [job_id for r in scheduler.step_log if r.kind == "prefill" for job_id in r.jobs]
     assert prefill_order == [id(j) for j in jobs]
     assert max(len(r.jobs) for r in scheduler.step_log) == 2

