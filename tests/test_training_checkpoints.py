@@ -252,6 +252,28 @@ def test_resume_data_check_refuses_another_vocabulary_or_label_set(tmp_path):
         check_resume_data(str(ckpt), str(same), ["neg", "neutral", "pos"])
 
 
+def test_resume_data_check_refuses_another_ner_input_format(tmp_path):
+    """An NER checkpoint from before data.ner_input read each text once: resumed where 'auto' now gives
+    'doubled', the shards would go on training on another input format, so it is refused with the fix."""
+    from training.driver import check_resume_data
+
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    old = tmp_path / "checkpoint_000002"
+    old.mkdir()
+    (old / "finetune.json").write_text(json.dumps({"task": "ner", "labels": ["O", "B-PER"]}))  # no ner_input key
+    check_resume_data(str(old), str(tokenizer_dir), ["O", "B-PER"], "single")
+    with pytest.raises(ConfigError, match=r"data\.ner_input: checkpoint_000002 was trained reading each text 'single', "
+                                          r"the data now gives 'doubled'; set data\.ner_input: single"):
+        check_resume_data(str(old), str(tokenizer_dir), ["O", "B-PER"], "doubled")
+    new = tmp_path / "checkpoint_000004"
+    new.mkdir()
+    (new / "finetune.json").write_text(json.dumps({"task": "ner", "labels": ["O"], "ner_input": "doubled"}))
+    check_resume_data(str(new), str(tokenizer_dir), ["O"], "doubled")
+    with pytest.raises(ConfigError, match=r"trained reading each text 'doubled', the data now gives 'single'"):
+        check_resume_data(str(new), str(tokenizer_dir), ["O"], "single")
+
+
 def test_data_preparation_os_errors_are_one_line_with_the_fix(tmp_path):
     from training.driver import data_error_message
 

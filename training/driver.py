@@ -71,11 +71,14 @@ def check_resume(cfg, meaning_keys: Sequence[str]) -> str | None:
     return str(latest)
 
 
-def check_resume_data(checkpoint: str | None, tokenizer_dir: str, labels: list[str] | None = None) -> None:
+def check_resume_data(checkpoint: str | None, tokenizer_dir: str, labels: list[str] | None = None,
+                      ner_input: str | None = None) -> None:
     """After data preparation: the checkpoint must have been trained with the tokenizer and label set the
     data gives now (a BPE trained on other files, or a label added to the data, changes what its ids
-    mean although no config key that `check_resume` compares changed). Checkpoints written without a
-    tokenizer.json or a label list are not compared on that part."""
+    mean although no config key that `check_resume` compares changed), and an NER checkpoint with the
+    input format it reads (`ner_input`, resolved from data.ner_input: 'auto' changed from single to
+    doubled for causal bases; a fine-tune checkpoint from before the key read single). Checkpoints
+    written without a tokenizer.json or a label list are not compared on that part."""
     if checkpoint is None:
         return
     import json
@@ -90,9 +93,15 @@ def check_resume_data(checkpoint: str | None, tokenizer_dir: str, labels: list[s
             f"gives {len(new_vocab)} ({differing} token/id pairs differ); restore the tokenizer settings and the "
             "training files it was trained on (a trained BPE depends on them), or pick a new run.name")
     facts_path = Path(checkpoint, "finetune.json")
-    saved_labels = json.loads(facts_path.read_text()).get("labels") if facts_path.is_file() else None
+    facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
+    saved_labels = facts.get("labels")
     if labels is not None and saved_labels is not None and list(saved_labels) != list(labels):
         problems.append(_resume_mismatch("labels", saved_labels, labels, now_from="the data now gives"))
+    if ner_input is not None and facts.get("task") == "ner" and facts.get("ner_input", "single") != ner_input:
+        problems.append(
+            f"data.ner_input: {Path(checkpoint).name} was trained reading each text "
+            f"{facts.get('ner_input', 'single')!r}, the data now gives {ner_input!r}; set data.ner_input: "
+            f"{facts.get('ner_input', 'single')} to continue it, or pick a new run.name")
     if problems:
         raise ConfigError(problems, f"resume from {checkpoint}")
 
