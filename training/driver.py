@@ -97,11 +97,11 @@ def check_resume_data(checkpoint: str | None, tokenizer_dir: str, labels: list[s
     saved_labels = facts.get("labels")
     if labels is not None and saved_labels is not None and list(saved_labels) != list(labels):
         problems.append(_resume_mismatch("labels", saved_labels, labels, now_from="the data now gives"))
-    if ner_input is not None and facts.get("task") == "ner" and facts.get("ner_input", "single") != ner_input:
+    trained_input = facts.get("ner_input", "single")
+    if ner_input is not None and facts.get("task") == "ner" and trained_input != ner_input:
         problems.append(
-            f"data.ner_input: {Path(checkpoint).name} was trained reading each text "
-            f"{facts.get('ner_input', 'single')!r}, the data now gives {ner_input!r}; set data.ner_input: "
-            f"{facts.get('ner_input', 'single')} to continue it, or pick a new run.name")
+            f"data.ner_input: {Path(checkpoint).name} was trained reading each text {trained_input!r}, the data now "
+            f"gives {ner_input!r}; set data.ner_input: {trained_input} to continue it, or pick a new run.name")
     if problems:
         raise ConfigError(problems, f"resume from {checkpoint}")
 

@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prepared = {k: v for k, v in asdict(prepared_data).items() if k != "stats"}
     try:
-        driver.check_resume_data(resume_from, prepared["tokenizer_dir"], prepared["labels"],
-                                 prepared["ner_input"] if cfg.task == "ner" else None)
+        driver.check_resume_data(resume_from, prepared["tokenizer_dir"], prepared["labels"], prepared["ner_input"])
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
