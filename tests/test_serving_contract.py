@@ -157,6 +157,29 @@ def test_haproxy_is_found_where_serve_finds_it_and_is_the_default():
                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "3", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": "4"}
 
 
+def test_local_cluster_nodes_start_on_the_request_path_with_ports_of_their_own(tmp_path):
+    """cluster.local (and so the demo's node) starts each node with serving.ingress.node_env(): HAProxy's path, its
+    stats/metrics ports and the head's fallback proxy ports inside the node's own port block, distinct per node."""
+    from cluster.local import PORTS_PER_NODE, ClusterState, LocalCluster, NodeRecord, node_ports
+
+    from serving.ingress import NODE_ENV
+
+    cluster = LocalCluster(directory=tmp_path, base_port=26200)
+    cluster.state = ClusterState(dir=str(tmp_path), base_port=26200, gcs_address="127.0.0.1:26200",
+                                 dashboard_url="http://127.0.0.1:26265", token_path=str(tmp_path / "auth_token"))
+    moved = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+             "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+    taken = set()
+    for index in (0, 1):
+        env = cluster._node_env(NodeRecord(name=f"n{index}", index=index, num_cpus=1, resources={}))
+        assert {k: env[k] for k in NODE_ENV} == NODE_ENV
+        ports = {int(env[k]) for k in moved}
+        first = node_ports(26200, index).node_manager
+        assert len(ports) == 4 and all(first <= port < first + PORTS_PER_NODE for port in ports)
+        assert ports < set(range(first, node_ports(26200, index).min_worker)) and not ports & taken
+        taken |= ports
+
+
 def test_without_a_haproxy_binary_nodes_fall_back_to_the_python_proxy_and_say_so_once(monkeypatch, caplog, tmp_path):
     """A machine where no HAProxy binary runs (here: RAY_SERVE_HAPROXY_BINARY_PATH at a file that is not one, which
     Serve itself would fail on) gets Serve's Python proxy with raylm's error hook, a warning naming why (once), and
