@@ -17,7 +17,6 @@ from serving.args import ServingArgs
 HTTP_PORT = 18061
 METRICS_PORT = 18161
 BASE = f"http://127.0.0.1:{HTTP_PORT}"
-pytestmark = pytest.mark.unverified
 
 
 @pytest.fixture(scope="module")
