@@ -6,9 +6,9 @@
     echo        a bare FastAPI ingress deployment through Serve (proxy, router, replica, no model)
     serve       the raylm app through Serve
 
-overhead_ms = p50(serve) - p50(direct) with Ray Serve's defaults (what raylm ships today: serving/ingress.py
-NODE_ENV only adds the proxy error hook); recommended_overhead_ms the same on the faster path (variant
-`recommended`: serving/ingress.py HAPROXY_NODE_ENV); echo_ms is Serve's own share (echo app, default
+overhead_ms = p50(serve) - p50(direct) with Ray Serve's defaults (its Python proxy: raylm's fallback where no
+HAProxy binary runs); recommended_overhead_ms the same on the path raylm ships (variant `recommended`:
+serving/ingress.py NODE_ENV, HAProxy); echo_ms is Serve's own share (echo app, default
 path), app_ms = p50(asgi) - p50(direct) ours. Then each Ray Serve request-path switch is measured the same way
 in a fresh Ray (they are read when Serve's processes start), each sent where a client of that setup sends:
 
@@ -47,7 +47,7 @@ API_KEY = "bench-key"
 PROMPT = "How do I reset my password?"
 BODY = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
 VARIANTS = {
-    # The faster path raylm recommends (serving/ingress.py HAPROXY_NODE_ENV): HAProxy + throughput-optimized.
+    # The path raylm ships (serving/ingress.py NODE_ENV = HAPROXY_NODE_ENV): HAProxy + throughput-optimized.
     "recommended": dict(HAPROXY_NODE_ENV),
     "default": {},
     "user_code_on_main_loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
@@ -234,7 +234,8 @@ def run_variant(name: str, export_dir: Path, requests: int) -> dict:
     """A variant in its own process, so that Ray's processes start with its env vars."""
     if "RAY_SERVE_ENABLE_HA_PROXY" in VARIANTS[name] and (missing := haproxy_missing()):
         return {"skipped": f"{missing} (RAY_SERVE_ENABLE_HA_PROXY runs it)"}
-    env = {**os.environ, **VARIANTS[name]}
+    # Only the variant's Serve switches: a shell that ran `eval "$(python -m serving.node_env)"` would carry others.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}, **VARIANTS[name]}
     out = Path(tempfile.mkdtemp(prefix="raylm-overhead-")) / "variant.json"
     command = [sys.executable, "-m", "benchmarks.serve_overhead", "--one-variant", name, "--export-dir",
                str(export_dir), "--requests", str(requests), "--out", str(out)]

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cluster.auth import Token, auth_headers
+from serving.ingress import node_env
 
 DEFAULT_BASE_PORT = 26200
 # Every port a node opens is derived from the base port, so two clusters with different bases never collide
@@ -56,6 +57,8 @@ class NodePorts:
     runtime_env_agent: int
     haproxy_stats: int  # Serve's HAProxy (serving/ingress.py NODE_ENV) binds these two on every interface
     haproxy_metrics: int
+    fallback_proxy_http: int  # and the head its fallback Python proxy (HAProxy's backup server) on these
+    fallback_proxy_grpc: int
     min_worker: int
     max_worker: int
 
@@ -121,6 +124,8 @@ def node_ports(base_port: int, index: int) -> NodePorts:
         runtime_env_agent=start + 5,
         haproxy_stats=start + 6,
         haproxy_metrics=start + 7,
+        fallback_proxy_http=start + 8,
+        fallback_proxy_grpc=start + 9,
         min_worker=start + 10,
         max_worker=start + PORTS_PER_NODE - 1,
     )
@@ -425,11 +430,12 @@ class LocalCluster:
             RAY_health_check_period_ms="1000",
             RAY_health_check_timeout_ms="1000",
             RAY_health_check_failure_threshold="3",
-            # Serve's HAProxy, where a node serves with it (serving/ingress.py), on this node's own ports: its
-            # defaults (8404, 9101) would collide between nodes, and with any other Ray on the machine.
-            RAY_SERVE_HAPROXY_STATS_PORT=str(ports.haproxy_stats),
-            RAY_SERVE_HAPROXY_METRICS_PORT=str(ports.haproxy_metrics),
         )
+        # A node that serves raylm: Serve's request path (HAProxy where its binary runs, else Serve's Python proxy,
+        # said once; serving/ingress.py), with what HAProxy and the head's fallback proxy bind on this node's own
+        # ports: their defaults (8404, 9101, 8500, 9500) would collide between nodes, and with any other Ray here.
+        env.update(node_env(stats_port=ports.haproxy_stats, metrics_port=ports.haproxy_metrics,
+                            fallback_http_port=ports.fallback_proxy_http, fallback_grpc_port=ports.fallback_proxy_grpc))
         env.update(self.extra_env)
         return env
 

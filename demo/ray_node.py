@@ -15,7 +15,6 @@ from pathlib import Path
 from cluster.local import TOKEN_FILE, LocalCluster, default_dir, node_ports
 
 BASE_PORTS = range(26200, 26851, 150)  # one node's ports: base .. base+149 (cluster.local's layout), all <= 26999
-SERVE_PROXY_HOOK = "serving.errors:proxy_middlewares"  # OpenAI-shaped proxy errors, 503 + Retry-After (docs/serving.md)
 
 
 def _port_free(port: int) -> bool:
@@ -47,14 +46,14 @@ def free_http_port(start: int = 8000) -> int:
 
 
 def start_node(num_cpus: int) -> LocalCluster:
-    """Start the node (its processes inherit this environment) and connect this driver to it.
+    """Start the node (its processes inherit this environment, plus Serve's request path: cluster.local gives each
+    node serving.ingress.node_env(), HAProxy where its binary runs) and connect this driver to it.
 
     Ray reads RAY_AUTH_MODE once, when it is first imported: this runs before anything in this process
     imports ray (the demo runs as its own process: `python -m demo.main`).
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = SERVE_PROXY_HOOK
     # The node's processes import raylm from this checkout, like the driver.
     repo = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [repo, os.environ.get("PYTHONPATH", "")] if p)

@@ -45,11 +45,8 @@ def _start_shared_ray() -> None:
         # Read from Ray's environment when a module deploys Serve on this Ray (tests/test_finetune_serve.py):
         # the replica's API keys, and the serving node's request path and error hook (serving_node_env).
         env.setenv("RAYLM_API_KEYS", ",".join(API_KEYS))
-        for key, value in serving_node_env(free_port(), free_port()).items():  # HAProxy's ports, when on that path
-            if value is None:
-                env.delenv(key, raising=False)
-            else:
-                env.setenv(key, value)
+        for key, value in serving_node_env(free_port(), free_port(), free_port()).items():  # HAProxy's own ports
+            env.setenv(key, value)
         # Metrics reach the node's export port every second instead of every 10 s (tests/test_k8s_alerts.py
         # scrapes the training gauges there).
         env.setenv("RAY_metrics_report_interval_ms", "1000")

@@ -1,9 +1,9 @@
 """Shared helpers of the serving tests: a Ray instance per module, tiny exports, `serve run` of a config.
 
 Every helper drives the real system: a local Ray, the `serve run` CLI on a real config file,
-HTTP on 127.0.0.1. Ports: Serve HTTP 18000-18099, metrics export 18100-18199, HAProxy stats 18300-18399
-and HAProxy metrics 18400-18499 (metrics port + 200 / + 300; the session's shared Ray of tests/conftest.py,
-which `causal_lm_app_beside_training` deploys on, takes free ones).
+HTTP on 127.0.0.1. Ports: Serve HTTP 18000-18099, metrics export 18100-18199, HAProxy stats 18300-18399,
+HAProxy metrics 18400-18499 and the head's fallback proxy 18500-18599 (metrics port + 200 / + 300 / + 400; the
+session's shared Ray of tests/conftest.py, which `causal_lm_app_beside_training` deploys on, takes free ones).
 """
 
 from __future__ import annotations
@@ -22,42 +22,53 @@ CONFIGS = REPO / "serving" / "configs"
 API_KEYS = ("test-key-alpha", "test-key-beta")
 
 
-HAPROXY_STATS_OFFSET, HAPROXY_METRICS_OFFSET = 200, 300  # from a module's metrics port
+# From a module's metrics port: HAProxy's stats page and exporter, and the head's fallback proxy (HAProxy's backup).
+HAPROXY_STATS_OFFSET, HAPROXY_METRICS_OFFSET, FALLBACK_PROXY_OFFSET = 200, 300, 400
+# RAYLM_TEST_REQUEST_PATH: "haproxy" (the default, as shipped) or "python" (alias "default": Serve's own Python proxy).
+TEST_REQUEST_PATHS = {"haproxy": "haproxy", "python": "python", "default": "python"}
 
 
-def serving_node_env(haproxy_stats_port: int, haproxy_metrics_port: int) -> dict[str, str | None]:
-    """The environment a test's Ray node starts with: serving.ingress.NODE_ENV (Serve's Python proxy and the error
-    hook), or with RAYLM_TEST_REQUEST_PATH=haproxy HAPROXY_NODE_ENV with HAProxy's stats and metrics ports moved
-    to the given ones. Keys of the other path are unset (None): one pytest process runs
-    several modules and os.environ outlives each."""
-    from serving.ingress import PYTHON_PROXY_NODE_ENV, haproxy_node_env
+def requested_path() -> str:
+    """The request path the serving tests ask for (RAYLM_TEST_REQUEST_PATH, default haproxy as shipped); a module
+    may pin its own (start_ray's `request_path`: tests/test_serving_python_proxy.py keeps the fallback tested)."""
+    value = os.environ.get("RAYLM_TEST_REQUEST_PATH", "haproxy")
+    if value not in TEST_REQUEST_PATHS:
+        raise ValueError(f"RAYLM_TEST_REQUEST_PATH={value!r}: one of {', '.join(TEST_REQUEST_PATHS)}")
+    return TEST_REQUEST_PATHS[value]
 
-    if uses_haproxy():
-        return dict(haproxy_node_env(stats_port=haproxy_stats_port, metrics_port=haproxy_metrics_port))
-    return {**{key: None for key in haproxy_node_env(0, 0)}, **PYTHON_PROXY_NODE_ENV}
+
+def serving_node_env(haproxy_stats_port: int, haproxy_metrics_port: int, fallback_proxy_port: int,
+                     request_path: str | None = None) -> dict[str, str]:
+    """The environment a test's Ray node starts with: serving.ingress.node_env() on the requested path (HAProxy
+    unless RAYLM_TEST_REQUEST_PATH=python, or where no HAProxy binary runs: then Serve's Python proxy, logged),
+    with the ports HAProxy and the fallback proxy bind moved to this Ray instance's own: one pytest process runs
+    several modules, and other Ray instances run on the machine."""
+    from serving.ingress import node_env
+
+    return node_env(stats_port=haproxy_stats_port, metrics_port=haproxy_metrics_port,
+                    fallback_http_port=fallback_proxy_port, requested=request_path or requested_path())
 
 
 def uses_haproxy() -> bool:
-    """Whether the serving tests run on the HAProxy path (opt-in: RAYLM_TEST_REQUEST_PATH=haproxy)."""
-    return os.environ.get("RAYLM_TEST_REQUEST_PATH") == "haproxy"
+    """Whether the serving tests run on the HAProxy path: requested (the default) and a binary runs here."""
+    from serving.ingress import request_path
+
+    return request_path(requested_path()) == "haproxy"
 
 
-def start_ray(num_cpus: int, metrics_port: int):
+def start_ray(num_cpus: int, metrics_port: int, request_path: str | None = None):
     """A local Ray for one test module; env set so replicas inherit API keys and report metrics fast.
-    The request path is serving.ingress.NODE_ENV's (Serve's Python proxy), or HAProxy's with
-    RAYLM_TEST_REQUEST_PATH=haproxy."""
+    The request path is HAProxy's as shipped (serving.ingress.node_env), or `request_path`, or
+    RAYLM_TEST_REQUEST_PATH's."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYLM_API_KEYS"] = ",".join(API_KEYS)
     # Replicas push metrics to the export port every second instead of every 10 s.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
-    # The serving node's environment (serving/ingress.py); on the HAProxy path its stats and metrics ports of this
-    # Ray instance, so that two test modules (or another user's Ray) on one machine do not collide.
-    for key, value in serving_node_env(metrics_port + HAPROXY_STATS_OFFSET, metrics_port + HAPROXY_METRICS_OFFSET).items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    # The serving node's environment (serving/ingress.py); on the HAProxy path with ports of this Ray instance, so
+    # that two test modules (or another user's Ray) on one machine do not collide.
+    os.environ.update(serving_node_env(metrics_port + HAPROXY_STATS_OFFSET, metrics_port + HAPROXY_METRICS_OFFSET,
+                                       metrics_port + FALLBACK_PROXY_OFFSET, request_path))
     import ray
 
     if ray.is_initialized():  # the session's shared Train/Tune Ray (tests/conftest.py): this module needs its own

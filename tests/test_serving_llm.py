@@ -3,7 +3,6 @@ batching, auth, limits, PII masking, multi-LoRA, metrics. One Ray and one deploy
 
 import concurrent.futures as futures
 import json
-import os
 import shutil
 import time
 
@@ -12,7 +11,7 @@ import openai
 import pytest
 from serving_fixtures import (
     API_KEYS, auth, check_error_table, config_for_test, metric_samples, raw_body_rows, replica_pids, scrape,
-    serve_run_config, shared_exports, start_ray, stop_ray,
+    requested_path, serve_run_config, shared_exports, start_ray, stop_ray,
 )
 
 from serving.metrics import EXPORTED_NAMES
@@ -205,12 +204,18 @@ def test_two_adapters_differ_and_a_new_adapter_is_served_without_restart(server,
     assert legal not in {base, support, finance}
 
 
-@pytest.mark.skipif(os.environ.get("RAYLM_TEST_REQUEST_PATH") != "haproxy",
-                    reason="the HAProxy request path (serving.ingress.HAPROXY_NODE_ENV): RAYLM_TEST_REQUEST_PATH=haproxy")
 def test_requests_go_through_haproxy_to_the_replica_listening_on_localhost_only(server):
-    """The request path of serving/ingress.py HAPROXY_NODE_ENV: HAProxy answers the Serve HTTP port and forwards to the
+    """The default request path (serving/ingress.py NODE_ENV): HAProxy answers the Serve HTTP port and forwards to the
     replica's own HTTP server, which binds http_options.host (127.0.0.1 here), never 0.0.0.0 unless the
-    config says so. That server still checks API keys: bypassing HAProxy bypasses nothing."""
+    config says so. That server still checks API keys: bypassing HAProxy bypasses nothing. Fails where no HAProxy
+    binary runs (the nodes then fall back to Serve's Python proxy); skipped only when RAYLM_TEST_REQUEST_PATH=python
+    asks for that proxy (tests/test_serving_python_proxy.py tests it in every run)."""
+    from serving.ingress import find_haproxy
+
+    if requested_path() != "haproxy":
+        pytest.skip("RAYLM_TEST_REQUEST_PATH asks for Serve's Python proxy")
+    binary, why_not = find_haproxy()
+    assert binary, f"the default request path needs HAProxy: {why_not}"
     import psutil
 
     listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN]

@@ -1,7 +1,8 @@
 """Autoscaling 1 -> 2 -> 1 replicas under load, backpressure (429 with Retry-After, and 503) with
 max_queued_requests, a replica killed under load (no request fails), and graceful shutdown of
-in-flight requests. Real Serve on the shipped request path (serving.ingress.NODE_ENV), or HAProxy's with
-RAYLM_TEST_REQUEST_PATH=haproxy; tiny causal-LM export."""
+in-flight requests. Real Serve on the shipped request path (HAProxy, serving.ingress.NODE_ENV), or Serve's Python
+proxy with RAYLM_TEST_REQUEST_PATH=python or where no HAProxy binary runs (tests/test_serving_python_proxy.py runs
+the kill and 404 tests on that proxy in every run); tiny causal-LM export."""
 
 import concurrent.futures as futures
 import json
@@ -323,13 +324,25 @@ def assert_replica_lost_answer(response) -> None:
 def test_a_replica_killed_under_load_fails_no_request(apps, haproxy_log, tmp_path):
     """Issue 11 item 3: SIGKILL one of two replicas while 16 OpenAI clients (default retries), 8 plain HTTP clients
     (no retries) and 2 streaming clients send requests; the replica killed holds, unanswered, at least one request
-    of each kind, the stream in the batch (kill_a_replica_under_load). On Serve's Python proxy (what ships) the
+    of each kind, the stream in the batch (kill_a_replica_under_load). On Serve's Python proxy (the fallback) the
     proxy's answer for the dead replica's requests is a 503 in OpenAI's shape with Retry-After (serving/errors.py):
     the OpenAI client retries it on the live replica and none fails; a plain request the dead replica held gets
-    that 503, every other one a 200. On HAProxy (RAYLM_TEST_REQUEST_PATH=haproxy, `retry-on conn-failure
+    that 503, every other one a 200. On HAProxy (what ships, `retry-on conn-failure
     empty-response`) a plain request the dead replica held is sent again to the live one (200), or gets the same
     503. A stream whose replica died after it started just ends (docs/serving.md). Never a 500."""
     completions, responses, canaries, record = kill_a_replica_under_load(BASE, "killable", MODEL, tmp_path / "killed.json")
+    problems = kill_problems(completions, responses, canaries, record, on_haproxy=uses_haproxy())
+    if haproxy_log is not None:  # what HAProxy did with the dead replica's requests: retried, or answered itself
+        notable = haproxy_log.notable("http-killable")
+        print("HAProxy's log, the app's requests that were retried or did not end in a 200:", *notable, sep="\n")
+        if problems:
+            problems += ["HAProxy's log, the app's requests that were retried or did not end in a 200:", *notable]
+    assert not problems, "\n".join(problems + [f"killed: {record}"])
+
+
+def kill_problems(completions, responses, canaries, record, on_haproxy: bool) -> list[str]:
+    """What went wrong for the clients of kill_a_replica_under_load (test_a_replica_killed_under_load_fails_no_request
+    says what is right on each request path); prints what the plain clients got."""
     on_killed = set(record["plain"])
     for kind, pairs in (("plain", responses), ("canary", canaries), ("openai", completions)):
         assert record[kind] and {seed for seed, _ in pairs} >= set(record[kind]), (kind, record, [s for s, _ in pairs])
@@ -342,7 +355,7 @@ def test_a_replica_killed_under_load_fails_no_request(apps, haproxy_log, tmp_pat
             if response.status_code != 200:
                 assert_replica_lost_answer(response)
             elif seed in on_killed:
-                assert uses_haproxy(), "answered 200 although its replica died holding it, on the Python proxy"
+                assert on_haproxy, "answered 200 although its replica died holding it, on the Python proxy"
         except (AssertionError, KeyError, ValueError) as exc:
             problems.append(f"plain seed {seed}{' (on the killed replica)' if seed in on_killed else ''}: {exc}")
     for seed, outcome in canaries:
@@ -358,12 +371,7 @@ def test_a_replica_killed_under_load_fails_no_request(apps, haproxy_log, tmp_pat
     statuses = [response.status_code for _, response in responses]
     print(f"killed {record['replica']} holding plain {record['plain']}, openai {record['openai']}, canary "
           f"{record['canary']}; plain answers {sorted((s, statuses.count(s)) for s in set(statuses))}")
-    if haproxy_log is not None:  # what HAProxy did with the dead replica's requests: retried, or answered itself
-        notable = haproxy_log.notable("http-killable")
-        print("HAProxy's log, the app's requests that were retried or did not end in a 200:", *notable, sep="\n")
-        if problems:
-            problems += ["HAProxy's log, the app's requests that were retried or did not end in a 200:", *notable]
-    assert not problems, "\n".join(problems + [f"killed: {record}"])
+    return problems
 
 
 def test_unrouted_paths_get_a_404(apps):
