@@ -42,7 +42,8 @@ from serving.pii_patterns import (  # noqa: F401 (PII_PLACEHOLDERS, PII_PATTERNS
     _PHONE_REACH,
     _PLUS86_MOBILE,
     _iban_valid_spans,
-    _luhn_valid_spans,
+    _NOT_DIGITS,
+    _luhn_valid_digit_spans,
 )
 from serving.pii_regex import (  # noqa: F401 (_mask_by_regex_alone: the tests' reference)
     _KIND_LABEL,
@@ -93,6 +94,7 @@ class _Masking:
         self.text = text
         self.view = _view(text)
         self.data = self.view.tobytes()
+        self._digits: bytes | None = None
         self.starts: list[np.ndarray] = []
         self.ends: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
@@ -114,7 +116,16 @@ class _Masking:
             view[_covered(starts, ends, len(view))] = ord("#")
         view[starts] = ord("[")
         view[ends - 1] = ord("]")
-        self.view, self.data = view, view.tobytes()
+        self.view, self.data, self._digits = view, view.tobytes(), None
+
+    def luhn_valid(self, runs: _DigitRuns, first_runs: np.ndarray, last_runs: np.ndarray) -> np.ndarray:
+        """Luhn checks of the card-shaped spans from the first digit of each first run to the last digit
+        of its last run, read off the view's digits alone (the runs' digit counts place the spans)."""
+        if self._digits is None:
+            self._digits = self.data.translate(None, _NOT_DIGITS)
+        through = runs.digits_through
+        return _luhn_valid_digit_spans(self._digits, through[first_runs] - runs.lengths[first_runs],
+                                       through[last_runs])
 
     def result(self) -> str:
         """The original text with every masked span replaced by its placeholder."""
@@ -242,7 +253,8 @@ def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> bool:
         fast_chain[kinds.chain[first_runs[~only_cards]]] = False
         read_off = fast_chain[kinds.chain[first_runs]]
         card_starts, card_ends = card_starts[read_off], card_ends[read_off]
-    valid = _luhn_valid_spans(masking.view, card_starts, card_ends)
+        first_runs, last_runs = first_runs[read_off], last_runs[read_off]
+    valid = masking.luhn_valid(runs, first_runs, last_runs)
     card_starts, card_ends = card_starts[valid], card_ends[valid]
     windows = _windows(runs.starts[scanned & ~fast_chain[kinds.chain]], _DIGIT_REACH, len(masking.data))
     starts, ends, labels = [], [], []
@@ -267,11 +279,12 @@ def _digit_pass_windows(masking: _Masking, runs: _DigitRuns, windows, starts: li
     label = _DIGIT_PASS_LABELS[group]
     card = label == _CARD_SHAPED
     only_a_card = card.copy()
-    if card.any():  # (_only_cards reads every run)
-        only_a_card[card] = _only_cards(runs, np.searchsorted(runs.starts, start[card]),
-                                        np.searchsorted(runs.ends, end[card]))
     kept = label >= 0
-    kept[only_a_card] = _luhn_valid_spans(masking.view, start[only_a_card], end[only_a_card])
+    if card.any():  # (_only_cards reads every run) a card-shaped span starts and ends a run
+        first_runs, last_runs = np.searchsorted(runs.starts, start[card]), np.searchsorted(runs.ends, end[card])
+        only = _only_cards(runs, first_runs, last_runs)
+        only_a_card[card] = only
+        kept[only_a_card] = masking.luhn_valid(runs, first_runs[only], last_runs[only])
     label[only_a_card] = _LABEL["card"]
     dropped = np.zeros(len(start), bool)  # found by a scan that a kind running on past a span overtook
     extra_starts, extra_ends, extra_labels = [], [], []
@@ -309,7 +322,7 @@ def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
     last_runs = np.concatenate((np.searchsorted(runs.ends, ends), last_runs))
     starts = np.concatenate((starts, runs.starts[first_runs[len(starts):]]))
     ends = runs.ends[last_runs]
-    through = np.cumsum(runs.lengths)
+    through = runs.digits_through
     digits = through[last_runs] - through[first_runs] + runs.lengths[first_runs]
     phone = (digits >= 7) & (digits <= 15) & ~_dates(runs, starts, first_runs, last_runs)
     masking.mask(starts[phone], ends[phone], _LABEL["phone"], last_pass=True)

@@ -141,20 +141,41 @@ def _prefix_sums(values: np.ndarray) -> np.ndarray:
     return sums
 
 
+_NOT_DIGITS = bytes(byte for byte in range(256) if not 48 <= byte < 58)  # bytes.translate's delete
+_LUHN_MAX_DIGITS = 28  # a span's Luhn sum, at most 9 per digit, stays below 256
+
+
 def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Luhn checks of many card-shaped spans (digits, spaces, dashes; each ends with a digit) at once:
-    counted from the right, every second digit is doubled (less 9 above 9), and the sum must end in 0.
-    Read off two prefix sums over the stretch of the view the spans lie in, one for spans whose last
-    digit has an even index among the digits there, one for odd: no per-character work per span."""
+    """Luhn checks of many card-shaped spans (digits, spaces, dashes; each ends with a digit, holds at
+    most 28 digits) at once, over the stretch of the view they lie in (see _luhn_valid_digit_spans)."""
     if not starts.size:
         return np.zeros(0, bool)
     codes, starts, ends = _stretch(view, starts, ends)
-    values, doubled = _read(codes, _DIGIT_VALUE), _read(codes, _DIGIT_DOUBLED)
-    even_index = np.bitwise_xor.accumulate(_read(codes, _IS_DIGIT)).view(bool)  # an odd count of digits so far
-    last_even = _prefix_sums(np.where(even_index, values, doubled))
-    last_odd = _prefix_sums(np.where(even_index, doubled, values))
-    total = np.where(even_index[ends - 1], last_even[ends] - last_even[starts], last_odd[ends] - last_odd[starts])
-    return total % 10 == 0
+    digits_before = _prefix_sums(_read(codes, _IS_DIGIT))
+    return _luhn_valid_digit_spans(codes.tobytes().translate(None, _NOT_DIGITS), digits_before[starts],
+                                   digits_before[ends])
+
+
+def _luhn_valid_digit_spans(digits: bytes, firsts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Luhn checks of the spans digits[firsts[i]:ends[i]] of a string of ASCII digits (at most 28 each)
+    at once: counted from the right, every second digit is doubled (less 9 above 9), and the sum must end
+    in 0. A span whose last digit has an even index sums `even_kept` (digits at even indices as they are,
+    odd ones doubled), one whose last digit is odd sums `odd_kept`; each sum is a difference of prefix sums
+    in uint8, which wrap mod 256 and so give every sum below 256 exactly: no per-digit work per span."""
+    if not firsts.size:
+        return np.zeros(0, bool)
+    if int((ends - firsts).max()) > _LUHN_MAX_DIGITS:
+        raise ValueError(f"a Luhn span holds more than {_LUHN_MAX_DIGITS} digits")
+    codes, firsts, ends = _stretch(np.frombuffer(digits, np.uint8), firsts, ends)
+    codes = codes.tobytes()
+    values, doubled = np.frombuffer(codes.translate(_DIGIT_VALUE), np.uint8), np.frombuffer(codes.translate(_DIGIT_DOUBLED), np.uint8)
+    even_kept, odd_kept = values.copy(), doubled.copy()
+    even_kept[1::2], odd_kept[1::2] = doubled[1::2], values[1::2]
+    sums = np.zeros((2, len(codes) + 1), np.uint8)
+    np.cumsum(even_kept, dtype=np.uint8, out=sums[0, 1:])
+    np.cumsum(odd_kept, dtype=np.uint8, out=sums[1, 1:])
+    odd_last = (ends - 1) & 1
+    return (sums[odd_last, ends] - sums[odd_last, firsts]) % 10 == 0
 
 
 _POW10_MOD97 = np.array([pow(10, k, 97) for k in range(96)], np.int32)  # 10**96 % 97 == 1 (Fermat)

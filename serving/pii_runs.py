@@ -66,7 +66,7 @@ def _is_digit(codes: np.ndarray) -> np.ndarray:
 
 class _DigitRuns:
     """The maximal runs of ASCII digits in the view: where each starts and ends, and the bytes around it
-    (0 past either end of the text)."""
+    (0 past either end of the text), and how many digits the view holds up to each run's end."""
 
     def __init__(self, view: np.ndarray):
         padded = np.zeros(len(view) + 4, np.uint8)
@@ -79,6 +79,7 @@ class _DigitRuns:
         self.first, self.second = padded[self.starts + 1], padded[self.starts + 2]
         self.after, self.after2, self.after3 = padded[self.ends + 1], padded[self.ends + 2], padded[self.ends + 3]
         self.third = padded[np.minimum(self.starts + 3, len(padded) - 1)]
+        self.digits_through = np.cumsum(self.lengths)  # digits in the view up to each run's end
 
 
 class _DigitStarts:
@@ -99,8 +100,8 @@ class _DigitStarts:
         self.chain_starts = np.flatnonzero(new_chain)
         self.chain = np.cumsum(new_chain) - 1
         self.chain_last = np.concatenate((self.chain_starts[1:] - 1, [len(lengths) - 1]))
-        self.digits_through = np.cumsum(runs.lengths)
-        digits_from_here = self.digits_through[self.chain_last][self.chain] - self.digits_through + runs.lengths
+        through = runs.digits_through
+        digits_from_here = through[self.chain_last][self.chain] - through + runs.lengths
         letter_before = ((before | 0x20) - 97).astype(np.uint8) < 26
         self.mobile = (runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7) & (lengths >= 3) | (
             (runs.first == ord("8")) & (runs.second == ord("6")) & (
@@ -177,7 +178,7 @@ def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> 
     fast = np.flatnonzero(scanned & fast_chain[kinds.chain])
     if not fast.size:
         return fast_chain, fast, fast
-    through = kinds.digits_through
+    through = runs.digits_through
     before = through[fast] - lengths[fast]  # digits before the span's first group
     # The last run ending within 19 digits: the run that holds digit number before + 19, or the one
     # before it where that run holds more (a lookup in each digit's run, cheaper than searchsorted).
