@@ -75,10 +75,9 @@ class _DigitRuns:
         edges = np.flatnonzero(digit[1:] != digit[:-1])
         self.starts, self.ends = edges[0::2], edges[1::2]
         self.lengths = self.ends - self.starts
-        self.before = padded[self.starts]  # padded[i + 1] is view[i]
-        self.first, self.second = padded[self.starts + 1], padded[self.starts + 2]
-        self.after, self.after2, self.after3 = padded[self.ends + 1], padded[self.ends + 2], padded[self.ends + 3]
-        self.third = padded[np.minimum(self.starts + 3, len(padded) - 1)]
+        # padded[i + 1] is view[i]; shifted slices, not shifted indices (no index array per byte read).
+        self.before, self.first, self.second, self.third = (padded[k:][self.starts] for k in range(4))
+        self.after, self.after2, self.after3 = (padded[k:][self.ends] for k in range(1, 4))
         self.digits_through = np.cumsum(self.lengths)  # digits in the view up to each run's end
 
 
