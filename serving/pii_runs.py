@@ -98,9 +98,10 @@ class _DigitStarts:
         new_chain = np.concatenate(([True], ~joined))
         self.chain_starts = np.flatnonzero(new_chain)
         self.chain = np.cumsum(new_chain) - 1
-        self.chain_last = np.concatenate((self.chain_starts[1:] - 1, [len(lengths) - 1]))
+        chain_last = np.concatenate((self.chain_starts[1:] - 1, [len(lengths) - 1]))
         through = runs.digits_through
-        digits_from_here = through[self.chain_last][self.chain] - through + runs.lengths
+        self.chain_end_digits = through[chain_last][self.chain]  # digits up to the end of each run's chain
+        digits_from_here = self.chain_end_digits - through + runs.lengths
         letter_before = ((before | 0x20) - 97).astype(np.uint8) < 26
         self.mobile = (runs.first == ord("1")) & ((runs.second - 51).astype(np.uint8) < 7) & (lengths >= 3) | (
             (runs.first == ord("8")) & (runs.second == ord("6")) & (
@@ -140,12 +141,12 @@ def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:
     return first[address]
 
 
-def _rank(subset: np.ndarray, length: int) -> np.ndarray:
-    """For each index 0..length, how many elements of the sorted index array `subset` lie before it (the
-    position in `subset` of the first element at or after it)."""
-    counts = np.zeros(length + 1, np.int64)
-    counts[subset + 1] = 1
-    return np.cumsum(counts)
+def _rank(candidate: np.ndarray) -> np.ndarray:
+    """For each index 0..len(candidate), how many candidates lie before it (the position among the
+    candidates, np.flatnonzero(candidate), of the first one at or after it)."""
+    ranks = np.zeros(len(candidate) + 1, np.int64)
+    np.cumsum(candidate, dtype=np.int64, out=ranks[1:])
+    return ranks
 
 
 def _visited(following: np.ndarray) -> np.ndarray:
@@ -171,25 +172,29 @@ def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> 
         return np.zeros(len(kinds.chain_starts), bool), nothing, nothing
     lengths = runs.lengths
     card_only = ~kinds.mobile & ~kinds.ip & ~_in_lengths(lengths, (10, 15, 17, 18)) & (lengths <= 19)
-    other_start = np.bincount(kinds.chain, weights=scanned & ~card_only, minlength=len(kinds.chain_starts)) > 0
+    other_start = np.zeros(len(kinds.chain_starts), bool)
+    other_start[kinds.chain[np.flatnonzero(scanned & ~card_only)]] = True
     entered_from_dot = (runs.before[kinds.chain_starts] == ord(".")) & scanned[kinds.chain_starts]
     fast_chain = ~other_start & ~entered_from_dot
-    fast = np.flatnonzero(scanned & fast_chain[kinds.chain])
-    if not fast.size:
-        return fast_chain, fast, fast
+    is_fast = scanned & fast_chain[kinds.chain]
+    if not is_fast.any():
+        nothing = np.zeros(0, np.int64)
+        return fast_chain, nothing, nothing
+    # For every run at once (the candidates are most of them where it matters): the span from the group,
+    # the last run ending within 19 digits of its first digit in its chain, read off the last run ending
+    # by each count of digits (cheaper than searchsorted), then back to one not followed by a dash.
     through = runs.digits_through
-    before = through[fast] - lengths[fast]  # digits before the span's first group
-    # The last run ending within 19 digits: the run that holds digit number before + 19, or the one
-    # before it where that run holds more (a lookup in each digit's run, cheaper than searchsorted).
-    run_of_digit = np.repeat(np.arange(len(lengths)), lengths)
-    holding = run_of_digit[np.minimum(before + 18, len(run_of_digit) - 1)]
-    longest = np.minimum(holding - (through[holding] > before + 19), kinds.chain_last[kinds.chain[fast]])
+    before = through - lengths  # digits before each group
+    last_ending_by = np.repeat(np.arange(-1, len(lengths), dtype=np.int32), np.append(lengths, 1))
+    longest = last_ending_by[np.minimum(before + 19, kinds.chain_end_digits)]
     last_end = np.maximum.accumulate(np.where(runs.after != ord("-"), np.arange(len(lengths)), -1))[longest]
-    card = (last_end >= fast) & (through[np.maximum(last_end, 0)] - before >= 13) & (runs.before[fast] != ord("-"))
-    # Leftmost first: from a span's last group, the next start is the first candidate after it.
-    visited = _visited(_rank(fast, len(lengths))[np.where(card, last_end, fast) + 1])
-    taken = visited[card[visited]]
-    return fast_chain, fast[taken], last_end[taken]
+    is_card = (is_fast & (last_end >= np.arange(len(lengths))) & (through[last_end] - before >= 13)
+               & (runs.before != ord("-")))
+    # Leftmost first: from a span's last group, the next start is the first card start after it (the
+    # candidates where no card starts are passed over).
+    card_starts = np.flatnonzero(is_card)
+    taken = card_starts[_visited(_rank(is_card)[last_end[card_starts] + 1])]
+    return fast_chain, taken, last_end[taken]
 
 
 def _only_cards(runs: _DigitRuns, first_run: np.ndarray, last_run: np.ndarray) -> np.ndarray:
@@ -238,7 +243,8 @@ def _phone_chains(view: np.ndarray, runs: _DigitRuns, can_end: np.ndarray) -> tu
     n = len(lengths)
     one, two, three = group[:n], group[:n] & group[1:n + 1], group[:n] & group[1:n + 1] & group[2:n + 2]
     groups = np.where(three & ends_at[3:n + 3], 3, np.where(two & ends_at[2:n + 2], 2, np.where(one & ends_at[1:n + 1], 1, 0)))
-    fast = np.flatnonzero(starts_phone & (groups > 0) & fast_chain[chain])
+    is_fast = starts_phone & (groups > 0) & fast_chain[chain]
+    fast = np.flatnonzero(is_fast)
     last = fast + groups[fast]
-    taken = _visited(_rank(fast, n)[last + 1])  # leftmost first: the next start after a span's last group
+    taken = _visited(_rank(is_fast)[last + 1])  # leftmost first: the next start after a span's last group
     return chain, fast_chain, fast[taken], last[taken]

@@ -557,6 +557,33 @@ def test_pii_kinds_inside_card_shaped_numbers_and_glued_emails():
     assert mask_pii("a" * 65 + "@example.com") == "a" * 65 + "@example.com"
 
 
+def test_dense_card_chains_read_off_the_runs_equal_the_regexes_alone():
+    """Cards in chains of digit groups are read off the runs (the span from each group, the walk over
+    card starts leftmost first) and checked with Luhn over the view's digits alone: chains of every
+    group length, dashes and spaces, groups longer than a card, chain ends inside the 19 digits, valid
+    cards among them and other digit forms give what the regexes alone give."""
+    import random
+
+    from serving.pii import _mask_by_candidates, _mask_by_regex_alone
+
+    rng = random.Random(1)
+    joins = [" "] * 8 + ["-"] * 3 + ["--", "  ", ".", "x", ", ", "\n"]
+    for _ in range(60):
+        pieces = []
+        for _ in range(rng.randint(50, 400)):
+            if rng.random() < 0.05:
+                pieces.append(_valid_card(str(rng.randint(10 ** 11, 10 ** 12 - 1)) + "1" * rng.randint(0, 5)))
+            else:
+                pieces.append("".join(rng.choice("0123456789") for _ in range(rng.choice([1, 1, 2, 2, 3, 4, 5, 7, 20]))))
+            pieces.append(rng.choice(joins))
+        text = "".join(pieces)
+        masked = _mask_by_candidates(text)
+        assert masked == _mask_by_regex_alone(text), text[:80]
+        full_width = text.translate(str.maketrans("0123456789", "０１２３４５６７８９"))
+        assert _mask_by_candidates(full_width).count("[BANK_CARD]") == masked.count("[BANK_CARD]")
+    assert _mask_by_candidates("12 " * 5000).count("[PHONE]") == _mask_by_regex_alone("12 " * 5000).count("[PHONE]")
+
+
 def test_dense_emails_masked_from_candidates_equal_the_regexes_alone():
     """Long texts find emails with one split of the whole text (no Match object per email): emails at
     the very start and end, back to back, glued, and none at all give what the regexes alone give."""
