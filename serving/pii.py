@@ -136,8 +136,7 @@ class _Masking:
             codes = np.frombuffer(self.text.encode("ascii"), np.uint8)
             if codes.min() > len(_PLACEHOLDER_LIST):  # no character that reads as a label below
                 # Masked characters dropped, each span's first one replaced by its label's byte.
-                marked = codes.copy()
-                marked[_covered(starts, ends, len(codes))] = 0
+                marked = codes * ~_covered(starts, ends, len(codes))  # (a product: cheaper than a masked store)
                 marked[starts] = labels + 1
                 masked = marked.tobytes().translate(None, b"\x00")
                 for label, placeholder in enumerate(_PLACEHOLDER_LIST):
@@ -330,13 +329,17 @@ def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
 
 def _dates(runs: _DigitRuns, starts: np.ndarray, first_runs: np.ndarray, last_runs: np.ndarray) -> np.ndarray:
     """Which phone-shaped spans _DATE matches in full (2024-05-01, 2024.5.1), read off their runs: three
-    groups of 4, 1-2 and 1-2 digits from the span's start, joined by one "-", "." or "/", the same twice."""
-    second, third = np.minimum(first_runs + 1, len(runs.starts) - 1), np.minimum(first_runs + 2, len(runs.starts) - 1)
-    separator = runs.after[first_runs]
-    return ((last_runs - first_runs == 2) & (runs.starts[first_runs] == starts) & (runs.lengths[first_runs] == 4)
-            & (runs.lengths[second] <= 2) & (runs.lengths[third] <= 2) & _in(separator, b"-./")
-            & (runs.after[second] == separator) & (runs.starts[second] == runs.ends[first_runs] + 1)
-            & (runs.starts[third] == runs.ends[second] + 1))
+    groups of 4, 1-2 and 1-2 digits from the span's start, joined by one "-", "." or "/", the same twice.
+    The rest is read only for the spans of three groups with a first of 4 digits."""
+    dates = np.zeros(len(starts), bool)
+    maybe = np.flatnonzero((last_runs - first_runs == 2) & (runs.lengths[first_runs] == 4))
+    first = first_runs[maybe]
+    second, third = first + 1, first + 2
+    separator = runs.after[first]
+    dates[maybe] = ((runs.starts[first] == starts[maybe]) & (runs.lengths[second] <= 2) & (runs.lengths[third] <= 2)
+                    & _in(separator, b"-./") & (runs.after[second] == separator)
+                    & (runs.starts[second] == runs.ends[first] + 1) & (runs.starts[third] == runs.ends[second] + 1))
+    return dates
 
 
 _SHORT = 8192  # characters: below this, numpy's fixed cost exceeds what finding candidates saves

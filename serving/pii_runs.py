@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from array import array
 
 import numpy as np
 
@@ -152,14 +151,15 @@ def _rank(candidate: np.ndarray) -> np.ndarray:
 def _visited(following: np.ndarray) -> np.ndarray:
     """The indices visited from 0 when each index i moves on to following[i] (> i), until past the end:
     how the regex moves on, leftmost first, from each span it takes or start it passes over. One step of
-    Python each, on array.array buffers (no list of every index, no list of the visited ones)."""
-    steps = array("q", following.astype(np.int64, copy=False).tobytes())
-    visited = array("q")
+    Python each, reading the array in place through a memoryview (measured: a list of the visited indices
+    is cheaper to fill than an array.array, whose append converts each int)."""
+    steps = memoryview(np.ascontiguousarray(following, np.int64))
+    visited: list[int] = []
     visit, end, position = visited.append, len(steps), 0
     while position < end:
         visit(position)
         position = steps[position]
-    return np.frombuffer(visited, np.int64) if visited else np.zeros(0, np.int64)
+    return np.array(visited, np.int64)
 
 
 def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
