@@ -112,10 +112,12 @@ class _DigitStarts:
                       | (self.mobile & ((lengths >= 10) | space_or_dash_after)))
         self.ip = (lengths <= 3) & (after == ord(".")) & (before != ord("."))
         self.alone = self.ip & ~self.other
-        if self.alone.any():
-            other_through = np.cumsum(self.other)
-            other_earlier_in_chain = other_through - self.other - (other_through - self.other)[self.chain_starts][self.chain] > 0
-            self.alone &= ~other_earlier_in_chain
+        alone = np.flatnonzero(self.alone)
+        if alone.size:  # (read at those runs only)
+            other_before = np.zeros(len(lengths) + 1, np.int64)  # how many runs before each are `other`
+            np.cumsum(self.other, out=other_before[1:])
+            in_chain = other_before[alone] - other_before[self.chain_starts[self.chain[alone]]]
+            self.alone[alone[in_chain > 0]] = False
 
 
 def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:
@@ -177,24 +179,33 @@ def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> 
     entered_from_dot = (runs.before[kinds.chain_starts] == ord(".")) & scanned[kinds.chain_starts]
     fast_chain = ~other_start & ~entered_from_dot
     is_fast = scanned & fast_chain[kinds.chain]
-    if not is_fast.any():
-        nothing = np.zeros(0, np.int64)
-        return fast_chain, nothing, nothing
-    # For every run at once (the candidates are most of them where it matters): the span from the group,
-    # the last run ending within 19 digits of its first digit in its chain, read off the last run ending
-    # by each count of digits (cheaper than searchsorted), then back to one not followed by a dash.
+    fast = np.flatnonzero(is_fast)
+    if not fast.size:
+        return fast_chain, fast, fast
+    # From each candidate group, the last run ending within 19 digits of its first digit in its chain,
+    # then back to one not followed by a dash. Where most runs are candidates, read for every run at once
+    # (lookups in the last run ending by each count of digits, and in the last run not followed by a dash
+    # up to each run; no gathers); where few are, by binary search from the candidates alone.
+    dense = 2 * fast.size > len(lengths)
+    at = slice(None) if dense else fast
     through = runs.digits_through
-    before = through - lengths  # digits before each group
-    last_ending_by = np.repeat(np.arange(-1, len(lengths), dtype=np.int32), np.append(lengths, 1))
-    longest = last_ending_by[np.minimum(before + 19, kinds.chain_end_digits)]
-    last_end = np.maximum.accumulate(np.where(runs.after != ord("-"), np.arange(len(lengths)), -1))[longest]
-    is_card = (is_fast & (last_end >= np.arange(len(lengths))) & (through[last_end] - before >= 13)
-               & (runs.before != ord("-")))
+    before = through[at] - lengths[at]  # digits before the group
+    limit = np.minimum(before + 19, kinds.chain_end_digits[at])
+    can_end = runs.after != ord("-")
+    if dense:
+        last_ending_by = np.repeat(np.arange(-1, len(lengths), dtype=np.int32), np.append(lengths, 1))
+        last_end = np.maximum.accumulate(np.where(can_end, np.arange(len(lengths)), -1))[last_ending_by[limit]]
+    else:
+        ending_runs = np.flatnonzero(can_end)
+        last_end = np.append(ending_runs, -1)[np.searchsorted(ending_runs, np.searchsorted(through, limit, "right") - 1, "right") - 1]
+    first = np.arange(len(lengths)) if dense else fast
+    is_card = (is_fast[at] & (last_end >= first) & (through[last_end] - before >= 13) & (runs.before[at] != ord("-")))
     # Leftmost first: from a span's last group, the next start is the first card start after it (the
     # candidates where no card starts are passed over).
-    card_starts = np.flatnonzero(is_card)
-    taken = card_starts[_visited(_rank(is_card)[last_end[card_starts] + 1])]
-    return fast_chain, taken, last_end[taken]
+    card_starts, card_last = first[is_card], last_end[is_card]
+    following = _rank(is_card)[card_last + 1] if dense else np.searchsorted(card_starts, card_last, "right")
+    taken = _visited(following)
+    return fast_chain, card_starts[taken], card_last[taken]
 
 
 def _only_cards(runs: _DigitRuns, first_run: np.ndarray, last_run: np.ndarray) -> np.ndarray:
