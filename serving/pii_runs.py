@@ -113,11 +113,10 @@ class _DigitStarts:
         self.ip = (lengths <= 3) & (after == ord(".")) & (before != ord("."))
         self.alone = self.ip & ~self.other
         alone = np.flatnonzero(self.alone)
-        if alone.size:  # (read at those runs only)
-            other_before = np.zeros(len(lengths) + 1, np.int64)  # how many runs before each are `other`
-            np.cumsum(self.other, out=other_before[1:])
-            in_chain = other_before[alone] - other_before[self.chain_starts[self.chain[alone]]]
-            self.alone[alone[in_chain > 0]] = False
+        if alone.size:  # (read at those runs only, by binary search among the `other` runs)
+            other = np.flatnonzero(self.other)
+            last_other_before = np.append(other, -1)[np.searchsorted(other, alone) - 1]  # -1: none
+            self.alone[alone[last_other_before >= self.chain_starts[self.chain[alone]]]] = False
 
 
 def _ip_addresses(runs: _DigitRuns, alone: np.ndarray) -> np.ndarray:

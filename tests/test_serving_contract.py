@@ -590,6 +590,24 @@ def test_card_chains_read_off_the_runs_equal_the_regexes_alone():
     assert _mask_by_candidates("12 " * 5000).count("[PHONE]") == _mask_by_regex_alone("12 " * 5000).count("[PHONE]")
 
 
+def test_ipv4_starts_alone_in_their_chain_match_their_definition():
+    """An IPv4 start is read off the runs only where no other kind starts at it or earlier in its chain
+    (a card or mobile could run into it): the runs' reading agrees with that definition, one run at a
+    time, on random chains of groups, dots and spaces."""
+    import random
+
+    from serving.pii_runs import _DigitRuns, _DigitStarts, _view
+
+    rng = random.Random(2)
+    for _ in range(200):
+        text = "".join(rng.choice(["1", "23", "138", "4", "255", "1234567890", " ", " ", ".", "-", "x"])
+                       for _ in range(rng.randint(1, 120))) + "7"
+        kinds = _DigitStarts(_DigitRuns(_view(text)))
+        expected = [bool(kinds.ip[i] and not kinds.other[i]
+                         and not kinds.other[kinds.chain_starts[kinds.chain[i]]:i].any()) for i in range(len(kinds.ip))]
+        assert kinds.alone.tolist() == expected, text
+
+
 def test_dense_emails_masked_from_candidates_equal_the_regexes_alone():
     """Long texts find emails with one split of the whole text (no Match object per email): emails at
     the very start and end, back to back, glued, and none at all give what the regexes alone give."""
