@@ -191,7 +191,9 @@ def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> 
     can_end = runs.after != ord("-")
     if dense:
         last_ending_by = np.repeat(np.arange(-1, len(lengths), dtype=np.int32), np.append(lengths, 1))
-        last_end = np.maximum.accumulate(np.where(can_end, np.arange(len(lengths)), -1))[last_ending_by[limit]]
+        longest = last_ending_by[limit]
+        last_end = (longest if can_end.all()  # (no dash: every group can end a card)
+                    else np.maximum.accumulate(np.where(can_end, np.arange(len(lengths)), -1))[longest])
     else:
         ending_runs = np.flatnonzero(can_end)
         last_end = np.append(ending_runs, -1)[np.searchsorted(ending_runs, np.searchsorted(through, limit, "right") - 1, "right") - 1]
