@@ -84,6 +84,7 @@ def _group_labels(pattern: re.Pattern[bytes]) -> np.ndarray:
 
 
 _DIGIT_PASS_LABELS = _group_labels(_DIGIT_PASS)
+_NOT_UPPERCASE = bytes(byte for byte in range(256) if not 65 <= byte <= 90)  # bytes.translate's delete
 _LASTINDEX = operator.attrgetter("lastindex")
 
 
@@ -200,6 +201,8 @@ def _mask_emails(masking: _Masking) -> None:
 
 def _mask_ibans(masking: _Masking) -> None:
     """IBANs start at an uppercase letter that starts a word, followed by a letter and two digits."""
+    if len(masking.data.translate(None, _NOT_UPPERCASE)) < 2:
+        return  # (one C pass: cheaper than finding the starts where digits alone are dense)
     padded = np.zeros(len(masking.view) + 4, np.uint8)
     padded[1:-3] = masking.view
     upper = (padded - 65).astype(np.uint8) < 26
