@@ -240,7 +240,7 @@ def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> bool:
     holds another kind or ends inside one, the scan resumes after that kind."""
     if not runs.lengths.size:
         return False
-    lengths, after = runs.lengths, runs.after
+    lengths, after = runs.short, runs.after
     if not (((lengths >= 10) & (lengths <= 19)) | _in(after, b" -") | (
             (lengths <= 3) & (after == ord(".")) & (runs.before != ord(".")))).any():
         return False  # no kind can start (from _DigitStarts, before its chains are read)
@@ -335,11 +335,11 @@ def _dates(runs: _DigitRuns, starts: np.ndarray, first_runs: np.ndarray, last_ru
     groups of 4, 1-2 and 1-2 digits from the span's start, joined by one "-", "." or "/", the same twice.
     The rest is read only for the spans of three groups with a first of 4 digits."""
     dates = np.zeros(len(starts), bool)
-    maybe = np.flatnonzero((last_runs - first_runs == 2) & (runs.lengths[first_runs] == 4))
+    maybe = np.flatnonzero((last_runs - first_runs == 2) & (runs.short[first_runs] == 4))
     first = first_runs[maybe]
     second, third = first + 1, first + 2
     separator = runs.after[first]
-    dates[maybe] = ((runs.starts[first] == starts[maybe]) & (runs.lengths[second] <= 2) & (runs.lengths[third] <= 2)
+    dates[maybe] = ((runs.starts[first] == starts[maybe]) & (runs.short[second] <= 2) & (runs.short[third] <= 2)
                     & _in(separator, b"-./") & (runs.after[second] == separator)
                     & (runs.starts[second] == runs.ends[first] + 1) & (runs.starts[third] == runs.ends[second] + 1))
     return dates
