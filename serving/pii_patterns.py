@@ -178,29 +178,32 @@ def _luhn_valid_digit_spans(digits: bytes, firsts: np.ndarray, ends: np.ndarray)
     return (sums[odd_last, ends] - sums[odd_last, firsts]) % 10 == 0
 
 
-_POW10_MOD97 = np.array([pow(10, k, 97) for k in range(96)], np.int32)  # 10**96 % 97 == 1 (Fermat)
-_POW10_INVERSE_MOD97 = np.array([pow(10, -k, 97) for k in range(96)], np.int32)
 _IBAN_VALUE = _table({**{48 + d: d for d in range(10)}, **{65 + i: 10 + i for i in range(26)}})  # A=10 .. Z=35
-_IBAN_WIDTH = _table({**{48 + d: 1 for d in range(10)}, **{65 + i: 2 for i in range(26)}})  # its decimal digits
-_IS_ALNUM = _table({**{48 + d: 1 for d in range(10)}, **{65 + i: 1 for i in range(26)}})
+_IBAN_SHIFT = _table({byte: 1 for byte in range(256)} | {48 + d: 10 for d in range(10)} | {65 + i: 100 for i in range(26)})
+_IBAN_MAX_CHARS = 64  # an IBAN-shaped match holds at most 44
 
 
 def _iban_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """mod-97 checks of many IBAN-shaped spans (two uppercase letters and two digits, then uppercase
-    letters, digits and spaces) at once: without its spaces and with its first four characters moved to
-    the end, letters read as 10-35, the span is a number that leaves 1. Over the stretch of the view the
-    spans lie in, character j adds value_j * 10**-W_j (W_j: decimal digits through j), so a span's body
-    [s + 4, e) is 10**W_(e-1) times a difference of prefix sums, all mod 97."""
+    letters, digits and spaces; at most 64 characters) at once: without its spaces and with its first
+    four characters moved to the end, letters read as 10-35, the span is a number that leaves 1.
+    Horner's rule one column of characters at a time for all spans (a letter shifts the remainder by
+    two decimal digits, a digit by one, a space or a place past the span's end leaves it as it is): only
+    the spans' characters are read, and no step is per span."""
     if not starts.size:
         return np.zeros(0, bool)
-    codes, starts, ends = _stretch(view, starts, ends)
-    value = _read(codes, _IBAN_VALUE)
-    through = _prefix_sums(_read(codes, _IBAN_WIDTH))[1:] % 96  # decimal digits through each character
-    alnum = _prefix_sums(_read(codes, _IS_ALNUM))
-    terms = _prefix_sums(value * _POW10_INVERSE_MOD97[through] % 97)
-    body = (terms[ends] - terms[starts + 4]) % 97 * _POW10_MOD97[through[ends - 1]] % 97
-    first = [value[starts + k].astype(np.int32) for k in range(4)]
-    first_four = ((first[0] * 100 + first[1]) * 100 + first[2] * 10 + first[3]) % 97
-    remainder = (body * _POW10_MOD97[6] + first_four) % 97  # the first four are six decimal digits
-    length = alnum[ends] - alnum[starts]
-    return (length >= 15) & (length <= 34) & (remainder == 1)
+    lengths = ends - starts
+    width = int(lengths.max())
+    if width > _IBAN_MAX_CHARS:
+        raise ValueError(f"an IBAN-shaped span holds more than {_IBAN_MAX_CHARS} characters")
+    padded = np.concatenate((view, np.full(width, ord(" "), np.uint8)))
+    rows = np.lib.stride_tricks.sliding_window_view(padded, width)[starts]  # each span's characters, padded
+    rows[np.arange(width) >= lengths[:, None]] = ord(" ")  # (a copy: the characters past each span's end)
+    characters = rows.T.tobytes()  # column by column
+    shifts = np.frombuffer(characters.translate(_IBAN_SHIFT), np.uint8).reshape(width, -1)
+    values = np.frombuffer(characters.translate(_IBAN_VALUE), np.uint8).reshape(width, -1)
+    remainder = np.zeros(len(starts), np.int32)
+    for column in [*range(4, width), 0, 1, 2, 3]:  # the body, then the first four
+        remainder = (remainder * shifts[column] + values[column]) % 97
+    alphanumerics = (shifts > 1).sum(axis=0)
+    return (alphanumerics >= 15) & (alphanumerics <= 34) & (remainder == 1)
