@@ -14,9 +14,11 @@ adversarial shapes against 100 ms):
   holds), and the regex runs only in windows around those positions: text where nothing can match costs
   a few vectorized operations per character, not an attempt of each pattern at each digit.
 - IPv4 addresses that no other kind can reach, Luhn checks of card-shaped spans in which nothing else can
-  start, mod-97 checks of IBANs (both from prefix sums) and digit counts of phone-shaped spans run
-  vectorized, all at once; where spans are dense, no step makes a Python object per span (emails come
-  from one `split` of the whole text, leftmost-first walks step through array buffers).
+  start (uint8 prefix sums over the view's digits alone), mod-97 checks of IBANs (Horner's rule over all
+  spans, one column of characters at a time) and digit counts of phone-shaped spans run vectorized, all
+  at once; where most runs are candidates, the spans are read for every run at once (no gathers). Where
+  spans are dense, no step makes a Python object per span but the leftmost-first walks (one step of
+  Python per span taken); emails come from one `split` of the whole text.
 - Patterns and checks: serving/pii_patterns.py (every repeat bounded, so each attempt is too); the byte
   view, the digit runs and the spans read off them: serving/pii_runs.py; the regexes alone (short texts,
   and the reference the tests compare with): serving/pii_regex.py.
