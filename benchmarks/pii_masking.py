@@ -59,7 +59,8 @@ def main() -> None:
     (RESULTS / "pii_masking.json").write_text(json.dumps(
         {"ms_per_mb_median_by_shape": {u: v / args.mb for u, v in medians.items()},
          "cpu_ms_per_mb_median_by_shape": {u: v / args.mb for u, v in cpu_medians.items()}, "worst_shape": worst_unit,
-         "worst_ms_per_mb": worst, "rounds": args.rounds, "mb": args.mb, "loadavg_1m": load, "loadavg_1m_at_start": load_at_start,
+         "worst_ms_per_mb": worst, "rounds": args.rounds, "mb": args.mb, "loadavg_1m": load,
+         "loadavg_1m_at_start": load_at_start,
          "target": {"worst_ms_per_mb": TARGET_MS}}, indent=2))
     shape = ascii(worst_unit[:12]).replace(" ", "_")  # one token for key=value parsers
     print(f"worst_ms_per_mb={worst:.1f} worst_shape={shape} target={TARGET_MS:.0f} met={worst < TARGET_MS}")

@@ -168,7 +168,8 @@ def _luhn_valid_digit_spans(digits: bytes, firsts: np.ndarray, ends: np.ndarray)
         raise ValueError(f"a Luhn span holds more than {_LUHN_MAX_DIGITS} digits")
     codes, firsts, ends = _stretch(np.frombuffer(digits, np.uint8), firsts, ends)
     codes = codes.tobytes()
-    values, doubled = np.frombuffer(codes.translate(_DIGIT_VALUE), np.uint8), np.frombuffer(codes.translate(_DIGIT_DOUBLED), np.uint8)
+    values = np.frombuffer(codes.translate(_DIGIT_VALUE), np.uint8)
+    doubled = np.frombuffer(codes.translate(_DIGIT_DOUBLED), np.uint8)
     even_kept, odd_kept = values.copy(), doubled.copy()
     even_kept[1::2], odd_kept[1::2] = doubled[1::2], values[1::2]
     sums = np.zeros((2, len(codes) + 1), np.uint8)
@@ -179,7 +180,8 @@ def _luhn_valid_digit_spans(digits: bytes, firsts: np.ndarray, ends: np.ndarray)
 
 
 _IBAN_VALUE = _table({**{48 + d: d for d in range(10)}, **{65 + i: 10 + i for i in range(26)}})  # A=10 .. Z=35
-_IBAN_SHIFT = _table({byte: 1 for byte in range(256)} | {48 + d: 10 for d in range(10)} | {65 + i: 100 for i in range(26)})
+_IBAN_SHIFT = _table({byte: 1 for byte in range(256)} | {48 + d: 10 for d in range(10)}  # digits: one place
+                     | {65 + i: 100 for i in range(26)})  # letters: two
 _IBAN_MAX_CHARS = 64  # an IBAN-shaped match holds at most 44
 
 

@@ -202,7 +202,8 @@ def _card_chains(runs: _DigitRuns, kinds: _DigitStarts, scanned: np.ndarray) -> 
                     else np.maximum.accumulate(np.where(can_end, np.arange(len(lengths)), -1))[longest])
     else:
         ending_runs = np.flatnonzero(can_end)
-        last_end = np.append(ending_runs, -1)[np.searchsorted(ending_runs, np.searchsorted(through, limit, "right") - 1, "right") - 1]
+        longest = np.searchsorted(through, limit, "right") - 1
+        last_end = np.append(ending_runs, -1)[np.searchsorted(ending_runs, longest, "right") - 1]  # -1: none
     first = np.arange(len(lengths)) if dense else fast
     is_card = (is_fast[at] & (last_end >= first) & (through[last_end] - before >= 13) & (runs.before[at] != ord("-")))
     # Leftmost first: from a span's last group, the next start is the first card start after it (the

@@ -569,14 +569,17 @@ def test_card_chains_read_off_the_runs_equal_the_regexes_alone():
     from serving.pii import _mask_by_candidates, _mask_by_regex_alone
 
     rng = random.Random(1)
-    mixed = ([" "] * 8 + ["-"] * 3 + ["--", "  ", ".", "x", ", ", "\n"], "0123456789", [1, 1, 2, 2, 3, 4, 5, 7, 20], [0, 1, 2, 3, 4, 5])
-    card_only = ([" "] * 40 + ["-", "  ", ", "], "0234579", [1, 1, 2, 2, 3, 4, 5, 7], [0, 1, 3, 6])  # 13, 14, 16, 19 digits
+    # joins, leading digits, group lengths, digits added to 13-digit cards
+    mixed = ([" "] * 8 + ["-"] * 3 + ["--", "  ", ".", "x", ", ", "\n"], "0123456789", [1, 1, 2, 2, 3, 4, 5, 7, 20],
+             [0, 1, 2, 3, 4, 5])
+    card_only = ([" "] * 40 + ["-", "  ", ", "], "0234579", [1, 1, 2, 2, 3, 4, 5, 7], [0, 1, 3, 6])
     for joins, leading, group_lengths, card_tails in (mixed, card_only):
         for _ in range(30):
             pieces = []
             for _ in range(rng.randint(50, 400)):
                 if rng.random() < 0.05:
-                    prefix = rng.choice(leading[1:]) + str(rng.randint(10 ** 10, 10 ** 11 - 1)) + "1" * rng.choice(card_tails)
+                    prefix = (rng.choice(leading[1:]) + str(rng.randint(10 ** 10, 10 ** 11 - 1))
+                              + "1" * rng.choice(card_tails))
                     pieces.append(_valid_card(prefix))
                 else:
                     length = rng.choice(group_lengths)
