@@ -120,6 +120,23 @@ class AdapterManifest(BaseModel):
         description="Facts of the base's config.json the adapter depends on (model_type, hidden_size, "
         "num_hidden_layers, vocab_size); serving refuses an adapter whose facts differ from the served model's.",
     )
+    labels: list[str] = Field(default_factory=list, description="The head's labels (classification / NER adapters).")
+    # How a token-classification adapter reads a text, as ExportManifest's fields of the same names; None on
+    # other tasks, so a merged model's own settings stay in force where the adapter says nothing.
+    ner_tag_subtoken: Literal["first", "last"] | None = None
+    ner_input: NerInput | None = None
+    ner_separator_token_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdapterManifest":
+        if self.ner_input == "doubled" and (self.task != "token-classification" or self.ner_separator_token_id is None):
+            raise ValueError("ner_input: 'doubled' is for token-classification adapters and needs ner_separator_token_id")
+        return self
+
+    def ner_reading(self) -> dict:
+        """The NER settings this adapter was trained with (only those it records), to apply over its base's."""
+        return {key: value for key in ("ner_tag_subtoken", "ner_input", "ner_separator_token_id")
+                if (value := getattr(self, key)) is not None}
 
 
 class ModelExport(BaseModel):

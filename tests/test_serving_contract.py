@@ -671,6 +671,24 @@ def test_adapter_manifest_records_base_shape_and_problems_are_named(causal_expor
                                                                     for p in problems)
 
 
+def test_adapter_manifest_types_how_an_ner_adapter_reads_its_text():
+    """An NER adapter's reading settings are typed fields: a doubled input without its separator is refused,
+    and only the settings an adapter records are laid over its base's (older adapters record fewer)."""
+    from pydantic import ValidationError
+
+    from serving.export_format import AdapterManifest
+
+    common = {"adapter": True, "task": "token-classification", "base_model": "base", "labels": ["O", "B-PER", "I-PER"]}
+    doubled = AdapterManifest(**common, ner_tag_subtoken="last", ner_input="doubled", ner_separator_token_id=2)
+    assert doubled.ner_reading() == {"ner_tag_subtoken": "last", "ner_input": "doubled", "ner_separator_token_id": 2}
+    assert AdapterManifest(**common, ner_tag_subtoken="last").ner_reading() == {"ner_tag_subtoken": "last"}
+    assert AdapterManifest(adapter=True, task="causal-lm", base_model="base").ner_reading() == {}
+    with pytest.raises(ValidationError, match="needs ner_separator_token_id"):
+        AdapterManifest(**common, ner_input="doubled")
+    with pytest.raises(ValidationError, match="ner_input"):
+        AdapterManifest(**common, ner_input="twice", ner_separator_token_id=2)
+
+
 # ---- encoder tokenizer under concurrency (issue 11 item 8) -------------------------------------------
 def test_token_counts_stay_exact_while_batches_pad_and_truncate(exports):
     """The model thread pads and truncates batches to max_seq_len while admission threads count tokens.

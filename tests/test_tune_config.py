@@ -257,6 +257,26 @@ def test_finetune_sweep_metric_given_without_mode_takes_its_direction(tmp_path):
     assert (sweep.cfg.metric, sweep.cfg.mode) == ("val_accuracy", "max")
 
 
+def test_finetune_trials_rank_by_the_checkpoint_they_export(tmp_path):
+    """A fine-tune exports each trial's best checkpoint, so trials rank by their best value of the selection
+    metric: the demo's sweep had trial A at best 0.257 (final 0.291) and trial B, stopped early, at 0.273
+    (final and best); ranking by the final value published B although A's exported checkpoint scored better."""
+    from tune.results import best_row, ranking_key
+
+    rows = [{"trial": "A", "val_loss": 0.291, "best_val_loss": 0.257},
+            {"trial": "B", "val_loss": 0.273, "best_val_loss": 0.273},
+            {"trial": "C", "val_loss": None, "best_val_loss": None}]
+    sft = {**FT_BASE, "task": "sft", "data": {"train_files": ["x.jsonl"]}}
+    finetune = load_sweep(ft_sweep_yaml(tmp_path, base=sft))  # selection metric: val_loss
+    assert ranking_key(finetune) == "best_val_loss" and best_row(rows, "best_val_loss", "min")["trial"] == "A"
+    # A metric other than the run's selection metric does not pick the exported checkpoint: final values rank.
+    classification = load_sweep(ft_sweep_yaml(tmp_path, metric="val_accuracy"))  # selection: val_macro_f1
+    assert ranking_key(classification) == "val_accuracy"
+    assert ranking_key(load_sweep(ft_sweep_yaml(tmp_path))) == "best_val_macro_f1"
+    # Pretraining exports the last checkpoint: final values rank.
+    assert ranking_key(load_sweep(sweep_yaml(tmp_path))) == "val_loss" and best_row(rows, "val_loss", "min")["trial"] == "B"
+
+
 def test_lora_space_over_lists_of_target_modules(tmp_path):
     sweep = load_sweep(ft_sweep_yaml(tmp_path, space={
         "method.lora.r": "grid([4, 8])", "method.lora.alpha": "choice([8, 32])",

@@ -116,9 +116,7 @@ def load_export(export_dir: str, base_dir: str | None = None, device: str = "cpu
         model = PeftModel.from_pretrained(model, adapter.path)
     model.eval()
     manifest = export.manifest
-    if adapter is not None and getattr(adapter.manifest, "ner_tag_subtoken", None):  # how the adapter was trained
-        trained = {key: getattr(adapter.manifest, key) for key in ("ner_tag_subtoken", "ner_input", "ner_separator_token_id")
-                   if hasattr(adapter.manifest, key)}
+    if adapter is not None and (trained := adapter.manifest.ner_reading()):  # how the adapter was trained
         manifest = manifest.model_copy(update=trained)
     return model, tokenizer, manifest
 

@@ -63,12 +63,26 @@ def trial_rows(result_grid, sweep) -> list[dict]:
     return rows
 
 
-def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
-    """The trial whose final metric is best (trials stopped early compete with what they reached)."""
-    scored = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+def ranking_key(sweep) -> str:
+    """The row field trials are ranked by: what the checkpoint `best_checkpoint` exports scored.
+
+    A fine-tune exports each run's best checkpoint by its selection metric, so when the sweep tunes that
+    metric its trials compete with their best value (a trial whose loss rose after its best step still
+    exports that step); otherwise, and for pretraining (its last checkpoint is exported), with the final one.
+    """
+    metric = sweep.cfg.metric
+    if sweep.kind == "finetune" and metric == sweep.base.selection_metric[0]:
+        return f"best_{metric}"
+    return metric
+
+
+def best_row(rows: list[dict], key: str, mode: str) -> dict | None:
+    """The trial whose `key` (the final metric, or `best_<metric>`) is best; trials stopped early compete
+    with what they reached."""
+    scored = [r for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     if not scored:
         return None
-    return (min if mode == "min" else max)(scored, key=lambda r: r[metric])
+    return (min if mode == "min" else max)(scored, key=lambda r: r[key])
 
 
 def _fmt(value) -> str:

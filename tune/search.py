@@ -200,6 +200,8 @@ def build_tuner(sweep: Sweep, prepared: dict, concurrency: int, resume: bool):
     """A new Tuner over the space, or the interrupted one restored from the sweep directory."""
     from ray import tune
 
+    from tune.progress import SweepProgress
+
     trainable = build_trainable(sweep, prepared)
     if resume:
         # Finished trials stay finished; unfinished ones restart and resume from their own last checkpoint.
@@ -219,21 +221,25 @@ def build_tuner(sweep: Sweep, prepared: dict, concurrency: int, resume: bool):
             failure_config=tune.FailureConfig(max_failures=sweep.cfg.max_failures),
             # PBT clones checkpoints between trials; keep enough that a clone source is never deleted early.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if pbt else None),
-            verbose=1,
+            # raylm's own line per trial event instead of Tune's status table every 30 s (tune/progress.py).
+            verbose=0,
+            callbacks=[SweepProgress(sweep.cfg.metric, list(sweep.space), sweep.max_t)],
         ),
     )
 
 
 def summarize(result_grid, sweep: Sweep) -> dict:
     """Table on stdout, trials.csv / trials.json / PNG plots in the sweep directory; returns the summary."""
-    from tune.results import best_row, format_table, plot_sweep, trial_rows, write_tables
+    from tune.results import best_row, format_table, plot_sweep, ranking_key, trial_rows, write_tables
 
     metric = sweep.cfg.metric
     rows = trial_rows(result_grid, sweep)
     columns = [*sweep.space, metric, f"best_{metric}", "steps", "status"]
-    best = best_row(rows, metric, sweep.cfg.mode)
+    ranked_by = ranking_key(sweep)
+    best = best_row(rows, ranked_by, sweep.cfg.mode)
     print(f"[raylm-tune] {sweep.cfg.name}: {len(rows)} trials ({sweep.cfg.scheduler.type}, {sweep.cfg.search.type}), "
-          f"{metric} ({sweep.cfg.mode}); * = best")
+          f"{metric} ({sweep.cfg.mode}); * = best by {ranked_by}"
+          + (" (each trial exports its best checkpoint)" if ranked_by != metric else ""))
     print(format_table(rows, columns, best))
     csv_path, json_path = write_tables(rows, columns, sweep.sweep_dir)
     plots = plot_sweep(rows, sweep, sweep.sweep_dir)
