@@ -14,9 +14,11 @@ adversarial shapes against 100 ms):
   holds), and the regex runs only in windows around those positions: text where nothing can match costs
   a few vectorized operations per character, not an attempt of each pattern at each digit.
 - IPv4 addresses that no other kind can reach, Luhn checks of card-shaped spans in which nothing else can
-  start, mod-97 checks of IBANs (both from prefix sums) and digit counts of phone-shaped spans run
-  vectorized, all at once; where spans are dense, no step makes a Python object per span (emails come
-  from one `split` of the whole text, leftmost-first walks step through array buffers).
+  start (uint8 prefix sums over the view's digits alone), mod-97 checks of IBANs (Horner's rule over all
+  spans, one column of characters at a time) and digit counts of phone-shaped spans run vectorized, all
+  at once; where most runs are candidates, the spans are read for every run at once (no gathers). Where
+  spans are dense, no step makes a Python object per span but the leftmost-first walks (one step of
+  Python per span taken); emails come from one `split` of the whole text.
 - Patterns and checks: serving/pii_patterns.py (every repeat bounded, so each attempt is too); the byte
   view, the digit runs and the spans read off them: serving/pii_runs.py; the regexes alone (short texts,
   and the reference the tests compare with): serving/pii_regex.py.
@@ -42,7 +44,8 @@ from serving.pii_patterns import (  # noqa: F401 (PII_PLACEHOLDERS, PII_PATTERNS
     _PHONE_REACH,
     _PLUS86_MOBILE,
     _iban_valid_spans,
-    _luhn_valid_spans,
+    _NOT_DIGITS,
+    _luhn_valid_digit_spans,
 )
 from serving.pii_regex import (  # noqa: F401 (_mask_by_regex_alone: the tests' reference)
     _KIND_LABEL,
@@ -83,6 +86,7 @@ def _group_labels(pattern: re.Pattern[bytes]) -> np.ndarray:
 
 
 _DIGIT_PASS_LABELS = _group_labels(_DIGIT_PASS)
+_NOT_UPPERCASE = bytes(byte for byte in range(256) if not 65 <= byte <= 90)  # bytes.translate's delete
 _LASTINDEX = operator.attrgetter("lastindex")
 
 
@@ -93,6 +97,7 @@ class _Masking:
         self.text = text
         self.view = _view(text)
         self.data = self.view.tobytes()
+        self._digits: bytes | None = None
         self.starts: list[np.ndarray] = []
         self.ends: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
@@ -111,10 +116,19 @@ class _Masking:
             for start, end in zip(starts.tolist(), ends.tolist()):
                 view[start:end] = ord("#")
         else:
-            view[_covered(starts, ends, len(view))] = ord("#")
+            np.putmask(view, _covered(starts, ends, len(view)), ord("#"))  # (cheaper than a masked store)
         view[starts] = ord("[")
         view[ends - 1] = ord("]")
-        self.view, self.data = view, view.tobytes()
+        self.view, self.data, self._digits = view, view.tobytes(), None
+
+    def luhn_valid(self, runs: _DigitRuns, first_runs: np.ndarray, last_runs: np.ndarray) -> np.ndarray:
+        """Luhn checks of the card-shaped spans from the first digit of each first run to the last digit
+        of its last run, read off the view's digits alone (the runs' digit counts place the spans)."""
+        if self._digits is None:
+            self._digits = self.data.translate(None, _NOT_DIGITS)
+        through = runs.digits_through
+        return _luhn_valid_digit_spans(self._digits, through[first_runs] - runs.lengths[first_runs],
+                                       through[last_runs])
 
     def result(self) -> str:
         """The original text with every masked span replaced by its placeholder."""
@@ -125,8 +139,7 @@ class _Masking:
             codes = np.frombuffer(self.text.encode("ascii"), np.uint8)
             if codes.min() > len(_PLACEHOLDER_LIST):  # no character that reads as a label below
                 # Masked characters dropped, each span's first one replaced by its label's byte.
-                marked = codes.copy()
-                marked[_covered(starts, ends, len(codes))] = 0
+                marked = codes * ~_covered(starts, ends, len(codes))  # (a product: cheaper than a masked store)
                 marked[starts] = labels + 1
                 masked = marked.tobytes().translate(None, b"\x00")
                 for label, placeholder in enumerate(_PLACEHOLDER_LIST):
@@ -190,6 +203,8 @@ def _mask_emails(masking: _Masking) -> None:
 
 def _mask_ibans(masking: _Masking) -> None:
     """IBANs start at an uppercase letter that starts a word, followed by a letter and two digits."""
+    if len(masking.data.translate(None, _NOT_UPPERCASE)) < 2:
+        return  # (one C pass: cheaper than finding the starts where digits alone are dense)
     padded = np.zeros(len(masking.view) + 4, np.uint8)
     padded[1:-3] = masking.view
     upper = (padded - 65).astype(np.uint8) < 26
@@ -227,7 +242,7 @@ def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> bool:
     holds another kind or ends inside one, the scan resumes after that kind."""
     if not runs.lengths.size:
         return False
-    lengths, after = runs.lengths, runs.after
+    lengths, after = runs.short, runs.after
     if not (((lengths >= 10) & (lengths <= 19)) | _in(after, b" -") | (
             (lengths <= 3) & (after == ord(".")) & (runs.before != ord(".")))).any():
         return False  # no kind can start (from _DigitStarts, before its chains are read)
@@ -242,7 +257,8 @@ def _mask_digit_kinds(masking: _Masking, runs: _DigitRuns) -> bool:
         fast_chain[kinds.chain[first_runs[~only_cards]]] = False
         read_off = fast_chain[kinds.chain[first_runs]]
         card_starts, card_ends = card_starts[read_off], card_ends[read_off]
-    valid = _luhn_valid_spans(masking.view, card_starts, card_ends)
+        first_runs, last_runs = first_runs[read_off], last_runs[read_off]
+    valid = masking.luhn_valid(runs, first_runs, last_runs)
     card_starts, card_ends = card_starts[valid], card_ends[valid]
     windows = _windows(runs.starts[scanned & ~fast_chain[kinds.chain]], _DIGIT_REACH, len(masking.data))
     starts, ends, labels = [], [], []
@@ -267,11 +283,12 @@ def _digit_pass_windows(masking: _Masking, runs: _DigitRuns, windows, starts: li
     label = _DIGIT_PASS_LABELS[group]
     card = label == _CARD_SHAPED
     only_a_card = card.copy()
-    if card.any():  # (_only_cards reads every run)
-        only_a_card[card] = _only_cards(runs, np.searchsorted(runs.starts, start[card]),
-                                        np.searchsorted(runs.ends, end[card]))
     kept = label >= 0
-    kept[only_a_card] = _luhn_valid_spans(masking.view, start[only_a_card], end[only_a_card])
+    if card.any():  # (_only_cards reads every run) a card-shaped span starts and ends a run
+        first_runs, last_runs = np.searchsorted(runs.starts, start[card]), np.searchsorted(runs.ends, end[card])
+        only = _only_cards(runs, first_runs, last_runs)
+        only_a_card[card] = only
+        kept[only_a_card] = masking.luhn_valid(runs, first_runs[only], last_runs[only])
     label[only_a_card] = _LABEL["card"]
     dropped = np.zeros(len(start), bool)  # found by a scan that a kind running on past a span overtook
     extra_starts, extra_ends, extra_labels = [], [], []
@@ -309,7 +326,7 @@ def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
     last_runs = np.concatenate((np.searchsorted(runs.ends, ends), last_runs))
     starts = np.concatenate((starts, runs.starts[first_runs[len(starts):]]))
     ends = runs.ends[last_runs]
-    through = np.cumsum(runs.lengths)
+    through = runs.digits_through
     digits = through[last_runs] - through[first_runs] + runs.lengths[first_runs]
     phone = (digits >= 7) & (digits <= 15) & ~_dates(runs, starts, first_runs, last_runs)
     masking.mask(starts[phone], ends[phone], _LABEL["phone"], last_pass=True)
@@ -317,13 +334,17 @@ def _mask_phones(masking: _Masking, runs: _DigitRuns) -> None:
 
 def _dates(runs: _DigitRuns, starts: np.ndarray, first_runs: np.ndarray, last_runs: np.ndarray) -> np.ndarray:
     """Which phone-shaped spans _DATE matches in full (2024-05-01, 2024.5.1), read off their runs: three
-    groups of 4, 1-2 and 1-2 digits from the span's start, joined by one "-", "." or "/", the same twice."""
-    second, third = np.minimum(first_runs + 1, len(runs.starts) - 1), np.minimum(first_runs + 2, len(runs.starts) - 1)
-    separator = runs.after[first_runs]
-    return ((last_runs - first_runs == 2) & (runs.starts[first_runs] == starts) & (runs.lengths[first_runs] == 4)
-            & (runs.lengths[second] <= 2) & (runs.lengths[third] <= 2) & _in(separator, b"-./")
-            & (runs.after[second] == separator) & (runs.starts[second] == runs.ends[first_runs] + 1)
-            & (runs.starts[third] == runs.ends[second] + 1))
+    groups of 4, 1-2 and 1-2 digits from the span's start, joined by one "-", "." or "/", the same twice.
+    The rest is read only for the spans of three groups with a first of 4 digits."""
+    dates = np.zeros(len(starts), bool)
+    maybe = np.flatnonzero((last_runs - first_runs == 2) & (runs.short[first_runs] == 4))
+    first = first_runs[maybe]
+    second, third = first + 1, first + 2
+    separator = runs.after[first]
+    dates[maybe] = ((runs.starts[first] == starts[maybe]) & (runs.short[second] <= 2) & (runs.short[third] <= 2)
+                    & _in(separator, b"-./") & (runs.after[second] == separator)
+                    & (runs.starts[second] == runs.ends[first] + 1) & (runs.starts[third] == runs.ends[second] + 1))
+    return dates
 
 
 _SHORT = 8192  # characters: below this, numpy's fixed cost exceeds what finding candidates saves

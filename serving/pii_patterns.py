@@ -141,45 +141,71 @@ def _prefix_sums(values: np.ndarray) -> np.ndarray:
     return sums
 
 
+_NOT_DIGITS = bytes(byte for byte in range(256) if not 48 <= byte < 58)  # bytes.translate's delete
+_LUHN_MAX_DIGITS = 28  # a span's Luhn sum, at most 9 per digit, stays below 256
+
+
 def _luhn_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Luhn checks of many card-shaped spans (digits, spaces, dashes; each ends with a digit) at once:
-    counted from the right, every second digit is doubled (less 9 above 9), and the sum must end in 0.
-    Read off two prefix sums over the stretch of the view the spans lie in, one for spans whose last
-    digit has an even index among the digits there, one for odd: no per-character work per span."""
+    """Luhn checks of many card-shaped spans (digits, spaces, dashes; each ends with a digit, holds at
+    most 28 digits) at once, over the stretch of the view they lie in (see _luhn_valid_digit_spans)."""
     if not starts.size:
         return np.zeros(0, bool)
     codes, starts, ends = _stretch(view, starts, ends)
-    values, doubled = _read(codes, _DIGIT_VALUE), _read(codes, _DIGIT_DOUBLED)
-    even_index = np.bitwise_xor.accumulate(_read(codes, _IS_DIGIT)).view(bool)  # an odd count of digits so far
-    last_even = _prefix_sums(np.where(even_index, values, doubled))
-    last_odd = _prefix_sums(np.where(even_index, doubled, values))
-    total = np.where(even_index[ends - 1], last_even[ends] - last_even[starts], last_odd[ends] - last_odd[starts])
-    return total % 10 == 0
+    digits_before = _prefix_sums(_read(codes, _IS_DIGIT))
+    return _luhn_valid_digit_spans(codes.tobytes().translate(None, _NOT_DIGITS), digits_before[starts],
+                                   digits_before[ends])
 
 
-_POW10_MOD97 = np.array([pow(10, k, 97) for k in range(96)], np.int32)  # 10**96 % 97 == 1 (Fermat)
-_POW10_INVERSE_MOD97 = np.array([pow(10, -k, 97) for k in range(96)], np.int32)
+def _luhn_valid_digit_spans(digits: bytes, firsts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Luhn checks of the spans digits[firsts[i]:ends[i]] of a string of ASCII digits (at most 28 each)
+    at once: counted from the right, every second digit is doubled (less 9 above 9), and the sum must end
+    in 0. A span whose last digit has an even index sums `even_kept` (digits at even indices as they are,
+    odd ones doubled), one whose last digit is odd sums `odd_kept`; each sum is a difference of prefix sums
+    in uint8, which wrap mod 256 and so give every sum below 256 exactly: no per-digit work per span."""
+    if not firsts.size:
+        return np.zeros(0, bool)
+    if int((ends - firsts).max()) > _LUHN_MAX_DIGITS:
+        raise ValueError(f"a Luhn span holds more than {_LUHN_MAX_DIGITS} digits")
+    codes, firsts, ends = _stretch(np.frombuffer(digits, np.uint8), firsts, ends)
+    codes = codes.tobytes()
+    values = np.frombuffer(codes.translate(_DIGIT_VALUE), np.uint8)
+    doubled = np.frombuffer(codes.translate(_DIGIT_DOUBLED), np.uint8)
+    even_kept, odd_kept = values.copy(), doubled.copy()
+    even_kept[1::2], odd_kept[1::2] = doubled[1::2], values[1::2]
+    sums = np.zeros((2, len(codes) + 1), np.uint8)
+    np.cumsum(even_kept, dtype=np.uint8, out=sums[0, 1:])
+    np.cumsum(odd_kept, dtype=np.uint8, out=sums[1, 1:])
+    odd_last = (ends - 1) & 1
+    return (sums[odd_last, ends] - sums[odd_last, firsts]) % 10 == 0
+
+
 _IBAN_VALUE = _table({**{48 + d: d for d in range(10)}, **{65 + i: 10 + i for i in range(26)}})  # A=10 .. Z=35
-_IBAN_WIDTH = _table({**{48 + d: 1 for d in range(10)}, **{65 + i: 2 for i in range(26)}})  # its decimal digits
-_IS_ALNUM = _table({**{48 + d: 1 for d in range(10)}, **{65 + i: 1 for i in range(26)}})
+_IBAN_SHIFT = _table({byte: 1 for byte in range(256)} | {48 + d: 10 for d in range(10)}  # digits: one place
+                     | {65 + i: 100 for i in range(26)})  # letters: two
+_IBAN_MAX_CHARS = 64  # an IBAN-shaped match holds at most 44
 
 
 def _iban_valid_spans(view: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """mod-97 checks of many IBAN-shaped spans (two uppercase letters and two digits, then uppercase
-    letters, digits and spaces) at once: without its spaces and with its first four characters moved to
-    the end, letters read as 10-35, the span is a number that leaves 1. Over the stretch of the view the
-    spans lie in, character j adds value_j * 10**-W_j (W_j: decimal digits through j), so a span's body
-    [s + 4, e) is 10**W_(e-1) times a difference of prefix sums, all mod 97."""
+    letters, digits and spaces; at most 64 characters) at once: without its spaces and with its first
+    four characters moved to the end, letters read as 10-35, the span is a number that leaves 1.
+    Horner's rule one column of characters at a time for all spans (a letter shifts the remainder by
+    two decimal digits, a digit by one, a space or a place past the span's end leaves it as it is): only
+    the spans' characters are read, and no step is per span."""
     if not starts.size:
         return np.zeros(0, bool)
-    codes, starts, ends = _stretch(view, starts, ends)
-    value = _read(codes, _IBAN_VALUE)
-    through = _prefix_sums(_read(codes, _IBAN_WIDTH))[1:] % 96  # decimal digits through each character
-    alnum = _prefix_sums(_read(codes, _IS_ALNUM))
-    terms = _prefix_sums(value * _POW10_INVERSE_MOD97[through] % 97)
-    body = (terms[ends] - terms[starts + 4]) % 97 * _POW10_MOD97[through[ends - 1]] % 97
-    first = [value[starts + k].astype(np.int32) for k in range(4)]
-    first_four = ((first[0] * 100 + first[1]) * 100 + first[2] * 10 + first[3]) % 97
-    remainder = (body * _POW10_MOD97[6] + first_four) % 97  # the first four are six decimal digits
-    length = alnum[ends] - alnum[starts]
-    return (length >= 15) & (length <= 34) & (remainder == 1)
+    lengths = ends - starts
+    width = int(lengths.max())
+    if width > _IBAN_MAX_CHARS:
+        raise ValueError(f"an IBAN-shaped span holds more than {_IBAN_MAX_CHARS} characters")
+    padded = np.concatenate((view, np.full(width, ord(" "), np.uint8)))
+    rows = np.lib.stride_tricks.sliding_window_view(padded, width)[starts]  # each span's characters, padded
+    rows[np.arange(width) >= lengths[:, None]] = ord(" ")  # (a copy: the characters past each span's end)
+    characters = rows.T.tobytes()  # column by column
+    shifts = np.frombuffer(characters.translate(_IBAN_SHIFT), np.uint8).reshape(width, -1)
+    values = np.frombuffer(characters.translate(_IBAN_VALUE), np.uint8).reshape(width, -1)
+    remainder = np.zeros(len(starts), np.int32)
+    for column in [*range(4, width), 0, 1, 2, 3]:  # the body, then the first four
+        remainder = (remainder * shifts[column] + values[column]) % 97
+    alphanumerics = (shifts > 1).sum(axis=0)
+    return (alphanumerics >= 15) & (alphanumerics <= 34) & (remainder == 1)

@@ -635,6 +635,62 @@ def test_pii_kinds_inside_card_shaped_numbers_and_glued_emails():
     assert mask_pii("a" * 65 + "@example.com") == "a" * 65 + "@example.com"
 
 
+def test_card_chains_read_off_the_runs_equal_the_regexes_alone():
+    """Cards in chains of digit groups are read off the runs (the span from each group, the walk over
+    card starts leftmost first) and checked with Luhn over the view's digits alone: chains of every
+    group length, dashes and spaces, groups longer than a card, chain ends inside the 19 digits, valid
+    cards among them and other digit forms give what the regexes alone give. Both ways of reading the
+    spans are taken: few candidate groups among the runs (mixed separators, mobile-like and long groups
+    end the read-off chains) and most of them (spaces, no group that another kind can start at)."""
+    import random
+
+    from serving.pii import _mask_by_candidates, _mask_by_regex_alone
+
+    rng = random.Random(1)
+    # joins, leading digits, group lengths, digits added to 13-digit cards
+    mixed = ([" "] * 8 + ["-"] * 3 + ["--", "  ", ".", "x", ", ", "\n"], "0123456789", [1, 1, 2, 2, 3, 4, 5, 7, 20],
+             [0, 1, 2, 3, 4, 5])
+    card_only = ([" "] * 40 + ["-", "  ", ", "], "0234579", [1, 1, 2, 2, 3, 4, 5, 7], [0, 1, 3, 6])
+    for joins, leading, group_lengths, card_tails in (mixed, card_only):
+        for _ in range(30):
+            pieces = []
+            for _ in range(rng.randint(50, 400)):
+                if rng.random() < 0.05:
+                    prefix = (rng.choice(leading[1:]) + str(rng.randint(10 ** 10, 10 ** 11 - 1))
+                              + "1" * rng.choice(card_tails))
+                    pieces.append(_valid_card(prefix))
+                else:
+                    length = rng.choice(group_lengths)
+                    pieces.append(rng.choice(leading) + "".join(rng.choice("0123456789") for _ in range(length - 1)))
+                pieces.append(rng.choice(joins))
+            text = "".join(pieces)
+            masked = _mask_by_candidates(text)
+            assert masked == _mask_by_regex_alone(text), text[:80]
+            full_width = text.translate(str.maketrans("0123456789", "０１２３４５６７８９"))
+            assert _mask_by_candidates(full_width).count("[BANK_CARD]") == masked.count("[BANK_CARD]")
+            no_dash = text.replace("-", " ")  # every group can end a card
+            assert _mask_by_candidates(no_dash) == _mask_by_regex_alone(no_dash), no_dash[:80]
+    assert _mask_by_candidates("12 " * 5000).count("[PHONE]") == _mask_by_regex_alone("12 " * 5000).count("[PHONE]")
+
+
+def test_ipv4_starts_alone_in_their_chain_match_their_definition():
+    """An IPv4 start is read off the runs only where no other kind starts at it or earlier in its chain
+    (a card or mobile could run into it): the runs' reading agrees with that definition, one run at a
+    time, on random chains of groups, dots and spaces."""
+    import random
+
+    from serving.pii_runs import _DigitRuns, _DigitStarts, _view
+
+    rng = random.Random(2)
+    for _ in range(200):
+        text = "".join(rng.choice(["1", "23", "138", "4", "255", "1234567890", " ", " ", ".", "-", "x"])
+                       for _ in range(rng.randint(1, 120))) + "7"
+        kinds = _DigitStarts(_DigitRuns(_view(text)))
+        expected = [bool(kinds.ip[i] and not kinds.other[i]
+                         and not kinds.other[kinds.chain_starts[kinds.chain[i]]:i].any()) for i in range(len(kinds.ip))]
+        assert kinds.alone.tolist() == expected, text
+
+
 def test_dense_emails_masked_from_candidates_equal_the_regexes_alone():
     """Long texts find emails with one split of the whole text (no Match object per email): emails at
     the very start and end, back to back, glued, and none at all give what the regexes alone give."""
