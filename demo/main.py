@@ -23,6 +23,7 @@ check_requirements("demo.main", run_as_main=__name__ == "__main__")  # before an
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -188,7 +189,8 @@ def try_commands(endpoint, review: str, stop: str) -> list[str]:
     body = json.dumps({"model": endpoint.tuned_model, "max_tokens": 8,
                        "messages": messages(review)}, ensure_ascii=False)
     return [f"curl -s {endpoint.url}/chat/completions -H \"Authorization: Bearer $(cat {endpoint.api_key_file})\" "
-            f"-H 'Content-Type: application/json' -d '{body}'",
+            # shlex.quote: the prompt holds an apostrophe ("review's"), which ended a hand-quoted '...' body.
+            f"-H 'Content-Type: application/json' -d {shlex.quote(body)}",
             stop]
 
 

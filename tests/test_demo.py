@@ -8,6 +8,7 @@ over HTTP on 127.0.0.1, the real openai client. Then it reruns the demo (cached 
 
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def stop(summary: dict) -> None:
 
 @pytest.mark.slow
 def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp_path):
+    import httpx
     import openai
 
     from serving.export_format import read_adapter
@@ -155,6 +157,16 @@ def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp
         reply = client.chat.completions.create(model="tiny-llama:sentiment", max_tokens=4, temperature=0,
                                                messages=messages("很好"))
         assert reply.choices[0].message.content and reply.usage.completion_tokens >= 1
+        # The printed curl command is one a shell reads back whole: its JSON body (the prompt holds an
+        # apostrophe) parses and, sent with the key as the command sends it, gets an answer.
+        words = shlex.split(curl)
+        assert words[:3] == ["curl", "-s", f"{url}/chat/completions"]
+        assert words[4] == f"Authorization: Bearer $(cat {key_file})"
+        body = json.loads(words[words.index("-d") + 1])
+        assert body["model"] == "tiny-llama:sentiment" and "review's" in body["messages"][0]["content"]
+        answered = httpx.post(f"{url}/chat/completions", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {key_file.read_text().strip()}"})
+        assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"], answered.text
         with pytest.raises(openai.PermissionDeniedError):  # a wrong key is a 403 (docs/serving.md; none is a 401)
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
         # 5: one PNG, the commands to try and to stop

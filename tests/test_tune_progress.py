@@ -31,5 +31,6 @@ def test_sweep_progress_prints_a_line_per_trial_event_with_tune_silent(local_ray
     assert [line.split(": ", 1)[1] for line in started] == ["optim.lr=0.1", "optim.lr=0.2"]
     evaluations = [line for line in lines if "/4: val_loss" in line]
     assert len(evaluations) == 4 and any("step 4/4: val_loss 0.8" in line for line in evaluations), lines
-    assert sum("finished at step 4" in line for line in lines) == 2, lines
+    ends = [line for line in lines if "finished at step 4" in line]
+    assert [line.rsplit("(", 1)[1] for line in ends] == ["1 ended so far)", "2 ended so far)"], lines
     assert len(lines) == 2 + 4 + 2, lines

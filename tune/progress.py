@@ -42,8 +42,9 @@ class SweepProgress(Callback):
             ended = "finished"
         else:
             ended = "stopped by its run's early stopping" if last.get("early_stopped") else "stopped by the scheduler"
-        print(f"[raylm-tune] trial {trial.trial_id} {ended} at step {step} "
-                   f"({sum(t.status == 'TERMINATED' for t in trials)} of {len(trials)} done)", flush=True)
+        # Tune marks the trial TERMINATED only after its callbacks ran: it is counted here.
+        ended_so_far = 1 + sum(t.status == "TERMINATED" for t in trials if t is not trial)
+        print(f"[raylm-tune] trial {trial.trial_id} {ended} at step {step} ({ended_so_far} ended so far)", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[raylm-tune] trial {trial.trial_id} failed; its error is in {trial.local_path}", flush=True)
