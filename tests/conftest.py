@@ -95,3 +95,24 @@ def pytest_collection_modifyitems(session, config, items):
 
     shared_modules = {module(item) for item in items if SHARED_RAY_FIXTURE in getattr(item, "fixturenames", ())}
     items.sort(key=lambda item: module(item) in shared_modules)  # stable: file order within each group
+
+
+# ---- process exit ----------------------------------------------------------------------------------
+# The clean-clone run of 3a053c3 (2026-11-30) printed "588 passed" and then died of SIGSEGV in the
+# interpreter's own finalization (no Python frame: pytest's faulthandler was already off), so `make test`
+# failed with 139 after every test had passed. Not reproduced in a module run; the suspects are native
+# threads (Ray's gRPC/core worker, torch, pyarrow) torn down in an arbitrary order once the session's Ray
+# was shut down. The session's result is final by then: leave with its exit status without finalizing.
+_session_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _session_exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _session_exit_status and os.environ.get("RAYLM_TEST_FINALIZE") != "1":  # 1: finalize, to debug the crash
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_session_exit_status[-1])
