@@ -19,7 +19,7 @@ import argparse
 import shlex
 import sys
 
-from serving.ingress import REQUEST_PATHS, node_env, request_path
+from serving.ingress import REQUEST_PATHS, node_env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,9 +39,11 @@ def export_lines(env: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    chosen = request_path(args.request_path)  # logs why, once, when it falls back
+    # node_env chooses the path (and logs why, once, when it falls back): asking request_path() first as well
+    # ran `haproxy -v` twice.
     env = node_env(stats_port=args.stats_port, metrics_port=args.metrics_port, fallback_http_port=args.fallback_port,
-                   requested=chosen)
+                   requested=args.request_path)
+    chosen = "haproxy" if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "python"
     print(f"raylm: serving nodes started from this shell use the {chosen} request path", file=sys.stderr)
     sys.stdout.write(export_lines(env))
     return 0
