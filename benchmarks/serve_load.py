@@ -172,6 +172,13 @@ def main() -> None:
     from serving.app import CausalLMServer
     from serving.args import ServingArgs
     from serving.export_format import read_export
+    from serving.ingress import node_env
+
+    # The request path raylm ships (HAProxy where its binary runs, else Serve's Python proxy): Ray's
+    # processes read these when they start, so they go into this process's environment before ray.init.
+    shipped_env = node_env()
+    os.environ.update(shipped_env)
+    path = "haproxy" if shipped_env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "python"
 
     workdir = Path(tempfile.mkdtemp(prefix="raylm-load-"))
     if args.model == "smollm2":
@@ -231,10 +238,12 @@ def main() -> None:
     load_after = load_average()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve_load.json").write_text(json.dumps(
-        {"model": args.model, "threads": args.threads, "max_tokens": args.max_tokens, "results": results, **figures,
+        {"model": args.model, "threads": args.threads, "max_tokens": args.max_tokens, "request_path": path,
+         "results": results, **figures,
          "load_average_1m": {"before": load_before, "after": load_after},
          "target": {f"batch_speedup_c{top}": 5, f"vs_naive_c{top}": 2}}, indent=2))
-    print(" ".join(f"{k}={v:.2f}" for k, v in figures.items()) + f" load={load_before:.0f}->{load_after:.0f}")
+    print(" ".join(f"{k}={v:.2f}" for k, v in figures.items()) + f" request_path={path} "
+          f"load={load_before:.0f}->{load_after:.0f}")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@
     echo        a bare FastAPI ingress deployment through Serve (proxy, router, replica, no model)
     serve       the raylm app through Serve
 
-overhead_ms = p50(serve) - p50(direct) with Ray Serve's defaults (its Python proxy: raylm's fallback where no
-HAProxy binary runs); recommended_overhead_ms the same on the path raylm ships (variant `recommended`:
-serving/ingress.py NODE_ENV, HAProxy); echo_ms is Serve's own share (echo app, default
-path), app_ms = p50(asgi) - p50(direct) ours. Then each Ray Serve request-path switch is measured the same way
+overhead_ms = p50(serve) - p50(direct) on the path raylm ships (variant `recommended`: serving/ingress.py
+NODE_ENV, HAProxy); python_proxy_overhead_ms the same with Ray Serve's defaults (its Python proxy: raylm's
+fallback where no HAProxy binary runs); echo_ms is Serve's own share (echo app, shipped path),
+app_ms = p50(asgi) - p50(direct) ours. With --rounds N every variant runs N times, interleaved (round-robin),
+and each figure is the median over its rounds. Then each Ray Serve request-path switch is measured the same way
 in a fresh Ray (they are read when Serve's processes start), each sent where a client of that setup sends:
 
     default, user_code_on_main_loop   Serve's Python proxy on the HTTP port
@@ -23,7 +24,7 @@ in a fresh Ray (they are read when Serve's processes start), each sent where a c
 
 Sequential requests, one client, medians.
 
-    python -m benchmarks.serve_overhead [--requests 300] [--variants default direct_ingress ...]
+    python -m benchmarks.serve_overhead [--requests 300] [--rounds 1] [--variants default direct_ingress ...]
 """
 
 from __future__ import annotations
@@ -230,6 +231,18 @@ def timed_client(url: str, requests: int) -> list[float]:
         return timed(one, requests)
 
 
+def median_of_runs(results: list[dict]) -> dict:
+    """One variant's runs folded into one: the median of each figure, the runs themselves kept beside it."""
+    measured = [result for result in results if "serve_p50_ms" in result]
+    if not measured:
+        return results[-1]
+    folded = {key: statistics.median(result[key] for result in measured)
+              for key, value in measured[0].items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    if len(results) > 1:
+        folded["rounds"] = [{key: value for key, value in result.items()} for result in results]
+    return folded
+
+
 def run_variant(name: str, export_dir: Path, requests: int) -> dict:
     """A variant in its own process, so that Ray's processes start with its env vars."""
     if "RAY_SERVE_ENABLE_HA_PROXY" in VARIANTS[name] and (missing := haproxy_missing()):
@@ -249,6 +262,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every variant, interleaved; figures are medians")
     parser.add_argument("--one-variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--export-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -270,29 +284,32 @@ def main() -> None:
     if "asgi_p50_ms" in figures:
         figures["app_ms"] = figures["asgi_p50_ms"] - direct
         print(f"raylm FastAPI app in-process: p50 {figures['asgi_p50_ms']:.2f} ms (app share {figures['app_ms']:.2f} ms)")
-    variants = {}
-    for name in args.variants:
-        result = run_variant(name, export_dir, args.requests)
-        if "serve_p50_ms" in result:
-            result["overhead_ms"] = result["serve_p50_ms"] - direct
-        variants[name] = result
-        print(f"{name:<24} {json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.items()})}",
-              flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in args.variants}
+    for round_index in range(args.rounds):
+        for name in args.variants:
+            result = run_variant(name, export_dir, args.requests)
+            if "serve_p50_ms" in result:
+                result["overhead_ms"] = result["serve_p50_ms"] - direct
+            runs[name].append(result)
+            print(f"round {round_index + 1} {name:<24} "
+                  f"{json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.items()})}",
+                  flush=True)
+    variants = {name: median_of_runs(results) for name, results in runs.items()}
     with open("/proc/loadavg") as handle:
         load_after = float(handle.read().split()[0])
-    default = variants.get("default", {})
-    overhead = default.get("overhead_ms", float("nan"))
-    recommended = variants.get("recommended", {}).get("overhead_ms", float("nan"))
+    shipped = variants.get("recommended", {})
+    overhead = shipped.get("overhead_ms", float("nan"))
+    python_proxy = variants.get("default", {}).get("overhead_ms", float("nan"))
     best = min((v["overhead_ms"], k) for k, v in variants.items() if "overhead_ms" in v) if any(
         "overhead_ms" in v for v in variants.values()) else (float("nan"), "none")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve_overhead.json").write_text(json.dumps(
-        {**figures, "variants": variants, "overhead_ms": overhead, "recommended_overhead_ms": recommended,
-         "echo_ms": default.get("echo_p50_ms"), "recommended_env": HAPROXY_NODE_ENV, "best_variant": best[1],
-         "best_overhead_ms": best[0], "requests": args.requests,
+        {**figures, "variants": variants, "overhead_ms": overhead, "python_proxy_overhead_ms": python_proxy,
+         "echo_ms": shipped.get("echo_p50_ms"), "shipped_env": HAPROXY_NODE_ENV, "best_variant": best[1],
+         "best_overhead_ms": best[0], "requests": args.requests, "rounds": args.rounds,
          "load_average_1m": {"before": load_before, "after": load_after}, "target": {"overhead_ms": 3.0}}, indent=2))
-    print(f"overhead_ms={overhead:.2f} recommended_overhead_ms={recommended:.2f} "
-          f"echo_ms={default.get('echo_p50_ms', float('nan')):.2f} app_ms={figures.get('app_ms', float('nan')):.2f} "
+    print(f"overhead_ms={overhead:.2f} python_proxy_overhead_ms={python_proxy:.2f} "
+          f"echo_ms={shipped.get('echo_p50_ms', float('nan')):.2f} app_ms={figures.get('app_ms', float('nan')):.2f} "
           f"best_variant={best[1]} best_overhead_ms={best[0]:.2f} load={load_before:.1f}->{load_after:.1f}")
 
 if __name__ == "__main__":
