@@ -130,7 +130,8 @@ def test_setup_installs_raylm_like_the_readme(path):
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
 def test_preflight_accepts_the_gpu_configs_on_it(path):
     """The shipped GPU run configs fit the shipped clusters, on their shared mount."""
-    from cluster.preflight import check_capacity, check_storage, cluster_from_file
+    from cluster.cluster_view import cluster_from_file
+    from cluster.preflight import check_capacity, check_storage
 
     view = cluster_from_file(path)
     for config in sorted((REPO / "configs" / "pretrain").glob("*gpu*.yaml")):

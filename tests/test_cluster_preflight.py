@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.cluster_view import cluster_from_file
 from cluster.preflight import (
     Condition,
     check_capacity,
     check_combinations,
     check_storage,
-    cluster_from_file,
     load_rules,
     run_preflight,
 )

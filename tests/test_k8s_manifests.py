@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from cluster.entrypoints import check_entrypoint, config_path, module_path
-from cluster.preflight import cluster_from_raycluster
+from cluster.cluster_view import cluster_from_raycluster
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
