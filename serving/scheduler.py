@@ -3,7 +3,7 @@
 Requests enqueue a GenerationJob and receive its token events on an asyncio queue. Between two
 decode steps the thread runs queued model calls (adapter loads, health checks), removes rows whose
 clients went away, admits waiting requests first come first served up to `max_batch_size` (their
-prompts prefilled and merged into the running KV cache, serving.generation.DecodeBatch.join), then
+prompts prefilled and merged into the running KV cache, serving.decode_batch.DecodeBatch.join), then
 decodes one token for every row. A request arriving while a batch decodes joins at the next step; a
 finished row leaves at once. Why not transformers' continuous-batching manager: it has no notion of
 LoRA adapters, and plain forward passes on its model are unsafe while it runs.
