@@ -8,6 +8,12 @@ generated tokens/s at concurrency 1 and 32 (1,024 requests at c=32); the three s
 interleaved at each level. One replica; the same torch thread count and core count everywhere. Model: a small random-init Llama export (hidden 256, 4 layers) by
 default, or `--model smollm2` for SmolLM2-135M-Instruct (see benchmarks.quantization for the cache).
 
+Where the gap to the in-process decode loop goes: each HTTP side's run also records the CPU seconds every
+process on the machine spent per request (replica, HAProxy, Serve's proxy and controller, the clients in this
+process, Ray's own daemons), and after the HTTP sides the same scheduler runs in this process with the same
+requests and no HTTP at all (`engine_c*`): the batching speedup the model thread alone gives, prefill and
+joins included, which bounds what any request path can show.
+
     python -m benchmarks.serve_load [--threads 1] [--max-tokens 16] [--model small|smollm2] [--concurrency 1 8 32]
 """
 
@@ -127,6 +133,110 @@ async def closed_loop(url: str, model: str, concurrency: int, total: int, max_to
     return result
 
 
+def process_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of every process on the machine, named by its role: this
+    benchmark's processes (this one and its descendants: Ray's daemons and workers, HAProxy, the naive
+    server) by what they are, every other process on the machine as one role."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found, parents = {}, {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                stat = handle.read()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
+                cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        parents[int(entry.name)] = int(fields[1])
+        found[int(entry.name)] = (cmdline or stat.split("(", 1)[1].split(")")[0], (int(fields[11]) + int(fields[12])) / ticks)
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return {pid: (process_role(pid, cmdline) if ours(pid) else "not this benchmark's processes", seconds)
+            for pid, (cmdline, seconds) in found.items()}
+
+
+def process_role(pid: int, cmdline: str) -> str:
+    """Which part of the request path (or of the machine) a process is."""
+    if pid == os.getpid():
+        return "clients (this process)"
+    for marker, role in (("ServeReplica:batched", "replica (batched)"), ("ServeReplica:unbatched", "replica (unbatched)"),
+                         ("haproxy", "haproxy"), ("ProxyActor", "serve proxy"), ("ServeController", "serve controller"),
+                         ("raylet", "raylet"), ("gcs_server", "gcs"),
+                         ("The server a user writes without Serve", "naive server"), ("ray::", "other ray workers"),
+                         ("dashboard", "ray dashboard/agents"), ("runtime_env", "ray dashboard/agents"),
+                         ("log_monitor", "ray dashboard/agents"), ("monitor.py", "ray dashboard/agents")):
+        if marker in cmdline:
+            return role
+    return "other processes of this benchmark"
+
+
+def cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
+    """CPU milliseconds per request spent by each role between two process_cpu_seconds() snapshots."""
+    spent: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        delta = seconds - before.get(pid, (role, 0.0))[1]
+        if delta > 0:
+            spent[role] = spent.get(role, 0.0) + delta
+    return {role: round(1000 * seconds / requests, 2) for role, seconds in sorted(spent.items(), key=lambda kv: -kv[1])}
+
+
+async def engine_closed_loop(scheduler, engine, concurrency: int, total: int, max_tokens: int) -> dict:
+    """The same closed loop as `closed_loop`, straight into a scheduler in this process: no HTTP, no Serve."""
+    from serving.generation import GenerationJob, SamplingParams
+
+    texts = prompts()
+    ids = [engine.encode(t) for t in texts]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    tokens, next_index = 0, 0
+
+    async def client_loop():
+        nonlocal tokens, next_index
+        while next_index < total:
+            i = next_index
+            next_index += 1
+            async for event in scheduler.events(GenerationJob(ids[i % len(ids)], params)):
+                tokens += event.generated
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {"requests_per_s": total / elapsed, "tokens_per_s": tokens / elapsed, "requests": total}
+
+
+def engine_ceiling(export_dir, threads: int, levels: dict[int, int], max_tokens: int) -> dict[str, dict]:
+    """Batched (32) and unbatched (1) schedulers on one engine in this process, each level interleaved."""
+    import torch
+
+    from serving.export_format import read_export
+    from serving.generation import CausalLMEngine
+    from serving.scheduler import Scheduler
+
+    engine = CausalLMEngine(read_export(export_dir))
+    init = lambda: torch.set_num_threads(threads)  # noqa: E731 - the replica's _init_model_thread does the same
+    schedulers = {"engine_batched": Scheduler(engine, max_batch_size=32, init_thread=init),
+                  "engine_unbatched": Scheduler(engine, max_batch_size=1, init_thread=init)}
+    results = {}
+    try:
+        for c, total in levels.items():
+            for label, scheduler in schedulers.items():
+                results[f"{label}_c{c}"] = asyncio.run(engine_closed_loop(scheduler, engine, c, total, max_tokens))
+                print(f"{label:<16} c={c:>2}: {json.dumps({k: round(v, 2) for k, v in results[f'{label}_c{c}'].items()})}",
+                      flush=True)
+    finally:
+        for scheduler in schedulers.values():
+            scheduler.stop()
+    return results
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -217,15 +327,19 @@ def main() -> None:
                 "unbatched": f"http://127.0.0.1:{SERVE_PORT}/unbatched/v1/completions"}
         for c in args.concurrency:
             for label, url in urls.items():
+                cpu_before = process_cpu_seconds()
                 results[f"{label}_c{c}"] = asyncio.run(closed_loop(
                     url, model_name, c, requests_at[c], args.max_tokens, stream=label != "naive"))
-                print(f"{label:<9} c={c:>2}: {json.dumps({k: round(v, 2) for k, v in results[f'{label}_c{c}'].items()})}",
-                      flush=True)
+                results[f"{label}_c{c}"]["cpu_ms_per_request"] = cpu_per_request(cpu_before, process_cpu_seconds(),
+                                                                                 requests_at[c])
+                print(f"{label:<9} c={c:>2}: {json.dumps({k: round(v, 2) for k, v in results[f'{label}_c{c}'].items() if k != 'cpu_ms_per_request'})}"
+                      f"\n{'':<9} CPU ms per request: {results[f'{label}_c{c}']['cpu_ms_per_request']}", flush=True)
     finally:
         naive.terminate()
         naive.wait(30)
         serve.shutdown()
         ray.shutdown()
+    results.update(engine_ceiling(export_dir, args.threads, requests_at, args.max_tokens))
 
     top, low = max(args.concurrency), min(args.concurrency)
     figures = {
@@ -234,6 +348,9 @@ def main() -> None:
         f"ttft_p50_ms_c{low}": results[f"batched_c{low}"]["ttft_p50_ms"],
         f"ttft_p50_ms_c{top}": results[f"batched_c{top}"]["ttft_p50_ms"],
         f"p99_ms_c{top}": results[f"batched_c{top}"]["p99_ms"],
+        # What the model thread alone gives from batching (no HTTP): the bound on batch_speedup.
+        f"engine_batch_speedup_c{top}": (results[f"engine_batched_c{top}"]["tokens_per_s"]
+                                         / results[f"engine_unbatched_c{top}"]["tokens_per_s"]),
     }
     load_after = load_average()
     RESULTS.mkdir(exist_ok=True)
