@@ -142,6 +142,24 @@ def test_staggered_requests_join_mid_decode_and_equal_alone_and_hf_generate(engi
     assert decode_steps_with(scheduler, first, third) > 0 or decode_steps_with(scheduler, second, third) > 0
 
 
+def test_a_burst_of_mixed_lengths_prefills_in_length_groups_and_equals_alone_and_hf_generate(engine, hf_base):
+    from serving.decode_batch import PREFILL_PADDING_LIMIT, prefill_groups
+
+    prompts = ["Hi", "The quick brown fox jumps over the lazy dog. " * 6, "one two three four five", "yes",
+               "def f(x): return x * 2 " * 3, "ok then"]
+    jobs = [job(engine, p, greedy(8)) for p in prompts]
+    groups = prefill_groups(jobs)
+    assert sorted(id(j) for group in groups for j in group) == sorted(id(j) for j in jobs)
+    assert len(groups) > 1  # the long prompt is not padded together with "Hi"
+    for group in groups:  # every group within its padding bound
+        assert len(group) * max(len(j.prompt_ids) for j in group) <= PREFILL_PADDING_LIMIT * sum(len(j.prompt_ids) for j in group)
+    together = engine.generate(jobs)  # one join: the groups prefill one by one and merge into one batch
+    alone = [engine.generate([job(engine, p, greedy(8))])[0] for p in prompts]
+    reference = [hf_greedy(hf_base, j.prompt_ids, 8, engine.stop_token_ids) for j in jobs]
+    assert [t[0] for t in together] == [a[0] for a in alone] == reference
+    assert [t[1] for t in together] == [a[1] for a in alone]
+
+
 def test_mixed_adapters_and_sampling_in_one_running_batch_and_a_cancelled_row(engine, exports, hf_base):
     from peft import PeftModel
 
