@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
           f"p10_p90={rep['compute_frac_p10']:.3f}-{rep['compute_frac_p90']:.3f} "
           f"replay_matches_run={str(rep['matches_real_run']).lower()} configs={len(full['trials'])} "
           f"asha_steps={asha['trial_steps']} full_steps={full['trial_steps']} best={full['best'].replace(' ', '')} "
-          f"wall_frac={report['wall_frac']} load={report['load_after']}")
+          f"wall_frac={report['wall_frac']} load={report['load_after']}", flush=True)
     return 0
 
 
