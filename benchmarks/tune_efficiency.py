@@ -37,8 +37,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 learning rates over 2.5 decades (1-2-5), in a seeded shuffled order, x 3 warmups (none, the base run's 2,
-# a third of the run). The replay chose this grid from full runs: 8 lrs alone expect compute_frac 0.43,
-# 16 lrs (1-1.4-2-3-5-7) 0.33 with the same best in 86% of orders, 8 lrs x these 3 warmups 0.30 and 94%.
+# a third of the run). The replay chose this grid from full runs: 8 lrs alone expect compute_frac 0.42,
+# 16 lrs (1-1.4-2-3-5-7; benchmarks/results/tune_efficiency_16lr_full.json) 0.33 with the same best in 86%
+# of orders (the top lrs end nearly tied), 8 lrs x these 3 warmups 0.30 and 94%.
 LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2]
 GRID_SEED = 8
 SPACE = {"optim.lr": random.Random(GRID_SEED).sample(LRS, len(LRS)), "optim.warmup_steps": [0, 2, 8]}
