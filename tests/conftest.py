@@ -43,7 +43,7 @@ def _start_shared_ray() -> None:
     import ray
 
     from local_ports import free_port
-    from serving_fixtures import API_KEYS, serving_node_env
+    from serving_fixtures import API_KEYS, QUICK_REPLICA_STOP_ENV, serving_node_env
     from tune.search import start_local_ray
 
     env_vars = {"TOKENIZERS_PARALLELISM": "false",
@@ -58,6 +58,10 @@ def _start_shared_ray() -> None:
         # Metrics reach the node's export port every second instead of every 10 s (tests/test_k8s_alerts.py
         # scrapes the training gauges there).
         env.setenv("RAY_metrics_report_interval_ms", "1000")
+        # The apps deployed here (tests/test_finetune_serve.py, tests/test_promote_serve.py) stop only when their
+        # module ends: no 30 s drain for a load balancer (serving_fixtures.QUICK_REPLICA_STOP_ENV).
+        for key, value in QUICK_REPLICA_STOP_ENV.items():
+            env.setenv(key, value)
         for attempt in range(2):
             try:
                 start_local_ray(4, env_vars)
