@@ -23,6 +23,14 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # nodes, subprocess drivers.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
     Path.home() / ".cache" / "torch_extensions" / f"raylm-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"))
+# Every process of a test finds the tools installed beside this interpreter first, as in an activated venv and as on
+# cluster.local's nodes (which put that directory first on their PATH). torch's JIT build runs `ninja` from PATH:
+# the venv's (pip's ninja 1.13, build log v7) on the `ray start` nodes and the system's (1.11, log v5) under the
+# session's ray.init each discarded the other's .ninja_log ("build log version is too old; starting over") and
+# recompiled DeepSpeed's comm op in that cache, 35-60 s on 2 cores, three times a suite run.
+_interpreter_bin = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _interpreter_bin:
+    os.environ["PATH"] = os.pathsep.join([_interpreter_bin, os.environ.get("PATH", "")])
 
 SHARED_RAY_FIXTURE = "local_ray"
 _shared_ray = {"gcs_address": None}
@@ -35,7 +43,7 @@ def _start_shared_ray() -> None:
     import ray
 
     from local_ports import free_port
-    from serving_fixtures import API_KEYS, serving_node_env
+    from serving_fixtures import API_KEYS, QUICK_REPLICA_STOP_ENV, serving_node_env
     from tune.search import start_local_ray
 
     env_vars = {"TOKENIZERS_PARALLELISM": "false",
@@ -50,6 +58,10 @@ def _start_shared_ray() -> None:
         # Metrics reach the node's export port every second instead of every 10 s (tests/test_k8s_alerts.py
         # scrapes the training gauges there).
         env.setenv("RAY_metrics_report_interval_ms", "1000")
+        # The apps deployed here (tests/test_finetune_serve.py, tests/test_promote_serve.py) stop only when their
+        # module ends: no 30 s drain for a load balancer (serving_fixtures.QUICK_REPLICA_STOP_ENV).
+        for key, value in QUICK_REPLICA_STOP_ENV.items():
+            env.setenv(key, value)
         for attempt in range(2):
             try:
                 start_local_ray(4, env_vars)

@@ -56,10 +56,19 @@ def uses_haproxy() -> bool:
     return request_path(requested_path()) == "haproxy"
 
 
-def start_ray(num_cpus: int, metrics_port: int, request_path: str | None = None):
+# On HAProxy's path (direct ingress), Ray Serve keeps an ingress replica that is being stopped open for
+# RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) so that an external load balancer can deregister it first:
+# every serve.shutdown() at a module's end waited those 30 s with no request in flight (teardowns of 33-34 s).
+# Modules whose replicas stop only at their end run with 1 s; tests/test_serving_scaling.py, which stops and
+# deletes replicas under load, keeps Ray's 30 s.
+QUICK_REPLICA_STOP_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def start_ray(num_cpus: int, metrics_port: int, request_path: str | None = None, quick_replica_stop: bool = False):
     """A local Ray for one test module; env set so replicas inherit API keys and report metrics fast.
     The request path is HAProxy's as shipped (serving.ingress.node_env), or `request_path`, or
-    RAYLM_TEST_REQUEST_PATH's."""
+    RAYLM_TEST_REQUEST_PATH's. `quick_replica_stop`: QUICK_REPLICA_STOP_ENV, for a module that stops its
+    replicas only at its end (else Ray's own drain period, also when an earlier module set the short one)."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYLM_API_KEYS"] = ",".join(API_KEYS)
@@ -69,6 +78,11 @@ def start_ray(num_cpus: int, metrics_port: int, request_path: str | None = None)
     # that two test modules (or another user's Ray) on one machine do not collide.
     os.environ.update(serving_node_env(metrics_port + HAPROXY_STATS_OFFSET, metrics_port + HAPROXY_METRICS_OFFSET,
                                        metrics_port + FALLBACK_PROXY_OFFSET, request_path))
+    for key, value in QUICK_REPLICA_STOP_ENV.items():
+        if quick_replica_stop:
+            os.environ[key] = value
+        else:
+            os.environ.pop(key, None)
     import ray
 
     if ray.is_initialized():  # the session's shared Train/Tune Ray (tests/conftest.py): this module needs its own

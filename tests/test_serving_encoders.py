@@ -20,7 +20,7 @@ TEXTS = ["The service was quick and the staff friendly.", "很好的酒店，服
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     exports = shared_exports(tmp_path_factory)
-    context = start_ray(num_cpus=2, metrics_port=METRICS_PORT)
+    context = start_ray(num_cpus=2, metrics_port=METRICS_PORT, quick_replica_stop=True)  # stopped only at the end
     try:
         common = {"torch_threads": 1, "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_prompt_tokens": 64,
                   "max_inputs_per_request": 8}

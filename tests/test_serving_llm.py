@@ -44,7 +44,7 @@ def exports(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(exports, monkeypatch_module):
     monkeypatch_module.setenv("RAYLM_AUDIT_LOG", str(exports["audit"]))
-    context = start_ray(num_cpus=2, metrics_port=METRICS_PORT)
+    context = start_ray(num_cpus=2, metrics_port=METRICS_PORT, quick_replica_stop=True)  # stopped only at the end
     try:
         config = config_for_test(
             "causal_lm_cpu.yaml",
