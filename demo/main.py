@@ -12,7 +12,9 @@ openai client (one answer streamed) -> 5 print the figures, artifacts and comman
 
 Stages 1 and 2 are cached by a fingerprint of their config (a rerun reuses them); every run starts a
 new node and endpoint, which stays up after the demo returns until its stop command. Ctrl-C (or a
-failing stage) ends the node's processes.
+failing stage) ends the node's processes. The console shows the demo's and raylm's lines, warnings and
+errors; what Ray printed goes to <workdir>/logs/<time>/driver.log, beside a `ray_logs` link to every Ray
+process's log (training.console; RAYLM_CONSOLE=full prints it all).
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ _PLACEMENT = "raylm-worker rank="
 # Warnings that are not the user's to act on, kept in driver.log only. The raylet counts the worker
 # processes it started against 4x its start-up concurrency (the CPU count, 2 here): every Train worker,
 # Ray Data task and Tune trial is one, so a 2-worker run on 2 cores passes it without anything wrong.
-_NOISE = ("PYTHON worker processes have been started on node",)
+# Ray Data warns once per worker that its progress bars are off: quiet_progress_bars switched them off.
+_NOISE = ("PYTHON worker processes have been started on node", "Progress bars disabled. To enable, set")
 
 
 def full_console() -> bool:
@@ -93,6 +94,14 @@ def _drop_deepspeed_cpu_notice() -> None:
         logger.addFilter(_DeepSpeedCpuNotice())
 
 
+class _LevelNamed(logging.Formatter):
+    """'%(message)s', with 'WARNING: ' / 'ERROR: ' before the message of a warning or an error."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return f"{record.levelname}: {message}" if record.levelno >= logging.WARNING else message
+
+
 class _RayTrainInfoFilter(logging.Filter):
     """Drops Ray Train's own INFO records (a "Reporting training result" line per rank per report,
     checkpoint chatter); warnings and errors pass. Ray 2.60 names some of its loggers by file path
@@ -119,12 +128,20 @@ def quiet_console() -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PlainRayHandler) and not any(isinstance(f, _RayTrainInfoFilter) for f in handler.filters):
             handler.addFilter(_RayTrainInfoFilter())
+    for name in ("", "ray", "ray.train", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, PlainRayHandler):
+                # In a Ray worker these print the bare message: name the level of a warning or error, so that the
+                # driver (keep_driver_logs) tells it from chatter.
+                handler.plain_handler.setFormatter(_LevelNamed())
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, PlainRayHandler):
             handler.setLevel(logging.WARNING)  # "Starting execution of Dataset ...", its plan, progress, "finished"
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its config dumps; warnings still show
     # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step: not the user's to fix.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    # peft 0.21 reads transformers 5's deprecated alias when it wraps a model, once per worker: not the user's either.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def link_ray_logs(run_dir: Path) -> Path | None:
@@ -160,7 +177,6 @@ class _DriverLogs:
     def __init__(self):
         self.lock = threading.Lock()
         self.files: list = []  # open driver.log files, outermost first: every line goes to each
-        self.handlers: list[tuple[logging.Logger, logging.Handler]] = []  # (logger, file handler) per file
         self.levels: list[tuple[logging.Handler, int]] = []  # console handlers raised to WARNING, old level
         self.placement_shown: bool | None = None
 
@@ -174,11 +190,20 @@ class _DriverLogs:
         go to the files; Ray's own printer, called next with the same dict, prints what is left in it."""
         from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 
+        from ray._private.worker import filter_autoscaler_events
+
+        data[_SEEN] = True
         lines = data.get("lines") or []
-        who = data.get("actor_name") or data.get("task_name") or ""
-        prefix = f"({who} pid={data.get('pid')}{'' if data.get('ip') == data.get('localhost') else ', ip=' + str(data.get('ip'))}) "
+        if data.get("pid") == "autoscaler":  # its monitor's whole log: Ray prints only the events in it
+            lines = list(filter_autoscaler_events(lines))
+        who = data.get("actor_name") or data.get("task_name")
+        where = "" if data.get("ip") == data.get("localhost") else f", ip={data.get('ip')}"
+        prefix = f"({who + ' ' if who else ''}pid={data.get('pid')}{where}) "  # as Ray prints it, without colours
         self.write("".join(prefix + line + "\n" for line in lines if RAY_TQDM_MAGIC not in line))
         if full_console():
+            return
+        if data.get("pid") == "autoscaler":
+            data["lines"] = []  # "Resized to N CPUs", nodes added: in the file only
             return
         shown, in_traceback = [], False
         for line in lines:
@@ -197,6 +222,24 @@ class _DriverLogs:
 
 _state = _DriverLogs()
 _FORWARD_NAME = "raylm_driver_log"
+_SEEN = "_raylm_driver_log"  # set on a batch that _DriverLogs.forward has handled
+
+
+def _print_errors(original):
+    """Ray prints the raylet's error messages (a worker killed for memory, a warning about the worker pool) with
+    print_to_stdstream directly, not through the dispatcher that forward() sits in: these pass forward() too."""
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        # A ray.init within keep_driver_logs binds this into Ray's dispatcher for good: act only within one.
+        if _state.files and not data.get(_SEEN):
+            _state.forward(data)
+        if data.get("lines"):
+            original(data, ignore_prefix)
+
+    print_to_stdstream.raylm_original = original
+    return print_to_stdstream
+
+
 # Loggers whose console output goes to driver.log, warnings and errors also to the console. Ray's loggers that
 # do not propagate carry their own console handler ("ray": Ray core, Tune, Train on this driver; "ray.data").
 _DRIVER_LOGGERS = ("ray", "ray.data", "DeepSpeed")
@@ -214,6 +257,7 @@ def keep_driver_logs(log_file: Path):
     before or after ray.init; contexts nest, every open one receives every line.
     With RAYLM_CONSOLE=full the file is written and the console left as Ray prints it.
     """
+    import ray._private.worker as ray_worker
     import ray.data  # noqa: F401 - its import sets up the "ray.data" logger's console handler
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
@@ -229,7 +273,6 @@ def keep_driver_logs(log_file: Path):
         _state.files.append(fh)
     for lg in loggers:
         lg.addHandler(file_handler)
-        _state.handlers.append((lg, file_handler))
     if outermost:
         if not full_console():
             for lg in loggers:
@@ -240,17 +283,18 @@ def keep_driver_logs(log_file: Path):
         _state.placement_shown = None  # decided at the first placement line, once Ray is up
         with dispatcher._lock:  # first: it trims the batch that Ray's own printer (added by ray.init) prints next
             dispatcher.handlers.insert(0, (_FORWARD_NAME, _state.forward))
+        ray_worker.print_to_stdstream = _print_errors(ray_worker.print_to_stdstream)  # looked up at each call
     try:
         yield log_file
     finally:
         for lg in loggers:
             lg.removeHandler(file_handler)
-        _state.handlers = [pair for pair in _state.handlers if pair[1] is not file_handler]
         with _state.lock:
             _state.files.remove(fh)
         fh.close()
         if outermost:
             dispatcher.remove_handler(_FORWARD_NAME)
+            ray_worker.print_to_stdstream = ray_worker.print_to_stdstream.raylm_original
             for handler, level in _state.levels:
                 handler.setLevel(level)
             _state.levels.clear()
@@ -261,8 +305,8 @@ def _is_console(handler: logging.Handler) -> bool:
 
     if isinstance(handler, PlainRayHandler):
         return True
-    return type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (sys.stdout, sys.stderr,
-                                                                                          sys.__stdout__, sys.__stderr__)
+    streams = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in streams
 
 
 def _node_count() -> int:

@@ -332,8 +332,9 @@ def fit_with_progress(cfg, trainer):
 
     with keep_driver_logs(cfg.run_dir / DRIVER_LOG) as driver_log:
         logs = link_ray_logs(cfg.run_dir)
-        print(f"[raylm] Ray's logs: {driver_log} (what Ray printed here)" + (f", {logs}/ (every Ray process)" if logs else "")
-              + f"; {CONSOLE_ENV}=full prints it all on the console")
+        every = f", {logs}/ (every Ray process)" if logs else ""
+        print(f"[raylm] Ray's logs: {driver_log} (what Ray printed here){every}; {CONSOLE_ENV}=full prints it all "
+              "on the console")
         monitor = ProgressMonitor(cfg.run_dir, cfg.redacted_dump(), cfg.run.mlflow_tracking_uri).start()
         try:
             result = fit_off_main_thread(trainer)
