@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -179,6 +180,8 @@ class _DriverLogs:
         self.files: list = []  # open driver.log files, outermost first: every line goes to each
         self.levels: list[tuple[logging.Handler, int]] = []  # console handlers raised to WARNING, old level
         self.placement_shown: bool | None = None
+        self.installed = False  # forward() is in Ray's dispatcher (it stays there once put in)
+        self.grace_until = 0.0  # after the last context closed: late lines still kept off the console until then
 
     def write(self, text: str) -> None:
         with self.lock:
@@ -192,6 +195,8 @@ class _DriverLogs:
 
         from ray._private.worker import filter_autoscaler_events
 
+        if data.get(_SEEN) or not (self.files or time.monotonic() < self.grace_until):
+            return  # outside keep_driver_logs (and its grace period): Ray prints the batch as it is
         data[_SEEN] = True
         lines = data.get("lines") or []
         if data.get("pid") == "autoscaler":  # its monitor's whole log: Ray prints only the events in it
@@ -230,14 +235,17 @@ def _print_errors(original):
     print_to_stdstream directly, not through the dispatcher that forward() sits in: these pass forward() too."""
 
     def print_to_stdstream(data, ignore_prefix: bool):
-        # A ray.init within keep_driver_logs binds this into Ray's dispatcher for good: act only within one.
-        if _state.files and not data.get(_SEEN):
-            _state.forward(data)
+        _state.forward(data)  # a no-op outside keep_driver_logs, or for a batch it has seen
         if data.get("lines"):
             original(data, ignore_prefix)
 
-    print_to_stdstream.raylm_original = original
     return print_to_stdstream
+
+
+# Worker lines arrive through Ray's log monitor a moment after they were printed, and Ray Train's placement-group
+# cleaner reports a stopped run's controller seconds after fit() returned: for this long after the last context
+# closed, such late lines are still kept off the console (Ray's session logs have them).
+_GRACE_S = 60.0
 
 
 # Loggers whose console output goes to driver.log, warnings and errors also to the console. Ray's loggers that
@@ -254,7 +262,8 @@ def keep_driver_logs(log_file: Path):
     and errors to the console; the lines Ray forwards from its workers' stdout/stderr (log_to_driver) all go
     to the file, and to the console when raylm printed them or they carry a warning, an error or a
     traceback (`raylm-worker rank=... node_id=...` too when the cluster has several nodes). May be entered
-    before or after ray.init; contexts nest, every open one receives every line.
+    before or after ray.init; contexts nest, every open one receives every line. Worker lines arriving in the
+    minute after the last context closed are still kept off the console (`_GRACE_S`), in no file.
     With RAYLM_CONSOLE=full the file is written and the console left as Ray prints it.
     """
     import ray._private.worker as ray_worker
@@ -281,9 +290,11 @@ def keep_driver_logs(log_file: Path):
                         _state.levels.append((handler, handler.level))
                         handler.setLevel(logging.WARNING)
         _state.placement_shown = None  # decided at the first placement line, once Ray is up
-        with dispatcher._lock:  # first: it trims the batch that Ray's own printer (added by ray.init) prints next
-            dispatcher.handlers.insert(0, (_FORWARD_NAME, _state.forward))
-        ray_worker.print_to_stdstream = _print_errors(ray_worker.print_to_stdstream)  # looked up at each call
+        if not _state.installed:  # once per process; forward() does nothing outside a context and its grace
+            with dispatcher._lock:  # first: it trims the batch that Ray's own printer (added by ray.init) prints next
+                dispatcher.handlers.insert(0, (_FORWARD_NAME, _state.forward))
+            ray_worker.print_to_stdstream = _print_errors(ray_worker.print_to_stdstream)  # looked up at each call
+            _state.installed = True
     try:
         yield log_file
     finally:
@@ -293,8 +304,7 @@ def keep_driver_logs(log_file: Path):
             _state.files.remove(fh)
         fh.close()
         if outermost:
-            dispatcher.remove_handler(_FORWARD_NAME)
-            ray_worker.print_to_stdstream = ray_worker.print_to_stdstream.raylm_original
+            _state.grace_until = time.monotonic() + _GRACE_S
             for handler, level in _state.levels:
                 handler.setLevel(level)
             _state.levels.clear()
