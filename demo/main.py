@@ -12,7 +12,9 @@ openai client (one answer streamed) -> 5 print the figures, artifacts and comman
 
 Stages 1 and 2 are cached by a fingerprint of their config (a rerun reuses them); every run starts a
 new node and endpoint, which stays up after the demo returns until its stop command. Ctrl-C (or a
-failing stage) ends the node's processes.
+failing stage) ends the node's processes. The console shows the demo's and raylm's lines, warnings and
+errors; what Ray printed goes to <workdir>/logs/<time>/driver.log, beside a `ray_logs` link to every Ray
+process's log (training.console; RAYLM_CONSOLE=full prints it all).
 """
 
 from __future__ import annotations
@@ -69,28 +71,37 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from demo.ray_node import start_node, stop_node
+    from training.console import CONSOLE_ENV, DRIVER_LOG, keep_driver_logs, link_ray_logs, quiet_progress_bars
 
     started = time.monotonic()
+    quiet_progress_bars()  # before the node starts: its processes inherit the setting
+    logs_dir = demo_plan.workdir / "logs" / time.strftime("%Y%m%d-%H%M%S")
     progress(f"starting a Ray node of its own ({demo_plan.cfg.ray_cpus} logical CPUs, token auth on)")
     try:
-        node = start_node(demo_plan.cfg.ray_cpus)
+        node = start_node(demo_plan.cfg.ray_cpus, logs_dir / DRIVER_LOG)
     except (RuntimeError, OSError, ValueError) as err:  # TimeoutError, ConnectionError are OSErrors
         print(f"[demo] could not start Ray: {err}", file=sys.stderr)
         return 1
     progress(f"Ray node up at {node.state.gcs_address}, its directory {node.dir} (Ctrl-C stops it)")
-    try:
-        summary = run_stages(demo_plan, node, started)
-    except KeyboardInterrupt:
-        print("\n[demo] interrupted: stopping the demo's Ray node (its processes only)", file=sys.stderr)
-        stop_node(node)
-        return 130
-    except Exception as err:  # noqa: BLE001 - any failure: report it in one line and leave no Ray processes
-        print(f"[demo] failed: {type(err).__name__}: {err}\n[demo] stopping the demo's Ray node", file=sys.stderr)
-        stop_node(node)
-        return 1
-    import ray
+    # Ray's lines of the whole demo (each stage's run and sweep directory gets its own part as well).
+    with keep_driver_logs(logs_dir / DRIVER_LOG) as driver_log:
+        link_ray_logs(logs_dir)
+        progress(f"logs: {driver_log} (what Ray printed here), {logs_dir / 'ray_logs'}/ (every Ray process); "
+                 f"{CONSOLE_ENV}=full prints it all on the console")
+        try:
+            summary = run_stages(demo_plan, node, started)
+        except KeyboardInterrupt:
+            print("\n[demo] interrupted: stopping the demo's Ray node (its processes only)", file=sys.stderr)
+            stop_node(node)
+            return 130
+        except Exception as err:  # noqa: BLE001 - any failure: report it in one line and leave no Ray processes
+            print(f"[demo] failed: {type(err).__name__}: {err}\n[demo] stopping the demo's Ray node; Ray's logs: "
+                  f"{driver_log}", file=sys.stderr)
+            stop_node(node)
+            return 1
+        import ray
 
-    ray.shutdown()  # this driver only: the node and its endpoint stay up until the stop command
+        ray.shutdown()  # this driver only: the node and its endpoint stay up until the stop command
     progress(f"done in {summary['seconds']['total']:.0f} s; summary: {summary['path']}")
     return 0
 

@@ -45,12 +45,13 @@ def free_http_port(start: int = 8000) -> int:
     raise RuntimeError(f"no free HTTP port in {start}-{start + 199}")
 
 
-def start_node(num_cpus: int) -> LocalCluster:
+def start_node(num_cpus: int, driver_log: Path) -> LocalCluster:
     """Start the node (its processes inherit this environment, plus Serve's request path: cluster.local gives each
     node serving.ingress.node_env(), HAProxy where its binary runs) and connect this driver to it.
 
     Ray reads RAY_AUTH_MODE once, when it is first imported: this runs before anything in this process
-    imports ray (the demo runs as its own process: `python -m demo.main`).
+    imports ray (the demo runs as its own process: `python -m demo.main`). Ray's lines while this driver
+    connects go to `driver_log` (training.console.keep_driver_logs).
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -65,10 +66,15 @@ def start_node(num_cpus: int) -> LocalCluster:
     os.environ["RAY_ADDRESS"] = state.gcs_address
     import ray
 
+    from training.console import keep_driver_logs, quiet_progress_bars
+
     env_vars = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") if k in os.environ}
-    env_vars.update(TOKENIZERS_PARALLELISM="false", RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    env_vars.update(TOKENIZERS_PARALLELISM="false", **quiet_progress_bars())
     try:
-        ray.init(address=state.gcs_address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+        # Workers' output reaches this driver, which keeps it in the demo's driver.log and shows raylm's lines,
+        # warnings and errors (training.console.keep_driver_logs).
+        with keep_driver_logs(driver_log):
+            ray.init(address=state.gcs_address, runtime_env={"env_vars": env_vars})
     except BaseException:
         node.down()  # never leave a node behind that nobody is connected to
         raise

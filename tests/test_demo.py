@@ -95,7 +95,7 @@ def test_the_tiny_sizes_of_the_end_to_end_tests_validate(tmp_path):
     assert plan.cfg.task_data.train_examples == 48 and plan.workdir == (tmp_path / "demo").resolve()
 
 
-def run_demo(workdir: Path, base_export: Path) -> tuple[dict, str]:
+def run_demo(workdir: Path, base_export: Path) -> tuple[dict, str, str]:
     """`python -m demo.main` in its own process, as `make demo` runs it (Ray reads its auth mode at import)."""
     argv = [sys.executable, "-m", "demo.main", "--config", str(DEMO_CONFIG)]
     for item in tiny_overrides(workdir, base_export):
@@ -105,7 +105,28 @@ def run_demo(workdir: Path, base_export: Path) -> tuple[dict, str]:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     print(*[line for line in result.stdout.splitlines() if line.startswith(("stage times", "sentiment, "))], sep="\n")
     endpoint_dir = sorted((workdir / "endpoints").iterdir())[-1]
-    return json.loads((endpoint_dir / "summary.json").read_text(encoding="utf-8")), result.stdout
+    return json.loads((endpoint_dir / "summary.json").read_text(encoding="utf-8")), result.stdout, result.stderr
+
+
+def check_console(console: str, workdir: Path) -> None:
+    """The demo's console: raylm's lines, no Ray chatter; one line says where Ray's lines went, and they are there."""
+    assert "[raylm] step 4/4 | loss" in console and "[raylm-tune] trial " in console
+    for chatter in ("Reporting training result", "Running Dataset", "Configuration for experiment", "(raylet)",
+                    "raylm-worker rank=", "Connecting to existing Ray cluster", "Wrote the latest version"):
+        assert chatter not in console, chatter
+    (where,) = [line for line in console.splitlines() if line.startswith("[demo] logs: ")]
+    driver_log = Path(where.split()[2])
+    assert driver_log.parent.parent == (workdir / "logs").resolve() and driver_log.name == "driver.log"
+    assert (driver_log.parent / "ray_logs").is_symlink() and (driver_log.parent / "ray_logs").is_dir()
+    log = driver_log.read_text(encoding="utf-8")
+    # What the console left out: Ray's own lines on the driver and the Train workers' forwarded output.
+    assert "Connecting to existing Ray cluster" in log and "raylm-worker rank=0" in log, log[-3000:]
+    # Each stage's run and sweep directory has its part of it, and the link to every Ray process's log.
+    run_dir = next((workdir / "runs").glob("demo-pretrain-*"))
+    sweep_dir = next((workdir / "sweeps").glob("*"))
+    for where in (run_dir, sweep_dir):
+        assert (where / "driver.log").is_file() and (where / "ray_logs").is_symlink()
+    assert "raylm-worker rank=1" in (run_dir / "driver.log").read_text(encoding="utf-8")
 
 
 def stop(summary: dict) -> None:
@@ -128,10 +149,11 @@ def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp
     base = build_causal_lm_export(tmp_path / "tiny-llama", hidden_size=64, num_layers=2, vocab_size=512,
                                   max_seq_len=256, initializer_range=0.02)
     workdir = tmp_path / "demo"
-    summary, out = run_demo(workdir, base)
+    summary, out, err = run_demo(workdir, base)
     try:
         for number in range(1, 6):
             assert f"=== [{number}/5]" in out
+        check_console(out + err, workdir)
         figures, artifacts = summary["figures"], summary["artifacts"]
         # 1: the pretraining run with its results and loss curve
         assert figures["pretrain"]["steps"] == 4 and figures["pretrain"]["val_perplexity"] > 1
@@ -174,7 +196,7 @@ def test_tiny_demo_runs_every_stage_serves_the_adapter_and_reruns_from_cache(tmp
         assert "cluster.local --dir" in summary["commands"][1]
 
         # A rerun reuses the pretraining and the sweep, and starts a new endpoint beside the first.
-        again, out = run_demo(workdir, base)
+        again, out, _ = run_demo(workdir, base)
         try:
             assert "reusing pretraining run" in out and "reusing sweep" in out
             assert again["artifacts"]["best adapter"] == artifacts["best adapter"]

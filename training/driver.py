@@ -180,28 +180,33 @@ def _global_batch_problems(cfg, checkpoint: Path) -> list[str]:
 
 
 def start_ray(cfg, address: str | None) -> None:
-    """Attach to a cluster when an address is given, else start a private local Ray."""
+    """Attach to a cluster when an address is given, else start a private local Ray.
+
+    Ray's start-up lines go to the run's driver.log (training.console); progress bars are off in every
+    process of the run unless RAYLM_CONSOLE=full.
+    """
     import ray
 
-    from training.tracking import quiet_console
+    from training.console import DRIVER_LOG, keep_driver_logs, quiet_console, quiet_progress_bars
 
+    quiet_env = quiet_progress_bars()
     quiet_console()
     if ray.is_initialized():  # embedded use (tests, notebooks, tune): the caller owns the Ray instance
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Ray Data draws a progress bar per dataset iteration in every worker: raylm's progress line says more.
-    env_vars.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None)
-        return
-    per_worker_cpu = cfg.scaling.worker_resources.get("CPU", 1.0)
-    # Ray Data's read tasks need a CPU slot of their own; with every core reserved by Train
-    # workers the stream starves and the run hangs. One extra logical CPU keeps it moving.
-    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.scaling.max_workers * per_worker_cpu) + 1)
-    ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=True,
-             dashboard_host="127.0.0.1")
+    env_vars.update(quiet_env)
+    with keep_driver_logs(cfg.run_dir / DRIVER_LOG):
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": env_vars})
+            return
+        per_worker_cpu = cfg.scaling.worker_resources.get("CPU", 1.0)
+        # Ray Data's read tasks need a CPU slot of their own; with every core reserved by Train
+        # workers the stream starves and the run hangs. One extra logical CPU keeps it moving.
+        num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.scaling.max_workers * per_worker_cpu) + 1)
+        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=True,
+                 dashboard_host="127.0.0.1")
 
 
 def warn_relative_storage(cfg, address: str | None) -> None:
@@ -247,18 +252,19 @@ def torch_trainer(
     `callbacks` are added after raylm's MetricsLogCallback (e.g. Tune's TuneReportCallback);
     `storage_path` / `name` override the run's location (default: cfg.run_dir's parent and name).
     """
-    import ray.data
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from training.console import full_console, quiet_progress_bars
     from training.loop import FAULT_ENV
     from training.tracking import MetricsLogCallback
 
     storage = storage_path or str(cfg.run_dir.parent)
     run_name = name or cfg.run.name
-    # Ray Data's per-operator bars would drown raylm's own progress line in the driver log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray Data's per-operator bars would drown raylm's own progress line (datasets made before this keep theirs:
+    # start_ray switches them off first).
+    quiet_progress_bars()
     return TorchTrainer(
         train_loop,
         # run_dir: where the workers write checkpoints in place and pick the one to resume (training.loop).
@@ -278,7 +284,7 @@ def torch_trainer(
             checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=[MetricsLogCallback(str(Path(storage) / run_name)), *callbacks],
             # Ray Train's per-report and checkpoint lines go to its log files, not the console.
-            logging_config=LoggingConfig(log_level="WARNING"),
+            logging_config=LoggingConfig(log_level="INFO" if full_console() else "WARNING"),
         ),
         datasets=datasets,
         # Unsplit and order-preserving: each rank takes its slice of every global batch, so the
@@ -321,23 +327,26 @@ def fit_with_progress(cfg, trainer):
 
     Ctrl-C: says where the checkpoints are and re-raises KeyboardInterrupt (entry points exit INTERRUPTED).
     """
-    from training.tracking import ProgressMonitor, link_ray_logs
+    from training.console import CONSOLE_ENV, DRIVER_LOG, keep_driver_logs, link_ray_logs
+    from training.tracking import ProgressMonitor
 
-    logs = link_ray_logs(cfg.run_dir)
-    if logs:
-        print(f"[raylm] Ray's full logs (every process, Ray Train's per-report lines included): {logs}")
-    monitor = ProgressMonitor(cfg.run_dir, cfg.redacted_dump(), cfg.run.mlflow_tracking_uri).start()
-    try:
-        result = fit_off_main_thread(trainer)
-    except KeyboardInterrupt:
-        monitor.stop(status="KILLED")
-        print(f"\n[raylm] interrupted: checkpoints kept in {cfg.run_dir}; rerun the same command to resume",
-              file=sys.stderr)
-        raise
-    except Exception as err:  # the run failed beyond max_failures: say so, keep what was saved
-        monitor.stop(status="FAILED")
-        print(f"[raylm] training failed: {err}\n[raylm] checkpoints kept in {cfg.run_dir}; rerun the "
-              "same command to resume", file=sys.stderr)
-        return None
-    monitor.stop()
+    with keep_driver_logs(cfg.run_dir / DRIVER_LOG) as driver_log:
+        logs = link_ray_logs(cfg.run_dir)
+        every = f", {logs}/ (every Ray process)" if logs else ""
+        print(f"[raylm] Ray's logs: {driver_log} (what Ray printed here){every}; {CONSOLE_ENV}=full prints it all "
+              "on the console")
+        monitor = ProgressMonitor(cfg.run_dir, cfg.redacted_dump(), cfg.run.mlflow_tracking_uri).start()
+        try:
+            result = fit_off_main_thread(trainer)
+        except KeyboardInterrupt:
+            monitor.stop(status="KILLED")
+            print(f"\n[raylm] interrupted: checkpoints kept in {cfg.run_dir}; rerun the same command to resume",
+                  file=sys.stderr)
+            raise
+        except Exception as err:  # the run failed beyond max_failures: say so, keep what was saved
+            monitor.stop(status="FAILED")
+            print(f"[raylm] training failed: {err}\n[raylm] checkpoints kept in {cfg.run_dir}; rerun the "
+                  f"same command to resume; Ray's logs: {driver_log}", file=sys.stderr)
+            return None
+        monitor.stop()
     return result

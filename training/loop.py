@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from training.checkpoints import checkpoint_dir_name, write_manifest
-from training.tracking import quiet_console
+from training.console import quiet_console
 from training.universal import DS_TAG, ResumePlan, accumulation_for, prepare_resume
 FAULT_ENV = "RAYLM_TEST_FAULT"  # test-only: "rank:step:marker_file" kills that rank once after that step
 

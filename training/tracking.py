@@ -7,12 +7,10 @@ is lost if the driver dies); the driver tails that file to draw progress and fee
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 from ray.train.v2.api.callback import UserCallback
@@ -160,7 +158,9 @@ class ProgressMonitor:
             if self._bar is None:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=rec.get("max_steps"), initial=self._first_step, unit="step", dynamic_ncols=True)
+                # disable=False: TQDM_DISABLE (training.console) is for other libraries' bars, not this one.
+                self._bar = tqdm(total=rec.get("max_steps"), initial=self._first_step, unit="step", dynamic_ncols=True,
+                                 disable=False)
             self._bar.n = step
             self._bar.set_description_str(line, refresh=True)
         else:
@@ -233,62 +233,3 @@ def plot_loss_curve(records: list[dict], png_path: Path) -> Path | None:
     fig.savefig(png_path)
     plt.close(fig)
     return png_path
-
-
-RAY_LOGS_LINK = "ray_logs"
-
-
-def link_ray_logs(run_dir: Path) -> Path | None:
-    """`<run_dir>/ray_logs` -> this Ray session's log directory, where the full logs of every process go.
-
-    The console shows raylm's progress, warnings and errors only (`quiet_console`); everything else,
-    Ray Train's per-report lines included, stays in these files (Ray keeps a session's directory after
-    it shuts down). Returns the link, or None when this process is not connected to Ray.
-    """
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)  # no public accessor for the session dir
-    if not ray.is_initialized() or node is None:
-        return None
-    logs = Path(node.get_session_dir_path()) / "logs"
-    link = Path(run_dir) / RAY_LOGS_LINK
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.is_dir():  # a copy kept by an earlier run of the same run directory
-        import shutil
-
-        shutil.rmtree(link)
-    link.symlink_to(logs, target_is_directory=True)
-    return link
-
-
-class _RayTrainInfoFilter(logging.Filter):
-    """Drops Ray Train's own INFO records (a "Reporting training result" line per rank per report,
-    checkpoint chatter); warnings and errors pass. Ray 2.60 names some of its loggers by file path
-    (`logging.getLogger(__file__)`), which its own `RunConfig(logging_config=...)` level misses."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        name = "." + record.name.replace(os.sep, ".") + "."
-        return record.levelno >= logging.WARNING or ".ray.train." not in name
-
-
-def quiet_console() -> None:
-    """Keep Ray Train's, Ray Data's and DeepSpeed's INFO lines off this process's console.
-
-    Called on the driver and in every Train worker: raylm's own lines, warnings and errors stay.
-    The files under the Ray session's `logs/` (linked from the run directory as `ray_logs`) keep
-    Ray's full logs: Ray Train's under `logs/train/`, Ray Data's under `logs/ray-data/`.
-    """
-    import ray.data  # noqa: F401 - importing Ray Data sets up the loggers adjusted below
-    from ray._private.log import PlainRayHandler
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, PlainRayHandler) and not any(isinstance(f, _RayTrainInfoFilter) for f in handler.filters):
-            handler.addFilter(_RayTrainInfoFilter())
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, PlainRayHandler):
-            handler.setLevel(logging.WARNING)  # "Starting execution of Dataset ...", its plan, progress, "finished"
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its config dumps; warnings still show
-    # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step: not the user's to fix.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)

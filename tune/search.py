@@ -102,16 +102,22 @@ def start_ray(sweep: Sweep, address: str | None) -> None:
     """Attach to a cluster, or start a local Ray sized for at least one trial plus Ray Data."""
     import ray
 
+    from training.console import DRIVER_LOG, keep_driver_logs, quiet_console, quiet_progress_bars
+
+    quiet_env = quiet_progress_bars()  # before the sweep's datasets are made: they keep the setting
+    quiet_console()
     if ray.is_initialized():  # embedded use (tests, notebooks): the caller owns the Ray instance
         return
     env_vars = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") if k in os.environ}
     env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env_vars.update(quiet_env)
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars})
-        return
-    trial_cpu = sweep.trial_resources().get("CPU", 0.0)
-    start_local_ray(max(os.cpu_count() or 1, math.ceil(trial_cpu + DATA_RESERVE_CPU)), env_vars)
+    with keep_driver_logs(sweep.sweep_dir / DRIVER_LOG):  # Ray's start-up lines
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": env_vars})
+            return
+        trial_cpu = sweep.trial_resources().get("CPU", 0.0)
+        start_local_ray(max(os.cpu_count() or 1, math.ceil(trial_cpu + DATA_RESERVE_CPU)), env_vars)
 
 
 def start_local_ray(num_cpus: int, env_vars: dict | None = None) -> None:
@@ -221,7 +227,8 @@ def build_tuner(sweep: Sweep, prepared: dict, concurrency: int, resume: bool):
             failure_config=tune.FailureConfig(max_failures=sweep.cfg.max_failures),
             # PBT clones checkpoints between trials; keep enough that a clone source is never deleted early.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if pbt else None),
-            # raylm's own line per trial event instead of Tune's status table every 30 s (tune/progress.py).
+            # raylm's own line per trial event instead of Tune's status table every 30 s (tune/progress.py;
+            # main runs fit() in its sweep_console, where verbose=0 prints nothing of Tune's own).
             verbose=0,
             callbacks=[SweepProgress(sweep.cfg.metric, list(sweep.space), sweep.max_t)],
         ),
@@ -292,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         (sweep.sweep_dir / SWEEP_FILE).write_text(json.dumps(describe(sweep), indent=2))
     print(f"[raylm-tune] {sweep.sweep_dir}: up to {concurrency} trial(s) at once, each {sweep.trial_resources()}")
     tuner = build_tuner(sweep, prepared, concurrency, args.resume)
-    result_grid = tuner.fit()
+    from tune.progress import sweep_console
+
+    with sweep_console(sweep.sweep_dir):
+        result_grid = tuner.fit()
     summary = summarize(result_grid, sweep)
     rows = json.loads(Path(summary["json"]).read_text())
     interrupted = [r["trial"] for r in rows if r["status"] == "interrupted"]
