@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     # Trials report every 2 steps of a ~0.1-0.3 s step: let the Train controller take reports that often.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from tune.search import start_local_ray
+    from training.driver import start_local_ray
 
     start_local_ray(args.num_cpus, {"TOKENIZERS_PARALLELISM": "false"})
     load_before = load()

@@ -39,12 +39,12 @@ _shared_ray = {"gcs_address": None}
 def _start_shared_ray() -> None:
     """4 logical CPUs (two 1-CPU Train workers, or a Serve replica beside them, plus Ray Data's read tasks),
     the dashboard on (Train V2 queries its controller through it), every worker carrying RAY_ADDRESS
-    (tune.search.start_local_ray: Tune's stopped trials free their placement groups on a shared host)."""
+    (training.driver.start_local_ray: Tune's stopped trials free their placement groups on a shared host)."""
     import ray
 
     from local_ports import free_port
     from serving_fixtures import API_KEYS, QUICK_REPLICA_STOP_ENV, serving_node_env
-    from tune.search import start_local_ray
+    from training.driver import start_local_ray
 
     env_vars = {"TOKENIZERS_PARALLELISM": "false",
                 # a loaded shared machine can take longer than Ray Train's 60 s default to start a worker group

@@ -205,8 +205,39 @@ def start_ray(cfg, address: str | None) -> None:
         # Ray Data's read tasks need a CPU slot of their own; with every core reserved by Train
         # workers the stream starves and the run hangs. One extra logical CPU keeps it moving.
         num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.scaling.max_workers * per_worker_cpu) + 1)
-        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env_vars}, include_dashboard=True,
-                 dashboard_host="127.0.0.1")
+        start_local_ray(num_cpus, env_vars)
+
+
+def start_local_ray(num_cpus: int, env_vars: dict | None = None) -> None:
+    """A private local Ray whose every worker carries RAY_ADDRESS (its own GCS, on a port fixed up front).
+
+    When Tune stops a trial (ASHA, PBT, Ctrl-C) its Train controller dies with it, and Train V2's
+    PlacementGroupCleaner frees the run's worker placement group after finding the controller dead
+    through the state API. That lookup auto-detects the cluster, which fails on a host running several
+    Ray instances; the group's CPUs then stay reserved and later trials wait for them forever. The same
+    lookup ends a plain training run that way ("Found multiple active Ray instances").
+
+    The interpreter's bin directory goes first on PATH (the node and its workers inherit it), as in an
+    activated venv and on `python -m cluster.local` nodes: torch's JIT build of DeepSpeed's ops runs `ninja`
+    from PATH, and the venv's ninja and the system's write build logs each other discards ("build log version
+    is too old; starting over"), recompiling the op in the shared extension cache (35-60 s on 2 cores).
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    interpreter_bin = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != interpreter_bin:
+        os.environ["PATH"] = os.pathsep.join([interpreter_bin, os.environ.get("PATH", "")])
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the node this init starts
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": {**(env_vars or {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}})
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 def warn_relative_storage(cfg, address: str | None) -> None:

@@ -103,6 +103,7 @@ def start_ray(sweep: Sweep, address: str | None) -> None:
     import ray
 
     from training.console import DRIVER_LOG, keep_driver_logs, quiet_console, quiet_progress_bars
+    from training.driver import start_local_ray
 
     quiet_env = quiet_progress_bars()  # before the sweep's datasets are made: they keep the setting
     quiet_console()
@@ -118,29 +119,6 @@ def start_ray(sweep: Sweep, address: str | None) -> None:
             return
         trial_cpu = sweep.trial_resources().get("CPU", 0.0)
         start_local_ray(max(os.cpu_count() or 1, math.ceil(trial_cpu + DATA_RESERVE_CPU)), env_vars)
-
-
-def start_local_ray(num_cpus: int, env_vars: dict | None = None) -> None:
-    """A private local Ray whose every worker carries RAY_ADDRESS (its own GCS, on a port fixed up front).
-
-    When Tune stops a trial (ASHA, PBT, Ctrl-C) its Train controller dies with it, and Train V2's
-    PlacementGroupCleaner frees the run's worker placement group after finding the controller dead
-    through the state API. That lookup auto-detects the cluster, which fails on a host running several
-    Ray instances; the group's CPUs then stay reserved and later trials wait for them forever.
-    """
-    import socket
-
-    import ray
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the node this init starts
-    try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {**(env_vars or {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}})
-    finally:
-        os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 def trial_dirname(trial) -> str:
