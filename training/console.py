@@ -210,14 +210,23 @@ class _DriverLogs:
         if data.get("pid") == "autoscaler":
             data["lines"] = []  # "Resized to N CPUs", nodes added: in the file only
             return
-        shown, in_traceback = [], False
+        shown, placements, in_traceback = [], [], False
         for line in lines:
             in_traceback = in_traceback or line.startswith("Traceback (most recent call last)")
             if RAY_TQDM_MAGIC in line or any(noise in line for noise in _NOISE):
                 continue
-            if in_traceback or _SHOWN.search(line) or (line.startswith(_PLACEMENT) and self._placement_shown()):
+            if line.startswith(_PLACEMENT) and self._placement_shown():
+                placements.append(line)
+            elif in_traceback or _SHOWN.search(line):
                 shown.append(line)
         data["lines"] = shown
+        if placements:
+            # Printed here, not by Ray's printer: its deduplicator drops words with digits, so every rank's
+            # "raylm-worker rank=N node_id=..." looks the same and all but the first rank's line would collapse
+            # into "[repeated Nx across cluster]" - the one line that says where each rank runs.
+            stream = sys.stderr if data.get("is_err") else sys.stdout
+            stream.write("".join(prefix + line + "\n" for line in placements))
+            stream.flush()
 
     def _placement_shown(self) -> bool:
         if self.placement_shown is None:
