@@ -67,8 +67,9 @@ def start_node(num_cpus: int, driver_log: Path) -> LocalCluster:
     import ray
 
     from training.console import keep_driver_logs, quiet_progress_bars
+    from training.driver import FORWARDED_ENV
 
-    env_vars = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") if k in os.environ}
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env_vars.update(TOKENIZERS_PARALLELISM="false", **quiet_progress_bars())
     try:
         # Workers' output reaches this driver, which keeps it in the demo's driver.log and shows raylm's lines,

@@ -23,14 +23,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # nodes, subprocess drivers.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
     Path.home() / ".cache" / "torch_extensions" / f"raylm-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"))
-# Every process of a test finds the tools installed beside this interpreter first, as in an activated venv and as on
-# cluster.local's nodes (which put that directory first on their PATH). torch's JIT build runs `ninja` from PATH:
-# the venv's (pip's ninja 1.13, build log v7) on the `ray start` nodes and the system's (1.11, log v5) under the
-# session's ray.init each discarded the other's .ninja_log ("build log version is too old; starting over") and
-# recompiled DeepSpeed's comm op in that cache, 35-60 s on 2 cores, three times a suite run.
-_interpreter_bin = str(Path(sys.executable).parent)
-if os.environ.get("PATH", "").split(os.pathsep)[0] != _interpreter_bin:
-    os.environ["PATH"] = os.pathsep.join([_interpreter_bin, os.environ.get("PATH", "")])
+# Every process of a test (Ray's nodes and workers, `ray start` nodes, subprocess drivers) runs the venv's tools
+# first, as training.driver.start_local_ray gives its nodes: else the system's ninja and the venv's discarded each
+# other's build log and recompiled DeepSpeed's comm op three times a suite run.
+from training.driver import put_interpreter_bin_first_on_path  # noqa: E402 - after the environment above
+
+put_interpreter_bin_first_on_path()
 
 SHARED_RAY_FIXTURE = "local_ray"
 _shared_ray = {"gcs_address": None}

@@ -180,32 +180,54 @@ def _global_batch_problems(cfg, checkpoint: Path) -> list[str]:
 
 
 def start_ray(cfg, address: str | None) -> None:
-    """Attach to a cluster when an address is given, else start a private local Ray.
+    """Attach to a cluster when an address is given, else start a private local Ray sized for the run."""
+    from training.console import DRIVER_LOG
 
-    Ray's start-up lines go to the run's driver.log (training.console); progress bars are off in every
-    process of the run unless RAYLM_CONSOLE=full.
+    per_worker_cpu = cfg.scaling.worker_resources.get("CPU", 1.0)
+    # Ray Data's read tasks need a CPU slot of their own; with every core reserved by Train
+    # workers the stream starves and the run hangs. One extra logical CPU keeps it moving.
+    connect_ray(cfg.run_dir / DRIVER_LOG, address,
+                local_cpus=max(os.cpu_count() or 1, math.ceil(cfg.scaling.max_workers * per_worker_cpu) + 1))
+
+
+def connect_ray(driver_log: Path, address: str | None, local_cpus: int) -> None:
+    """The Ray a run or a sweep uses: the cluster at `address` (or RAY_ADDRESS), else a private local Ray of
+    `local_cpus` logical CPUs (start_local_ray); an already initialized Ray (embedded use: tests, notebooks,
+    tune's trials) is kept as it is.
+
+    Ray's start-up lines go to `driver_log` (training.console); progress bars are off in every process of the
+    run, and Ray's INFO chatter off the console, unless RAYLM_CONSOLE=full.
     """
     import ray
 
-    from training.console import DRIVER_LOG, keep_driver_logs, quiet_console, quiet_progress_bars
+    from training.console import keep_driver_logs, quiet_console, quiet_progress_bars
 
-    quiet_env = quiet_progress_bars()
+    quiet_env = quiet_progress_bars()  # before any dataset is made: a Dataset keeps the setting it was made with
     quiet_console()
-    if ray.is_initialized():  # embedded use (tests, notebooks, tune): the caller owns the Ray instance
+    if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
     env_vars.update(quiet_env)
-    with keep_driver_logs(cfg.run_dir / DRIVER_LOG):
+    with keep_driver_logs(driver_log):
         if address:
             ray.init(address=address, runtime_env={"env_vars": env_vars})
             return
-        per_worker_cpu = cfg.scaling.worker_resources.get("CPU", 1.0)
-        # Ray Data's read tasks need a CPU slot of their own; with every core reserved by Train
-        # workers the stream starves and the run hangs. One extra logical CPU keeps it moving.
-        num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.scaling.max_workers * per_worker_cpu) + 1)
-        start_local_ray(num_cpus, env_vars)
+        start_local_ray(local_cpus, env_vars)
+
+
+def put_interpreter_bin_first_on_path() -> None:
+    """Put this interpreter's bin directory first on PATH (processes started from here inherit it), as in an
+    activated venv and on `python -m cluster.local` nodes.
+
+    torch's JIT build of DeepSpeed's ops runs `ninja` from PATH: the venv's (pip's ninja 1.13, build log v7) and
+    the system's (1.11, log v5) each discard the other's .ninja_log ("build log version is too old; starting
+    over") and recompile the op in the shared extension cache, 35-60 s on 2 cores each time.
+    """
+    interpreter_bin = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != interpreter_bin:
+        os.environ["PATH"] = os.pathsep.join([interpreter_bin, os.environ.get("PATH", "")])
 
 
 def start_local_ray(num_cpus: int, env_vars: dict | None = None) -> None:
@@ -215,12 +237,8 @@ def start_local_ray(num_cpus: int, env_vars: dict | None = None) -> None:
     PlacementGroupCleaner frees the run's worker placement group after finding the controller dead
     through the state API. That lookup auto-detects the cluster, which fails on a host running several
     Ray instances; the group's CPUs then stay reserved and later trials wait for them forever. The same
-    lookup ends a plain training run that way ("Found multiple active Ray instances").
-
-    The interpreter's bin directory goes first on PATH (the node and its workers inherit it), as in an
-    activated venv and on `python -m cluster.local` nodes: torch's JIT build of DeepSpeed's ops runs `ninja`
-    from PATH, and the venv's ninja and the system's write build logs each other discards ("build log version
-    is too old; starting over"), recompiling the op in the shared extension cache (35-60 s on 2 cores).
+    lookup ends a plain training run that way ("Found multiple active Ray instances"). The node and its
+    workers run the venv's tools first (put_interpreter_bin_first_on_path).
     """
     import socket
 
@@ -229,9 +247,7 @@ def start_local_ray(num_cpus: int, env_vars: dict | None = None) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    interpreter_bin = str(Path(sys.executable).parent)
-    if os.environ.get("PATH", "").split(os.pathsep)[0] != interpreter_bin:
-        os.environ["PATH"] = os.pathsep.join([interpreter_bin, os.environ.get("PATH", "")])
+    put_interpreter_bin_first_on_path()
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the node this init starts
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",

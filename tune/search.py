@@ -100,25 +100,12 @@ def describe(sweep: Sweep) -> dict:
 
 def start_ray(sweep: Sweep, address: str | None) -> None:
     """Attach to a cluster, or start a local Ray sized for at least one trial plus Ray Data."""
-    import ray
+    from training.console import DRIVER_LOG
+    from training.driver import connect_ray
 
-    from training.console import DRIVER_LOG, keep_driver_logs, quiet_console, quiet_progress_bars
-    from training.driver import start_local_ray
-
-    quiet_env = quiet_progress_bars()  # before the sweep's datasets are made: they keep the setting
-    quiet_console()
-    if ray.is_initialized():  # embedded use (tests, notebooks): the caller owns the Ray instance
-        return
-    env_vars = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") if k in os.environ}
-    env_vars.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env_vars.update(quiet_env)
-    address = address or os.environ.get("RAY_ADDRESS")
-    with keep_driver_logs(sweep.sweep_dir / DRIVER_LOG):  # Ray's start-up lines
-        if address:
-            ray.init(address=address, runtime_env={"env_vars": env_vars})
-            return
-        trial_cpu = sweep.trial_resources().get("CPU", 0.0)
-        start_local_ray(max(os.cpu_count() or 1, math.ceil(trial_cpu + DATA_RESERVE_CPU)), env_vars)
+    trial_cpu = sweep.trial_resources().get("CPU", 0.0)
+    connect_ray(sweep.sweep_dir / DRIVER_LOG, address,
+                local_cpus=max(os.cpu_count() or 1, math.ceil(trial_cpu + DATA_RESERVE_CPU)))
 
 
 def trial_dirname(trial) -> str:
