@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from serving.kv_cache import GrowingCache, GrowingLayer, merge_rows, select_rows
+
 if TYPE_CHECKING:
     from serving.generation import CausalLMEngine
 
@@ -71,7 +73,7 @@ class _RowState:
 class DecodeBatch:
     """A running batch that requests join and leave between decode steps (iteration-level batching).
 
-    State between steps, one row per request: the DynamicCache of everything before each row's
+    State between steps, one row per request: the KV cache (serving.kv_cache) of everything before each row's
     pending token, `attention_mask` over the cache plus that token (0 on left padding), and
     `next_ids`, the pending tokens. `join` prefills new requests as a group (left-padded among
     themselves), picks their first tokens from the prefill logits, then merges them: the shorter of
@@ -99,11 +101,11 @@ class DecodeBatch:
 
     @property
     def can_merge(self) -> bool:
-        """Rows can join a running batch only when every cache layer is a plain growing DynamicLayer
-        (a sliding-window layer drops old columns, and padding would shift what it keeps)."""
+        """Rows can join a running batch only when every cache layer is a plain growing layer (a
+        sliding-window layer drops old columns, and padding would shift what it keeps)."""
         if self.cache is None:
             return True
-        return all(type(layer).__name__ == "DynamicLayer" for layer in self.cache.layers)
+        return all(type(layer) is GrowingLayer for layer in self.cache.layers)
 
     def step(self) -> list[tuple[GenerationJob, TokenEvent]]:
         """Pending jobs join (their first tokens come from the prefill); otherwise one decode step."""
@@ -123,8 +125,6 @@ class DecodeBatch:
         return [event for group in groups for event in self._join_group(group)]
 
     def _join_group(self, jobs: list[GenerationJob]) -> list[tuple[GenerationJob, TokenEvent]]:
-        from transformers import DynamicCache
-
         engine = self.engine
         rows = [_RowState(job, _make_generator(job.params.seed) if job.params.temperature > GREEDY_TEMPERATURE else None)
                 for job in jobs]
@@ -133,7 +133,7 @@ class DecodeBatch:
         ids = torch.tensor([[pad] * (longest - len(j.prompt_ids)) + list(j.prompt_ids) for j in jobs], device=engine.device)
         mask = torch.tensor([[0] * (longest - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
                             device=engine.device)
-        cache = DynamicCache()
+        cache = GrowingCache()
         next_ids = self._forward(rows, ids, mask, cache)
         events = self._advance_all(rows, next_ids)
         new_mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
@@ -195,8 +195,7 @@ class DecodeBatch:
         pad_old, pad_new = width - self.attention_mask.shape[1], width - mask.shape[1]
         pad = torch.nn.functional.pad
         for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([pad(old.keys, (0, 0, pad_old, 0)), pad(new.keys, (0, 0, pad_new, 0))], dim=0)
-            old.values = torch.cat([pad(old.values, (0, 0, pad_old, 0)), pad(new.values, (0, 0, pad_new, 0))], dim=0)
+            merge_rows(old, new)
         self.attention_mask = torch.cat([pad(self.attention_mask, (pad_old, 0)), pad(mask, (pad_new, 0))], dim=0)
         self.next_ids = torch.cat([self.next_ids, next_ids], dim=0)
         self.rows = self.rows + rows
@@ -218,8 +217,7 @@ class DecodeBatch:
         # that have left). The pending token's column is never padding.
         first = int(mask.any(dim=0).nonzero()[0])
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
-            layer.values = layer.values.index_select(0, index)[:, :, first:, :]
+            select_rows(layer, index, first)
         self.attention_mask = mask[:, first:]
         self.next_ids = self.next_ids.index_select(0, index)
 
