@@ -103,6 +103,7 @@ class CausalLMServer(ModelServer):
             self.engine,
             max_batch_size=self.args.max_batch_size,
             batch_wait_timeout_s=self.args.batch_wait_timeout_s,
+            join_wait_s=self.args.join_wait_s,
             stream_interval_s=self.args.stream_interval_s,
             init_thread=self._init_model_thread,
             on_step=self._record_step,

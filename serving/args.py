@@ -29,6 +29,10 @@ class ServingArgs(BaseModel):
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, description="How long an idle replica waits after a first request for others to batch with it."
     )
+    join_wait_s: float = Field(
+        0.0, ge=0, description="How long requests arriving while a causal-LM batch decodes may wait so that they "
+        "join it together (one prefill forward for several); 0: they join at the next decode step."
+    )
     stream_interval_s: float = Field(
         0.0, ge=0, description="Longest a request's tokens are held and merged before going to its client "
         "(0: each token as soon as it decodes)."

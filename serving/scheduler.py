@@ -54,6 +54,7 @@ class Scheduler:
         *,
         max_batch_size: int,
         batch_wait_timeout_s: float = 0.0,
+        join_wait_s: float = 0.0,
         stream_interval_s: float = 0.0,
         init_thread: Callable[[], None] | None = None,
         on_step: Callable[[str, int, list[float]], None] | None = None,
@@ -62,6 +63,7 @@ class Scheduler:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.join_wait_s = join_wait_s
         self.stream_interval_s = stream_interval_s
         self._init_thread = init_thread
         # on_step(kind, batch_size, queue_waits_s): called on the event loop of the step's requests.
@@ -185,6 +187,10 @@ class Scheduler:
         while self._waiting and self._waiting[0].cancelled:
             self._waiting.popleft()
         if not self._waiting or (batch.size and not batch.can_merge):
+            return []
+        if batch.size and time.perf_counter() - self._waiting[0].job.enqueued_at < self.join_wait_s:
+            # A running batch keeps decoding while arrivals gather, so that they prefill in one forward
+            # instead of one forward per step (join_wait_s; 0: every step admits what has arrived).
             return []
         if not batch.size and self.batch_wait_timeout_s > 0:
             # An idle replica waits this long after the first arrival so that a burst prefills together.

@@ -234,3 +234,104 @@ def test_a_full_batch_admits_waiting_requests_first_come_first_served(engine):
     assert max(len(r.jobs) for r in scheduler.step_log) == 2
     alone = [engine.generate([job(engine, p, j.params)])[0][0] for p, j in zip(prompts, jobs)]
     assert [r[0] for r in results] == alone
+
+
+def test_join_wait_gathers_arrivals_into_one_prefill_while_the_batch_decodes(engine):
+    """join_wait_s > 0: requests arriving while a batch decodes wait (the batch keeps decoding) and then
+    prefill together in one forward, instead of one prefill per arrival; each still gives its alone-output."""
+    from serving.generation import SamplingParams
+    from serving.scheduler import Scheduler
+
+    first = job(engine, "The quick brown fox", SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    second, third = job(engine, "Hi", greedy(8)), job(engine, "one two three four", greedy(8))
+    scheduler = Scheduler(engine, max_batch_size=8, join_wait_s=30.0)  # longer than the first request runs
+    driver = Driver(scheduler)
+
+    async def main():
+        first_events = asyncio.Queue()
+
+        async def collect_first():
+            ids = []
+            async for event in scheduler.events(first):
+                ids.extend(event.token_ids)
+                first_events.put_nowait(len(ids))
+            return ids, None
+
+        task_first = asyncio.create_task(collect_first())
+        await first_events.get()  # decoding
+        task_second = asyncio.create_task(driver.collect(second))
+        for _ in range(3):  # three of the first request's steps pass while the second waits
+            await first_events.get()
+        task_third = asyncio.create_task(driver.collect(third))
+        return await asyncio.gather(task_first, task_second, task_third)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        scheduler.stop()
+    prefills = [set(r.jobs) for r in scheduler.step_log if r.kind == "prefill"]
+    assert prefills == [{id(first)}, {id(second), id(third)}]
+    assert decode_steps_with(scheduler, first) >= 3 + decode_steps_with(scheduler, first, second)
+    for j, (ids, _) in zip((second, third), results[1:]):
+        assert ids == engine.generate([fresh_copy(j)])[0][0]
+    assert len(results[0][0]) == 40
+
+
+def test_join_wait_is_a_bound_a_waiting_request_joins_the_running_batch_after_it(engine):
+    from serving.generation import SamplingParams
+    from serving.scheduler import Scheduler
+
+    long_params = SamplingParams(max_tokens=engine.max_seq_len, temperature=0.0, ignore_eos=True)
+    first, second = job(engine, "Hi", long_params), job(engine, "The quick brown fox", greedy(4))
+    scheduler = Scheduler(engine, max_batch_size=8, join_wait_s=0.01)
+    driver = Driver(scheduler)
+
+    async def main():
+        started = asyncio.Event()
+        task_first = asyncio.create_task(driver.collect(first, started))
+        await started.wait()
+        return await asyncio.gather(task_first, driver.collect(second))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        scheduler.stop()
+    # The second request did not wait for the long one to finish: it joined mid-decode and shared steps.
+    assert decode_steps_with(scheduler, first, second) > 0
+    assert results[1][0] == engine.generate([fresh_copy(second)])[0][0]
+
+
+def fresh_copy(original):
+    """The same request as a new job (a job's identity keys the scheduler's records)."""
+    from serving.generation import GenerationJob
+
+    return GenerationJob(list(original.prompt_ids), original.params, original.adapter)
+
+
+def test_decode_steps_write_into_the_cache_buffers_in_place_and_rows_leave_and_join_in_one_copy(engine):
+    """serving.kv_cache: a decode step adds its column to the same buffers (no copy of the cache) until the
+    headroom is used up; rows leaving or joining give new buffers whose content equals a plain cat/select."""
+    import torch
+
+    from serving.kv_cache import COLUMN_HEADROOM
+
+    batch = engine.start_batch()
+    jobs = [job(engine, p, greedy(COLUMN_HEADROOM + 4)) for p in ("alpha beta", "gamma delta epsilon zeta")]
+    batch.join(jobs)
+    layer = batch.cache.layers[0]
+    buffer, width = layer.key_buffer.data_ptr(), layer.keys.shape[-2]
+    batch.decode()
+    assert layer.key_buffer.data_ptr() == buffer and layer.keys.shape[-2] == width + 1
+    before = layer.keys.clone()
+    joining = job(engine, "one two three four five six seven eight nine ten", greedy(4))
+    batch.join([joining])
+    after = layer.keys
+    pad = after.shape[-2] - before.shape[-2]
+    assert torch.equal(after[:2, :, pad:], before) and not after[:2, :, :pad].any()
+    rows_before = layer.keys.clone()
+    batch.remove([jobs[0]])
+    kept = layer.keys
+    assert torch.equal(kept, rows_before[1:, :, rows_before.shape[-2] - kept.shape[-2]:])
+    while not batch.done:
+        batch.decode()  # past the headroom: the buffers grow and decoding goes on
+    batch.close()
