@@ -15,6 +15,7 @@ requests and no HTTP at all (`engine_c*`): the batching speedup the model thread
 joins included, which bounds what any request path can show.
 
     python -m benchmarks.serve_load [--threads 1] [--max-tokens 16] [--model small|smollm2] [--concurrency 1 8 32]
+        [--join-wait-s 0.02 0.05]   # extra batched replicas with ServingArgs.join_wait_s
 """
 
 from __future__ import annotations
@@ -273,6 +274,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--requests-per-client", type=int, default=32,
                         help="requests per level = max(50, this x concurrency): 1,024 at c=32, so p99 is not the max")
+    parser.add_argument("--join-wait-s", type=float, nargs="*", default=[],
+                        help="extra batched replicas whose arrivals wait up to this long to join a decoding batch "
+                             "(ServingArgs.join_wait_s), run interleaved with the others as batched_join<s>")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["RAYLM_API_KEYS"] = API_KEY
@@ -310,21 +314,22 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))[: args.threads]
     naive = subprocess.Popen([sys.executable, "-c", NAIVE_SERVER, str(export_dir), str(NAIVE_PORT), str(args.threads)],
                              start_new_session=True, preexec_fn=lambda: os.sched_setaffinity(0, cores))
-    ray.init(num_cpus=2 * args.threads, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=(2 + len(args.join_wait_s)) * args.threads, include_dashboard=False, log_to_driver=False)
     try:
         wait_http(f"http://127.0.0.1:{NAIVE_PORT}/docs")
         serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
         # Both Serve variants stay up (an idle replica's scheduler thread sleeps) so that the three
         # sides run interleaved, one at a time, at every concurrency level.
-        for label, batch_size in (("batched", 32), ("unbatched", 1)):
+        variants = [("batched", 32, 0.0), ("unbatched", 1, 0.0)]
+        variants += [(f"batched_join{wait:g}", 32, wait) for wait in args.join_wait_s]
+        for label, batch_size, join_wait_s in variants:
             serving_args = ServingArgs(export_dir=str(export_dir), torch_threads=args.threads, max_batch_size=batch_size,
-                                       batch_wait_timeout_s=0.0).model_dump()
+                                       batch_wait_timeout_s=0.0, join_wait_s=join_wait_s).model_dump()
             deployment = CausalLMServer.options(num_replicas=1, max_ongoing_requests=64,
                                                 ray_actor_options={"num_cpus": args.threads})
             serve.run(deployment.bind(serving_args), name=label, route_prefix=f"/{label}")
         urls = {"naive": f"http://127.0.0.1:{NAIVE_PORT}/v1/completions",
-                "batched": f"http://127.0.0.1:{SERVE_PORT}/batched/v1/completions",
-                "unbatched": f"http://127.0.0.1:{SERVE_PORT}/unbatched/v1/completions"}
+                **{label: f"http://127.0.0.1:{SERVE_PORT}/{label}/v1/completions" for label, _, _ in variants}}
         for c in args.concurrency:
             for label, url in urls.items():
                 cpu_before = process_cpu_seconds()
@@ -352,6 +357,9 @@ def main() -> None:
         f"engine_batch_speedup_c{top}": (results[f"engine_batched_c{top}"]["tokens_per_s"]
                                          / results[f"engine_unbatched_c{top}"]["tokens_per_s"]),
     }
+    for wait in args.join_wait_s:
+        figures[f"join{wait:g}_speedup_c{top}"] = (results[f"batched_join{wait:g}_c{top}"]["tokens_per_s"]
+                                                   / results[f"batched_c{top}"]["tokens_per_s"])
     load_after = load_average()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve_load.json").write_text(json.dumps(
