@@ -273,13 +273,17 @@ def run_worker(loop_config: dict, cfg, build_task: Callable[[Any, dict, WorkerCo
     # evaluation would then train without dropout where the clean run trained with it.
     engine.train()
     window_start, window_steps, window_tokens, reported = time.perf_counter(), 0, 0, False
+    window_data_wait = 0.0  # seconds this rank waited for micro-batches (Ray Data) in the window
     while state["step"] < optim.max_steps and not state.get("stopped_early"):
         # Dropout draws depend only on (seed, step, rank): a resumed run repeats a clean one exactly.
         torch.manual_seed(cfg.run.seed * 1_000_003 + state["step"] * 1009 + rank)
         lr_used = engine.get_lr()[0]
         loss_sum = torch.zeros(1, device=device)
         for _ in range(gas):
-            loss, tokens = task.step_loss(engine, next(batches))
+            fetch_started = time.perf_counter()
+            micro_batch = next(batches)
+            window_data_wait += time.perf_counter() - fetch_started
+            loss, tokens = task.step_loss(engine, micro_batch)
             engine.backward(loss)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
             loss_sum += loss.detach().float()
@@ -309,6 +313,8 @@ def run_worker(loop_config: dict, cfg, build_task: Callable[[Any, dict, WorkerCo
             "tokens_seen": state["tokens_seen"],
             "tokens_per_s": counts[1].item() / elapsed,
             "step_time_s": elapsed / window_steps,
+            # Rank 0's wait for input per step: near step_time_s means the data stream, not the model, sets the pace.
+            "data_wait_s": window_data_wait / window_steps,
             "world_size": world,
             "max_steps": optim.max_steps,
             **task.static_metrics,
@@ -339,7 +345,7 @@ def run_worker(loop_config: dict, cfg, build_task: Callable[[Any, dict, WorkerCo
             ckpt_dir = _save_checkpoint(engine, task, cfg, dict(state), run_dir, rank)
         # Evaluation and checkpoint writing are not training throughput; the report itself is
         # (it can block until the controller takes the previous one), so the next window starts here.
-        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+        window_start, window_steps, window_tokens, window_data_wait = time.perf_counter(), 0, 0, 0.0
         if want_ckpt:
             ray.train.report(
                 metrics,
