@@ -66,7 +66,7 @@ def build_datasets(prepared: dict) -> dict:
 
 def build_trainer(cfg: PretrainConfig, prepared: dict, *, callbacks=(), storage_path: str | None = None,
                   name: str | None = None, datasets: dict | None = None, init_checkpoint: str | None = None):
-    """A TorchTrainer whose workers run `training.loop.train_loop_per_worker`.
+    """A TorchTrainer whose workers run `training.pretrain_worker.train_loop_per_worker`.
 
     `callbacks` are added to the RunConfig (e.g. Tune's TuneReportCallback); `storage_path` and
     `name` override where the run lives (default: run.storage_path / run.name). `datasets` reuses
@@ -74,7 +74,7 @@ def build_trainer(cfg: PretrainConfig, prepared: dict, *, callbacks=(), storage_
     another run's checkpoint (weights, optimizer moments, step) with this config's optimizer settings
     in effect (PBT); the run's own checkpoints, once it has some, win on resume.
     """
-    from training.loop import train_loop_per_worker
+    from training.pretrain_worker import train_loop_per_worker
 
     loop_config = {"config": cfg.model_dump(mode="json"), "prepared": prepared, "init_checkpoint": init_checkpoint}
     return driver.torch_trainer(
