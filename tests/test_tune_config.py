@@ -319,7 +319,7 @@ def test_asha_rungs_between_evaluations_are_refused(tmp_path, scheduler, rungs):
 def test_asha_rungs_match_ray_and_finetune_checkpoints_count_as_evaluations(tmp_path):
     from ray.tune.schedulers.async_hyperband import _Bracket
 
-    from tune.config import asha_rungs
+    from tune.sweep_checks import asha_rungs
 
     for grace, rf, max_t, brackets in [(2, 4, 24, 1), (4, 1.5, 24, 1), (3, 2, 100, 3), (1000, 3, 6000, 1)]:
         ray_rungs = {r for s in range(brackets) for r, _ in _Bracket(grace, max_t, rf, s)._rungs if r < max_t}
