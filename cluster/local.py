@@ -25,152 +25,30 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from cluster.auth import Token, auth_headers
+from cluster.auth import auth_headers
+from cluster.local_state import (
+    DEFAULT_BASE_PORT,
+    MAX_PORT,
+    STATE_FILE,
+    TOKEN_FILE,
+    ClusterState,
+    NodeRecord,
+    default_dir,
+    node_ports,
+    process_alive,
+    session_members,
+    signal_all,
+)
 from serving.ingress import node_env
 
-DEFAULT_BASE_PORT = 26200
-# Every port a node opens is derived from the base port, so two clusters with different bases never collide
-# (and none collides with a default `ray start` on 6379/8265). Layout, relative to the base:
-#   +0 GCS, +1 Ray client server, +65 dashboard, then a block of PORTS_PER_NODE per node from +100.
-PORTS_PER_NODE = 50
-NODE_BLOCK_START = 100
-MAX_PORT = 26999
-STATE_FILE = "cluster.json"
-TOKEN_FILE = "auth_token"
 # Ray 2.60's `ray start` gives its raylet a fixed 30 s to register with the GCS (`raylet_start_wait_time_s = 30`
 # in ray/_private/node.py; no flag or environment variable changes it). On a loaded machine that can pass:
 # `ray start` then exits with this message although nothing is wrong, and the node is simply started again.
 RAY_START_TIMED_OUT = "timed out during startup"
 DEFAULT_START_ATTEMPTS = 3
-
-
-@dataclass
-class NodePorts:
-    node_manager: int
-    object_manager: int
-    metrics_export: int
-    dashboard_agent_listen: int
-    dashboard_agent_grpc: int
-    runtime_env_agent: int
-    haproxy_stats: int  # Serve's HAProxy (serving/ingress.py NODE_ENV) binds these two on every interface
-    haproxy_metrics: int
-    fallback_proxy_http: int  # and the head its fallback Python proxy (HAProxy's backup server) on these
-    fallback_proxy_grpc: int
-    min_worker: int
-    max_worker: int
-
-
-@dataclass
-class NodeRecord:
-    name: str
-    index: int
-    num_cpus: float
-    resources: dict[str, float]
-    pid: int | None = None  # the `ray start --block` process: leader of the session holding the whole node
-    log: str = ""
-
-
-@dataclass
-class ClusterState:
-    dir: str
-    base_port: int
-    gcs_address: str
-    dashboard_url: str
-    token_path: str
-    nodes: dict[str, NodeRecord] = field(default_factory=dict)
-
-    def save(self) -> None:
-        path = Path(self.dir) / STATE_FILE
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "ClusterState":
-        path = Path(directory) / STATE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no local cluster in {directory} ({STATE_FILE} missing); start one with `python -m cluster.local up`")
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        raw["nodes"] = {name: NodeRecord(**node) for name, node in raw["nodes"].items()}
-        return cls(**raw)
-
-    @property
-    def token(self) -> Token:
-        return Token(Path(self.token_path).read_text(encoding="utf-8").strip(), self.token_path)
-
-    def client_env(self) -> dict[str, str]:
-        """Environment for a client (job submission, `ray` CLI) talking to this cluster."""
-        return {
-            "RAY_ADDRESS": self.dashboard_url,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": self.token_path,
-        }
-
-
-def default_dir(base_port: int) -> Path:
-    # Short on purpose: Ray puts Unix sockets under the temp dir, and socket paths are limited to 107 bytes.
-    return Path(f"/tmp/raylm-cluster-{base_port}")
-
-
-def node_ports(base_port: int, index: int) -> NodePorts:
-    start = base_port + NODE_BLOCK_START + PORTS_PER_NODE * index
-    return NodePorts(
-        node_manager=start,
-        object_manager=start + 1,
-        metrics_export=start + 2,
-        dashboard_agent_listen=start + 3,
-        dashboard_agent_grpc=start + 4,
-        runtime_env_agent=start + 5,
-        haproxy_stats=start + 6,
-        haproxy_metrics=start + 7,
-        fallback_proxy_http=start + 8,
-        fallback_proxy_grpc=start + 9,
-        min_worker=start + 10,
-        max_worker=start + PORTS_PER_NODE - 1,
-    )
-
-
-def _process_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped) counts as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def _session_members(sid: int) -> list[int]:
-    """Live PIDs in session `sid` (Linux /proc).
-
-    A node's `ray start` runs in a session of its own, and every process of that node stays in it: GCS,
-    raylet, dashboard, agents, and the workers, which the raylet puts in process groups of their own.
-    """
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # After the command name: state, ppid, pgrp, session, ...
-        if int(fields[3]) == sid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
-def _signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 class LocalCluster:
@@ -246,7 +124,7 @@ class LocalCluster:
         """
         state = self._require_state()
         node = state.nodes[name]
-        if _process_alive(node.pid):
+        if process_alive(node.pid):
             raise RuntimeError(f"node {name} is already running (pid {node.pid}); stop it first")
         self._attempts[name] = 1
         self._launch(node)
@@ -289,10 +167,10 @@ class LocalCluster:
             output = fh.read().decode("utf-8", errors="replace")
         if RAY_START_TIMED_OUT not in output:
             return False
-        leftovers = _session_members(node.pid) if node.pid else []
-        _signal_all(leftovers, signal.SIGKILL)
+        leftovers = session_members(node.pid) if node.pid else []
+        signal_all(leftovers, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while node.pid and _session_members(node.pid) and time.monotonic() < deadline:
+        while node.pid and session_members(node.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         print(f"[cluster.local] node {node.name}: its raylet did not register within Ray's fixed 30 s (loaded "
               f"machine?); starting it again (attempt {attempt + 1} of {self.start_attempts})", file=sys.stderr)
@@ -311,17 +189,17 @@ class LocalCluster:
             return
         session = node.pid
         if kill:
-            _signal_all(_session_members(session), signal.SIGKILL)
+            signal_all(session_members(session), signal.SIGKILL)
         else:
             # Every process of the node gets SIGTERM at once (raylet, GCS and workers shut down cleanly on it);
             # whatever is left after the grace period gets SIGKILL (the GCS and `ray start` itself linger on SIGTERM).
-            _signal_all(_session_members(session), signal.SIGTERM)
+            signal_all(session_members(session), signal.SIGTERM)
             deadline = time.monotonic() + grace_s
-            while _session_members(session) and time.monotonic() < deadline:
+            while session_members(session) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            _signal_all(_session_members(session), signal.SIGKILL)
+            signal_all(session_members(session), signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _session_members(session) and time.monotonic() < deadline:
+        while session_members(session) and time.monotonic() < deadline:
             time.sleep(0.1)
         try:  # reap the `ray start` process if we are its parent
             os.waitpid(session, os.WNOHANG)
@@ -345,7 +223,7 @@ class LocalCluster:
 
     def running_node_count(self) -> int:
         """Nodes of this cluster whose `ray start` process is running (what Ray should report ALIVE)."""
-        return sum(1 for n in self._require_state().nodes.values() if _process_alive(n.pid))
+        return sum(1 for n in self._require_state().nodes.values() if process_alive(n.pid))
 
     def alive_node_count(self) -> int:
         try:
@@ -363,7 +241,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             if self.alive_node_count() == count:
                 return
-            dead = [n for n in self._require_state().nodes.values() if n.pid and not _process_alive(n.pid)]
+            dead = [n for n in self._require_state().nodes.values() if n.pid and not process_alive(n.pid)]
             for node in dead:
                 if not self._restart_after_slow_start(node):
                     raise RuntimeError(self._failure_report(f"node {node.name} exited while starting", node))
@@ -391,7 +269,7 @@ class LocalCluster:
             )
         if (self.dir / STATE_FILE).exists():
             existing = ClusterState.load(self.dir)
-            running = [n.name for n in existing.nodes.values() if _process_alive(n.pid)]
+            running = [n.name for n in existing.nodes.values() if process_alive(n.pid)]
             if running:
                 problems.append(
                     f"a cluster is already running in {self.dir} (nodes: {', '.join(running)}); "

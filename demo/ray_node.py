@@ -12,7 +12,8 @@ import socket
 import sys
 from pathlib import Path
 
-from cluster.local import TOKEN_FILE, LocalCluster, default_dir, node_ports
+from cluster.local import LocalCluster
+from cluster.local_state import TOKEN_FILE, default_dir, node_ports
 
 BASE_PORTS = range(26200, 26851, 150)  # one node's ports: base .. base+149 (cluster.local's layout), all <= 26999
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import LocalCluster, _process_alive, _session_members
+from cluster.local import LocalCluster
+from cluster.local_state import process_alive, session_members
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_PORT = 26500
@@ -71,7 +72,7 @@ def test_head_and_worker_are_separate_nodes(cluster):
     assert len(heads) == 1
     assert {k for n in nodes for k in n["resources_total"] if k.startswith("raylm_")} == {"raylm_head_node", "raylm_worker_node"}
     sessions = [node.pid for node in cluster.state.nodes.values()]
-    assert len(set(sessions)) == 2 and all(_session_members(s) for s in sessions), "each node is its own process session"
+    assert len(set(sessions)) == 2 and all(session_members(s) for s in sessions), "each node is its own process session"
     assert cluster.state.dashboard_url.startswith("http://127.0.0.1:")
 
 
@@ -207,8 +208,8 @@ def test_job_survives_losing_the_worker_node(spread_run):
 
 def test_down_stops_every_process_of_the_cluster(cluster):
     sessions = [node.pid for node in cluster.state.nodes.values()]
-    members = [pid for s in sessions for pid in _session_members(s)]
+    members = [pid for s in sessions for pid in session_members(s)]
     assert members
     cluster.down()
-    assert all(not _process_alive(pid) for pid in members), "a process of the cluster survived `down`"
+    assert all(not process_alive(pid) for pid in members), "a process of the cluster survived `down`"
     assert all(node.pid is None for node in cluster.state.nodes.values())

@@ -220,7 +220,8 @@ def test_ctrl_c_during_pretraining_stops_every_process_of_the_demos_node(tmp_pat
     import threading
     import time
 
-    from cluster.local import LocalCluster, _session_members
+    from cluster.local import LocalCluster
+    from cluster.local_state import session_members
 
     argv = [sys.executable, "-m", "demo.main", "--config", str(DEMO_CONFIG)]
     for item in tiny_overrides(tmp_path / "demo", tmp_path / "unused"):
@@ -249,7 +250,7 @@ def test_ctrl_c_during_pretraining_stops_every_process_of_the_demos_node(tmp_pat
                 node_dir = Path(up[0].split("its directory ", 1)[1].split(" ", 1)[0])
                 session = json.loads((node_dir / "cluster.json").read_text())["nodes"]["head"]["pid"]
             if session is not None:  # pretraining is inside fit() once its Train workers run on the node
-                workers = [pid for pid in _session_members(session) if "RayTrainWorker" in _cmdline(pid)]
+                workers = [pid for pid in session_members(session) if "RayTrainWorker" in _cmdline(pid)]
                 if workers:
                     break
             time.sleep(0.5)
@@ -261,7 +262,7 @@ def test_ctrl_c_during_pretraining_stops_every_process_of_the_demos_node(tmp_pat
         assert proc.returncode == 130, out
         assert "[raylm] interrupted: checkpoints kept in" in out  # the pretraining run saw the Ctrl-C ...
         assert "interrupted: stopping the demo's Ray node" in out  # ... and the demo stopped its node
-        assert _session_members(session) == []  # every process of the node, the Train workers included
+        assert session_members(session) == []  # every process of the node, the Train workers included
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     finally:  # a failed check leaves neither the demo nor its node running
         if proc.poll() is None:

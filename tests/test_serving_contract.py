@@ -160,7 +160,8 @@ def test_haproxy_is_found_where_serve_finds_it_and_is_the_default():
 def test_local_cluster_nodes_start_on_the_request_path_with_ports_of_their_own(tmp_path):
     """cluster.local (and so the demo's node) starts each node with serving.ingress.node_env(): HAProxy's path, its
     stats/metrics ports and the head's fallback proxy ports inside the node's own port block, distinct per node."""
-    from cluster.local import PORTS_PER_NODE, ClusterState, LocalCluster, NodeRecord, node_ports
+    from cluster.local import LocalCluster
+    from cluster.local_state import PORTS_PER_NODE, ClusterState, NodeRecord, node_ports
 
     from serving.ingress import NODE_ENV
 
