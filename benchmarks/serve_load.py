@@ -235,7 +235,21 @@ def engine_ceiling(export_dir, threads: int, levels: dict[int, int], max_tokens:
     finally:
         for scheduler in schedulers.values():
             scheduler.stop()
+    from benchmarks.decode_costs import request_costs
+
+    torch.set_num_threads(threads)
+    results["model_thread"] = request_costs(engine, [engine.encode(text) for text in prompts()], max_tokens)
+    print(f"model thread, CPU ms per request: {json.dumps({k: round(v, 2) for k, v in results['model_thread'].items()})}",
+          flush=True)
     return results
+
+
+def small_export(directory: Path) -> Path:
+    """The benchmark's default model: a random-init Llama export (hidden 256, 4 layers, vocab 1,024)."""
+    from serving.tiny_exports import build_causal_lm_export
+
+    return build_causal_lm_export(directory / "export", hidden_size=256, num_layers=4, vocab_size=1024,
+                                  initializer_range=0.05)
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -300,10 +314,7 @@ def main() -> None:
 
         export_dir = smollm2_export()
     else:
-        from serving.tiny_exports import build_causal_lm_export
-
-        export_dir = build_causal_lm_export(workdir / "export", hidden_size=256, num_layers=4, vocab_size=1024,
-                                            initializer_range=0.05)
+        export_dir = small_export(workdir)
     model_name = read_export(export_dir).manifest.model_name
     requests_at = {c: max(50, args.requests_per_client * c) for c in args.concurrency}
     results: dict[str, dict] = {}
@@ -356,6 +367,8 @@ def main() -> None:
         # What the model thread alone gives from batching (no HTTP): the bound on batch_speedup.
         f"engine_batch_speedup_c{top}": (results[f"engine_batched_c{top}"]["tokens_per_s"]
                                          / results[f"engine_unbatched_c{top}"]["tokens_per_s"]),
+        # A request's model-thread CPU alone / in a batch of 32 (benchmarks.decode_costs): no scheduler, no HTTP.
+        "model_bound_b32": results["model_thread"]["bound"],
     }
     for wait in args.join_wait_s:
         figures[f"join{wait:g}_speedup_c{top}"] = (results[f"batched_join{wait:g}_c{top}"]["tokens_per_s"]
