@@ -52,6 +52,8 @@ logger = logging.getLogger("raylm.serving")
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Content-part types that carry something other than text: refused with a 400 (this server reads text).
 NON_TEXT_PARTS = {"image_url", "input_image", "image", "input_audio", "audio", "file", "video", "video_url"}
+# A stream's generated tokens go to the raylm_generated_tokens counter at most this often (and when it ends).
+GENERATED_TOKENS_EVERY_S = 1.0
 
 __all__ = ["CausalLMServer", "EncoderServer", "build"]
 
@@ -132,20 +134,29 @@ class CausalLMServer(ModelServer):
             scheduler.stop(timeout_s=5)
 
     async def _token_events(self, job) -> AsyncIterator:
-        """A request's token events, with time-to-first-token and inter-token latency recorded."""
+        """A request's token events, with time-to-first-token and inter-token latency recorded per event, and
+        generated tokens counted at most once per GENERATED_TOKENS_EVERY_S and when the request ends (Ray pushes
+        metrics every few seconds anyway; a counter call per token was a share of the event loop's time)."""
         arrived, previous = job.enqueued_at, None
-        tags = {"model": self.model_name}
-        async for event in self.scheduler.events(job):
-            now = time.perf_counter()
-            if previous is None:
-                self.metrics.time_to_first_token.observe(now - arrived, tags=tags)
-            else:
-                # An event may merge several steps: each of its tokens took an equal share.
-                self.metrics.inter_token_latency.observe((now - previous) / len(event.token_ids), tags=tags)
-            previous = now
-            if event.generated:
-                self.metrics.generated_tokens.inc(event.generated, tags=tags)
-            yield event
+        metrics, tags = self.metrics, {"model": self.model_name}
+        uncounted, counted_at = 0, arrived
+        try:
+            async for event in self.scheduler.events(job):
+                now = time.perf_counter()
+                if previous is None:
+                    metrics.time_to_first_token.observe(now - arrived, tags=tags)
+                else:
+                    # An event may merge several steps: each of its tokens took an equal share.
+                    metrics.inter_token_latency.observe((now - previous) / len(event.token_ids), tags=tags)
+                previous = now
+                uncounted += event.generated
+                if uncounted and now - counted_at >= GENERATED_TOKENS_EVERY_S:
+                    metrics.generated_tokens.inc(uncounted, tags=tags)
+                    uncounted, counted_at = 0, now
+                yield event
+        finally:
+            if uncounted:
+                metrics.generated_tokens.inc(uncounted, tags=tags)
 
     # ---- request preparation ---------------------------------------------------------------------
     def _resolve_adapter(self, model: str) -> str | None:
