@@ -292,6 +292,9 @@ class CausalLMServer(ModelServer):
     async def _sse(self, job, request_id: str, request, stream_chunk, finished) -> AsyncIterator[str]:
         text, tokens, status = [], 0, 200
         masker = StreamMasker() if self.args.pii_mask_output else None
+        # The chunk with finish_reason, the usage chunk and [DONE] leave in one write (same bytes, same moment):
+        # each write is a trip through every ASGI send wrapper and a socket write on the event loop.
+        ending = ""
         try:
             first = stream_chunk(request_id, None, None, first=True)
             if first is not None:
@@ -303,20 +306,24 @@ class CausalLMServer(ModelServer):
                 if masker is not None:
                     delta = masker.feed(delta, last=event.finish_reason is not None)
                 if delta or event.finish_reason:
-                    yield f"data: {json.dumps(stream_chunk(request_id, delta, event.finish_reason))}\n\n"
+                    chunk = f"data: {json.dumps(stream_chunk(request_id, delta, event.finish_reason))}\n\n"
+                    if event.finish_reason is None:
+                        yield chunk
+                    else:
+                        ending = chunk
             if request.stream_options is not None and request.stream_options.include_usage:
                 usage = Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=tokens,
                               total_tokens=len(job.prompt_ids) + tokens)
                 final = stream_chunk(request_id, None, None)
                 final["choices"], final["usage"] = [], usage.model_dump()
-                yield f"data: {json.dumps(final)}\n\n"
-            yield "data: [DONE]\n\n"
+                ending += f"data: {json.dumps(final)}\n\n"
+            yield ending + "data: [DONE]\n\n"
         except Exception:
             status = 500
             logger.exception("stream %s failed", request_id)
             error = {"message": f"internal server error (request {request_id}); the server logged the cause",
                      "type": "server_error", "param": None, "code": "internal_error"}
-            yield f"data: {json.dumps({'error': error})}\n\n"
+            yield f"{ending}data: {json.dumps({'error': error})}\n\n"
         finally:
             finished(["".join(text)], tokens, status)
 
