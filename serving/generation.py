@@ -84,7 +84,6 @@ class CausalLMEngine:
         if self.pad_token_id is None:
             self.pad_token_id = next(iter(self.stop_token_ids))
         self.max_seq_len = export.manifest.max_seq_len
-        self._backend = self._plain_backend()
         self._peft_model = None
         self.lock = threading.RLock()
         self._pins: dict[str, int] = {}
@@ -108,24 +107,7 @@ class CausalLMEngine:
         )
 
     def encode(self, text: str) -> list[int]:
-        """A prompt's token ids (no special tokens added), as `tokenizer(text)["input_ids"]` gives them."""
-        if self._backend is not None:
-            return self._backend.encode(text, add_special_tokens=False).ids
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _plain_backend(self):
-        """The Rust tokenizer behind a fast tokenizer, where encoding with it alone gives the same ids as the
-        tokenizer's `__call__`: every request is tokenized on the event loop, and `__call__` wraps the Rust
-        call in ~2x its cost of Python (argument checks, BatchEncoding). None (use `__call__`) for other
-        tokenizers, or when truncation, padding or splitting special tokens is set on the backend."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None or not hasattr(backend, "encode"):
-            return None
-        self.tokenizer("", add_special_tokens=False)  # __call__ leaves the backend with no truncation or padding
-        split = bool(getattr(self.tokenizer, "split_special_tokens", False))
-        if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens != split:
-            return None
-        return backend
 
     # ---- adapters ------------------------------------------------------------------------------
     # One lock guards the peft model's adapter set and every forward pass: Serve's multiplexer

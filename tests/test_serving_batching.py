@@ -99,18 +99,6 @@ def decode_steps_with(scheduler, *jobs) -> int:
     return sum(1 for record in scheduler.step_log if record.kind == "decode" and keys <= set(record.jobs))
 
 
-def test_encode_gives_the_tokenizers_own_ids(engine):
-    """engine.encode takes the Rust tokenizer directly (cheaper on the event loop): the same ids as the
-    tokenizer's __call__, special-token text, unicode and whitespace included."""
-    from serving.tiny_exports import real_text_lines
-
-    assert engine._backend is not None  # the tiny export's tokenizer is a fast one: the direct path is taken
-    texts = [*real_text_lines(20), "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
-             "  two  spaces\n\n\ttab", "émoji 🙂 ünïcode ßtraße", "x" * 3000, ""]
-    for text in texts:
-        assert engine.encode(text) == engine.tokenizer(text, add_special_tokens=False)["input_ids"], text
-
-
 def test_staggered_requests_join_mid_decode_and_equal_alone_and_hf_generate(engine, hf_base):
     from serving.scheduler import Scheduler
 
