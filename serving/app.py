@@ -52,6 +52,8 @@ logger = logging.getLogger("raylm.serving")
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Content-part types that carry something other than text: refused with a 400 (this server reads text).
 NON_TEXT_PARTS = {"image_url", "input_image", "image", "input_audio", "audio", "file", "video", "video_url"}
+# A stream's generated tokens go to the raylm_generated_tokens counter at most this often (and when it ends).
+GENERATED_TOKENS_EVERY_S = 1.0
 
 __all__ = ["CausalLMServer", "EncoderServer", "build"]
 
@@ -133,20 +135,29 @@ class CausalLMServer(ModelServer):
             scheduler.stop(timeout_s=5)
 
     async def _token_events(self, job) -> AsyncIterator:
-        """A request's token events, with time-to-first-token and inter-token latency recorded."""
+        """A request's token events, with time-to-first-token and inter-token latency recorded per event, and
+        generated tokens counted at most once per GENERATED_TOKENS_EVERY_S and when the request ends (Ray pushes
+        metrics every few seconds anyway; a counter call per token was a share of the event loop's time)."""
         arrived, previous = job.enqueued_at, None
-        tags = {"model": self.model_name}
-        async for event in self.scheduler.events(job):
-            now = time.perf_counter()
-            if previous is None:
-                self.metrics.time_to_first_token.observe(now - arrived, tags=tags)
-            else:
-                # An event may merge several steps: each of its tokens took an equal share.
-                self.metrics.inter_token_latency.observe((now - previous) / len(event.token_ids), tags=tags)
-            previous = now
-            if event.generated:
-                self.metrics.generated_tokens.inc(event.generated, tags=tags)
-            yield event
+        metrics, tags = self.metrics, {"model": self.model_name}
+        uncounted, counted_at = 0, arrived
+        try:
+            async for event in self.scheduler.events(job):
+                now = time.perf_counter()
+                if previous is None:
+                    metrics.time_to_first_token.observe(now - arrived, tags=tags)
+                else:
+                    # An event may merge several steps: each of its tokens took an equal share.
+                    metrics.inter_token_latency.observe((now - previous) / len(event.token_ids), tags=tags)
+                previous = now
+                uncounted += event.generated
+                if uncounted and now - counted_at >= GENERATED_TOKENS_EVERY_S:
+                    metrics.generated_tokens.inc(uncounted, tags=tags)
+                    uncounted, counted_at = 0, now
+                yield event
+        finally:
+            if uncounted:
+                metrics.generated_tokens.inc(uncounted, tags=tags)
 
     # ---- request preparation ---------------------------------------------------------------------
     def _resolve_adapter(self, model: str) -> str | None:
@@ -282,6 +293,9 @@ class CausalLMServer(ModelServer):
     async def _sse(self, job, request_id: str, request, stream_chunk, finished) -> AsyncIterator[str]:
         text, tokens, status = [], 0, 200
         masker = StreamMasker() if self.args.pii_mask_output else None
+        # The chunk with finish_reason, the usage chunk and [DONE] leave in one write (same bytes, same moment):
+        # each write is a trip through every ASGI send wrapper and a socket write on the event loop.
+        ending = ""
         try:
             first = stream_chunk(request_id, None, None, first=True)
             if first is not None:
@@ -293,20 +307,24 @@ class CausalLMServer(ModelServer):
                 if masker is not None:
                     delta = masker.feed(delta, last=event.finish_reason is not None)
                 if delta or event.finish_reason:
-                    yield f"data: {json.dumps(stream_chunk(request_id, delta, event.finish_reason))}\n\n"
+                    chunk = f"data: {json.dumps(stream_chunk(request_id, delta, event.finish_reason))}\n\n"
+                    if event.finish_reason is None:
+                        yield chunk
+                    else:
+                        ending = chunk
             if request.stream_options is not None and request.stream_options.include_usage:
                 usage = Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=tokens,
                               total_tokens=len(job.prompt_ids) + tokens)
                 final = stream_chunk(request_id, None, None)
                 final["choices"], final["usage"] = [], usage.model_dump()
-                yield f"data: {json.dumps(final)}\n\n"
-            yield "data: [DONE]\n\n"
+                ending += f"data: {json.dumps(final)}\n\n"
+            yield ending + "data: [DONE]\n\n"
         except Exception:
             status = 500
             logger.exception("stream %s failed", request_id)
             error = {"message": f"internal server error (request {request_id}); the server logged the cause",
                      "type": "server_error", "param": None, "code": "internal_error"}
-            yield f"data: {json.dumps({'error': error})}\n\n"
+            yield f"{ending}data: {json.dumps({'error': error})}\n\n"
         finally:
             finished(["".join(text)], tokens, status)
 
